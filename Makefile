@@ -1,0 +1,38 @@
+# Two commands a newcomer needs: `make run` and `make test`. Each one builds
+# the virtual environment it needs first, so a fresh clone works with only
+# python3 and make installed.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
+
+.PHONY: run test lint typecheck bench bench-quick clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+## run: the seed's echo server on 127.0.0.1:8000 (Ctrl-C stops it gracefully)
+run: $(STAMP)
+	$(BIN)/threadserve serve echo --bind 127.0.0.1:8000
+
+## test: the whole suite, then strict type checking and lint
+test: $(STAMP)
+	$(BIN)/python -m pytest
+	$(BIN)/python -m mypy
+	$(BIN)/python -m ruff check .
+	$(BIN)/python -m ruff format --check .
+
+lint: $(STAMP)
+	$(BIN)/python -m ruff check .
+	$(BIN)/python -m ruff format --check .
+
+typecheck: $(STAMP)
+	$(BIN)/python -m mypy
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis
