@@ -27,6 +27,21 @@ test: $(STAMP)
 	$(BIN)/python -m ruff check .
 	$(BIN)/python -m ruff format --check .
 
+BENCH_STAMP := $(VENV)/.bench-installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
+
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
+	rm -f $(VENV)/.bench-installed-*
+	touch $@
+
+## bench: the full benchmark suite (long); results in bench/results/
+bench: $(BENCH_STAMP)
+	$(BIN)/python -m bench
+
+## bench-quick: a smoke run of every peer and workload, a few seconds each
+bench-quick: $(BENCH_STAMP)
+	$(BIN)/python -m bench --quick
+
 lint: $(STAMP)
 	$(BIN)/python -m ruff check .
 	$(BIN)/python -m ruff format --check .
