@@ -1,0 +1,41 @@
+"""threadserve: thread-per-connection TCP servers that stop as well as they serve."""
+
+from ._cancel import CancelToken
+from ._connection import Connection
+from ._exceptions import (
+    BindError,
+    ConfigurationError,
+    ConnectionTimeout,
+    FrameTooLarge,
+    IncompleteRead,
+    ReadTimeout,
+    ThreadserveError,
+    WriteTimeout,
+)
+from ._server import Handler, Server, ServerStatistics, StopReport, serve
+from ._timeouts import Timeouts
+from .handlers import echo
+
+__version__ = "0.1.0"
+
+
+__all__ = [
+    "BindError",
+    "CancelToken",
+    "ConfigurationError",
+    "Connection",
+    "ConnectionTimeout",
+    "FrameTooLarge",
+    "Handler",
+    "IncompleteRead",
+    "ReadTimeout",
+    "Server",
+    "ServerStatistics",
+    "StopReport",
+    "ThreadserveError",
+    "Timeouts",
+    "WriteTimeout",
+    "__version__",
+    "echo",
+    "serve",
+]

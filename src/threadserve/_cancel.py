@@ -1,0 +1,88 @@
+"""Cancel tokens: how a handler learns that its connection must wind down.
+
+A token is set once, by the server (stop, deadline) or by the handler itself.
+Socket reads on the connection notice a stop on their own; a handler doing
+other blocking work (a database query, a sleep, a queue ``get``) can check
+``cancelled``, wait on the token, or register a callback that interrupts that
+work (close a cursor, put a sentinel on a queue).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from collections.abc import Callable
+
+logger = logging.getLogger("threadserve")
+
+CancelCallback = Callable[[], object]
+
+
+class CancelToken:
+    """A one-shot, thread-safe flag with callbacks.
+
+    Callbacks run in the thread that cancels, once, in registration order; a
+    callback registered after the token was cancelled runs at once in the
+    registering thread. Exceptions from callbacks are logged, never raised to
+    the canceller (one bad hook must not stop the server from stopping).
+    """
+
+    __slots__ = ("_callbacks", "_event", "_lock", "_reason")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._event = threading.Event()
+        self._callbacks: list[CancelCallback] = []
+        self._reason: str | None = None
+
+    @property
+    def cancelled(self) -> bool:
+        return self._event.is_set()
+
+    @property
+    def reason(self) -> str | None:
+        """Why the token was cancelled (``"server stopping"``, ...), or None."""
+        return self._reason
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until cancelled or ``timeout`` seconds pass; return ``cancelled``."""
+        return self._event.wait(timeout)
+
+    def on_cancel(self, callback: CancelCallback) -> Callable[[], None]:
+        """Run ``callback`` when the token is cancelled; return a function that unregisters it."""
+        with self._lock:
+            if not self._event.is_set():
+                self._callbacks.append(callback)
+                return lambda: self._remove(callback)
+        _run_callback(callback)
+        return lambda: None
+
+    def cancel(self, reason: str = "cancelled") -> bool:
+        """Set the token and run its callbacks; return False if it was already set."""
+        with self._lock:
+            if self._event.is_set():
+                return False
+            self._reason = reason
+            self._event.set()
+            callbacks, self._callbacks = self._callbacks, []
+        # Run outside the lock: a callback may register or remove other callbacks.
+        for callback in callbacks:
+            _run_callback(callback)
+        return True
+
+    def _remove(self, callback: CancelCallback) -> None:
+        # ValueError: already run or already removed; removing twice is harmless.
+        with self._lock, contextlib.suppress(ValueError):
+            self._callbacks.remove(callback)
+
+    def __repr__(self) -> str:
+        state = f"cancelled ({self._reason})" if self.cancelled else "active"
+        return f"<CancelToken {state}>"
+
+
+def _run_callback(callback: CancelCallback) -> None:
+    try:
+        callback()
+    except Exception:
+        logger.exception("cancel callback %r raised", callback)

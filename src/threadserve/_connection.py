@@ -1,0 +1,361 @@
+"""What a handler holds: one client connection, read and written with blocking calls.
+
+The socket underneath is non-blocking. Every wait for data is a ``poll`` on two
+descriptors: the client socket and the server's stop pipe, which the server
+makes readable once, for everyone, when it starts stopping. That is how a
+handler blocked in ``recv`` wakes up at stop time *without* touching the
+client socket: ``shutdown(SHUT_RD)`` would wake it too, but on Linux a socket
+that has shut its read side answers every later byte from the client with a
+reset, which rules out the lingering close the stop contract needs. CPython
+itself pays the same poll-then-recv on any socket with a timeout, and we need
+timeouts anyway.
+
+Writes try ``send`` first (the socket buffer is usually free) and only poll
+when the client is not reading. The stop pipe is deliberately *not* part of a
+write's wait: data a handler has read must still be answered while the server
+drains. A forced stop ``shutdown(SHUT_RDWR)``s the socket, which wakes both.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import select
+import socket
+import time
+from collections.abc import Callable, Iterator
+
+from ._cancel import CancelCallback, CancelToken
+from ._exceptions import FrameTooLarge, IncompleteRead, ReadTimeout, WriteTimeout
+from ._timeouts import Timeouts
+
+DEFAULT_CHUNK_SIZE = 64 * 1024
+DEFAULT_LINE_LIMIT = 64 * 1024
+
+_READABLE = select.POLLIN | select.POLLPRI | select.POLLHUP | select.POLLERR | select.POLLNVAL
+_WRITABLE = select.POLLOUT | select.POLLHUP | select.POLLERR | select.POLLNVAL
+
+#: Errors that mean "the other side is gone"; they end a connection quietly.
+PEER_GONE_ERRNOS = frozenset(
+    {errno.ECONNRESET, errno.EPIPE, errno.ECONNABORTED, errno.ENOTCONN, errno.ETIMEDOUT}
+)
+
+
+class Connection:
+    """One client connection, owned by the server and lent to a handler.
+
+    Reads return ``b""`` at end of stream: when the client closed its side, or
+    when the server is stopping and every byte that had already arrived has
+    been returned. Iterating yields received chunks until then. The server
+    closes the connection after the handler returns, whatever the handler did.
+
+    Error handling: a client that resets or vanishes raises the builtin
+    ``ConnectionResetError``/``BrokenPipeError``; a deadline raises
+    ``ReadTimeout``/``WriteTimeout`` (both ``TimeoutError``). A handler may let
+    all of these propagate: the server logs them at DEBUG and closes.
+    """
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        peer: str,
+        *,
+        stop_fd: int,
+        timeouts: Timeouts,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.peer = peer
+        self.cancel_token = CancelToken()
+        self.bytes_received = 0
+        self.bytes_sent = 0
+        self._sock = sock
+        self._fd = sock.fileno()
+        self._stop_fd = stop_fd
+        self._timeouts = timeouts
+        self._chunk_size = chunk_size
+        self._clock = clock
+        self.opened_at = clock()
+        self._lifetime_deadline = (
+            None if timeouts.lifetime is None else self.opened_at + timeouts.lifetime
+        )
+        # Bytes taken from the socket but not yet handed out (readline/readexactly).
+        self._buffer = bytearray()
+        self._read_poller = select.poll()
+        self._read_poller.register(self._fd, _READABLE)
+        self._read_poller.register(stop_fd, select.POLLIN)
+        self._write_poller: select.poll | None = None
+        self._peer_eof = False  # The client sent FIN.
+        self._reading_done = False  # Reads return b"" from now on (EOF or stop).
+        self._stopped_by_server = False  # Reading ended because the server is stopping.
+
+    # ------------------------------------------------------------------ state
+
+    @property
+    def cancelled(self) -> bool:
+        """True once the server has asked this connection to wind down."""
+        return self.cancel_token.cancelled
+
+    def on_cancel(self, callback: CancelCallback) -> Callable[[], None]:
+        """Run ``callback`` when the connection is cancelled; returns an unregister function.
+
+        Use it to interrupt blocking work that is not a read on this
+        connection (close a database cursor, put a sentinel on a queue).
+        """
+        return self.cancel_token.on_cancel(callback)
+
+    @property
+    def local_address(self) -> str:
+        from ._listeners import format_address
+
+        return format_address(self._sock.family, self._sock.getsockname())
+
+    @property
+    def at_eof(self) -> bool:
+        """True once reads return ``b""`` (client EOF or server stop)."""
+        return self._reading_done and not self._buffer
+
+    def __repr__(self) -> str:
+        state = "cancelled" if self.cancelled else "open"
+        return f"<Connection {self.peer} {state} in={self.bytes_received} out={self.bytes_sent}>"
+
+    # ------------------------------------------------------------------ reading
+
+    def recv(self, bufsize: int = DEFAULT_CHUNK_SIZE) -> bytes:
+        """Return up to ``bufsize`` bytes, blocking until some arrive; ``b""`` at end of stream."""
+        if self._buffer:
+            data = bytes(self._buffer[:bufsize])
+            del self._buffer[:bufsize]
+            return data
+        return self._recv_from_socket(bufsize, self._idle_deadline())
+
+    def recv_into(self, buffer: bytearray | memoryview, nbytes: int = 0) -> int:
+        """Like ``socket.recv_into``: fill ``buffer``, return the count; 0 at end of stream."""
+        view = memoryview(buffer).cast("B")
+        wanted = nbytes or len(view)
+        if self._buffer:
+            count = min(wanted, len(self._buffer))
+            view[:count] = self._buffer[:count]
+            del self._buffer[:count]
+            return count
+        deadline = self._idle_deadline()
+        while not self._reading_done and self._wait_readable(deadline):
+            try:
+                count = self._sock.recv_into(view, wanted)
+            except (BlockingIOError, InterruptedError):
+                continue  # Spurious readiness, as in _recv_from_socket.
+            if count:
+                self.bytes_received += count
+            else:
+                self._mark_eof()
+            return count
+        return 0
+
+    def __iter__(self) -> Iterator[bytes]:
+        """Yield chunks as they arrive, until end of stream (client EOF or server stop)."""
+        while True:
+            chunk = self.recv(self._chunk_size)
+            if not chunk:
+                return
+            yield chunk
+
+    def readline(self, limit: int = DEFAULT_LINE_LIMIT) -> bytes:
+        """Return one line, newline included.
+
+        At end of stream a last unterminated line is returned as it is, then
+        ``b""``. A line longer than ``limit`` bytes raises ``FrameTooLarge``
+        after reading at most ``limit`` plus one chunk, so memory stays bounded.
+        """
+        scanned = 0
+        frame_deadline: float | None = None
+        while True:
+            end = self._buffer.find(b"\n", scanned)
+            if end >= 0:
+                if end + 1 > limit:
+                    raise FrameTooLarge(limit)
+                line = bytes(self._buffer[: end + 1])
+                del self._buffer[: end + 1]
+                return line
+            if len(self._buffer) > limit:
+                raise FrameTooLarge(limit)
+            scanned = len(self._buffer)
+            if not self._buffer:
+                deadline = self._idle_deadline()
+            else:
+                # A frame is under way: its clock started with its first byte.
+                if frame_deadline is None:
+                    frame_deadline = self._frame_deadline()
+                deadline = frame_deadline
+            chunk = self._recv_from_socket(self._chunk_size, deadline)
+            if not chunk:
+                line = bytes(self._buffer)
+                self._buffer.clear()
+                return line
+            self._buffer += chunk
+
+    def readexactly(self, n: int, limit: int | None = None) -> bytes:
+        """Return exactly ``n`` bytes; raise ``IncompleteRead`` (with the bytes) if the stream ends.
+
+        ``limit`` rejects a frame size the handler read from the wire before
+        any memory is committed to it.
+        """
+        if n < 0:
+            raise ValueError("n must be >= 0")
+        if limit is not None and n > limit:
+            raise FrameTooLarge(limit)
+        frame_deadline: float | None = None
+        while len(self._buffer) < n:
+            if not self._buffer:
+                deadline = self._idle_deadline()
+            else:
+                if frame_deadline is None:
+                    frame_deadline = self._frame_deadline()
+                deadline = frame_deadline
+            chunk = self._recv_from_socket(max(self._chunk_size, n - len(self._buffer)), deadline)
+            if not chunk:
+                partial = bytes(self._buffer)
+                self._buffer.clear()
+                raise IncompleteRead(partial, n)
+            self._buffer += chunk
+        data = bytes(self._buffer[:n])
+        del self._buffer[:n]
+        return data
+
+    def unread(self, data: bytes) -> None:
+        """Push bytes back so the next read returns them first (for protocol sniffing)."""
+        self._buffer[:0] = data
+
+    # ------------------------------------------------------------------ writing
+
+    def sendall(self, data: bytes | bytearray | memoryview) -> None:
+        """Send every byte, blocking while the client is slow to read.
+
+        Raises ``WriteTimeout`` when the client takes no byte for the
+        ``write`` timeout, and the builtin connection errors if it is gone.
+        """
+        total = len(data)
+        sent = self._send_some(data)
+        if sent < total:
+            view = memoryview(data).cast("B")
+            while sent < total:
+                self._wait_writable()
+                sent += self._send_some(view[sent:])
+        self.bytes_sent += total
+
+    def _send_some(self, data: bytes | bytearray | memoryview) -> int:
+        try:
+            return self._sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            return 0
+
+    def _wait_writable(self) -> None:
+        if self._write_poller is None:
+            self._write_poller = select.poll()
+            self._write_poller.register(self._fd, _WRITABLE)
+        write_timeout = self._timeouts.write
+        deadline = self._earliest(None if write_timeout is None else self._clock() + write_timeout)
+        if not self._write_poller.poll(self._poll_timeout_ms(deadline)):
+            raise WriteTimeout(f"{self.peer} took no data for {write_timeout} s")
+
+    # ------------------------------------------------------------------ internals
+
+    def _recv_from_socket(self, bufsize: int, deadline: float | None) -> bytes:
+        while not self._reading_done and self._wait_readable(deadline):
+            try:
+                data = self._sock.recv(bufsize)
+            except (BlockingIOError, InterruptedError):
+                # poll() can report readiness that recv() then disagrees with
+                # (a bad checksum dropped the segment); wait again.
+                continue
+            if data:
+                self.bytes_received += len(data)
+            else:
+                self._mark_eof()
+            return data
+        return b""
+
+    def _wait_readable(self, deadline: float | None) -> bool:
+        """Block until the socket is readable (True) or the server stops with nothing to read."""
+        events = self._read_poller.poll(self._poll_timeout_ms(deadline))
+        if not events:
+            raise ReadTimeout(f"no data from {self.peer} in time")
+        for fd, _mask in events:
+            if fd == self._fd:
+                return True
+        # Only the stop pipe fired: the server is stopping and no byte is waiting.
+        self._reading_done = True
+        self._stopped_by_server = True
+        return False
+
+    def _mark_eof(self) -> None:
+        self._reading_done = True
+        self._peer_eof = True
+
+    def _idle_deadline(self) -> float | None:
+        idle = self._timeouts.idle
+        if idle is None:
+            return self._lifetime_deadline
+        return self._earliest(self._clock() + idle)
+
+    def _frame_deadline(self) -> float | None:
+        read = self._timeouts.read
+        if read is None:
+            return self._idle_deadline()
+        return self._earliest(self._clock() + read)
+
+    def _earliest(self, deadline: float | None) -> float | None:
+        lifetime = self._lifetime_deadline
+        if deadline is None:
+            return lifetime
+        if lifetime is None:
+            return deadline
+        return min(deadline, lifetime)
+
+    def _poll_timeout_ms(self, deadline: float | None) -> int | None:
+        if deadline is None:
+            return None
+        # Round up: waking a millisecond early would report a timeout too soon.
+        return max(0, int((deadline - self._clock()) * 1000) + 1)
+
+    # ------------------------------------------------------------------ closing (server side)
+
+    def _close_gracefully(self, notice: bytes | None, linger_until: float) -> None:
+        """Say goodbye (if asked), send FIN, then read and discard until the client's EOF.
+
+        Closing a socket that still holds unread bytes makes Linux send a
+        reset, and the client may then lose replies it had not read yet. So,
+        unless the client already closed its side, we shut down our writing
+        side only and wait (until ``linger_until``) for the client to close.
+        """
+        try:
+            if notice:
+                self.sendall(notice)
+            if not self._peer_eof:
+                self._sock.shutdown(socket.SHUT_WR)
+                self._discard_until_eof(linger_until)
+        except OSError:
+            pass  # The client vanished or the stop was forced: nothing more to tell it.
+        finally:
+            self._sock.close()
+
+    def _discard_until_eof(self, until: float) -> None:
+        poller = select.poll()
+        poller.register(self._fd, _READABLE)
+        while True:
+            remaining = until - self._clock()
+            if remaining <= 0 or not poller.poll(int(remaining * 1000) + 1):
+                return
+            try:
+                if not self._sock.recv(DEFAULT_CHUNK_SIZE):
+                    return
+            except (BlockingIOError, InterruptedError):
+                continue
+
+    def _force_close(self) -> None:
+        """Wake every blocked read and write at once (used after the grace period)."""
+        # OSError: already closed or never connected, so nothing is left to wake.
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
+
+    def _close_socket(self) -> None:
+        self._sock.close()

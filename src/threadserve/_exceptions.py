@@ -1,0 +1,53 @@
+"""The small family of exceptions threadserve raises.
+
+Each one also inherits the builtin a caller would already catch, so
+``except TimeoutError`` or ``except ValueError`` keeps working for code that
+knows nothing about threadserve (urllib3 v2 does the same).
+"""
+
+from __future__ import annotations
+
+
+class ThreadserveError(Exception):
+    """Base class of every exception threadserve raises on purpose."""
+
+
+class ConfigurationError(ThreadserveError, ValueError):
+    """A setting or bind address cannot be used; the message says which and why."""
+
+
+class BindError(ThreadserveError, OSError):
+    """A listening address could not be opened (in use, not permitted, unknown host)."""
+
+
+class ConnectionTimeout(ThreadserveError, TimeoutError):
+    """A read or write on a connection went past its deadline."""
+
+
+class ReadTimeout(ConnectionTimeout):
+    """No data arrived within the read deadline."""
+
+
+class WriteTimeout(ConnectionTimeout):
+    """The peer did not take our data within the write deadline (it stopped reading)."""
+
+
+class IncompleteRead(ThreadserveError, EOFError):
+    """The stream ended (peer EOF or server stop) before a whole frame arrived.
+
+    ``partial`` holds the bytes that did arrive, so nothing that was read is lost.
+    """
+
+    def __init__(self, partial: bytes, expected: int | None) -> None:
+        self.partial = partial
+        self.expected = expected
+        wanted = "a line end" if expected is None else f"{expected} bytes"
+        super().__init__(f"stream ended after {len(partial)} bytes, before {wanted}")
+
+
+class FrameTooLarge(ThreadserveError, ValueError):
+    """A line or frame exceeded the limit the handler allowed."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        super().__init__(f"frame exceeds the limit of {limit} bytes")

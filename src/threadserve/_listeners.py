@@ -1,0 +1,226 @@
+"""Listening sockets: parse bind addresses, open them all or none.
+
+Bind addresses are strings a user types on a command line:
+
+* ``HOST:PORT`` - ``127.0.0.1:8000``, ``0.0.0.0:0``, ``localhost:9000``
+* ``[IPV6]:PORT`` - ``[::1]:8000``, ``[::]:0``
+* ``unix:PATH`` - a Unix domain stream socket
+
+Port 0 asks the kernel for a free port; ``Listener.address`` reports the one
+it chose, which is what tests and embedding code connect to.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import socket
+import stat
+from dataclasses import dataclass
+
+from ._exceptions import BindError, ConfigurationError
+
+# The kernel silently caps the backlog at net.core.somaxconn (4096 here), so
+# asking for the maximum costs nothing and lets a burst of connects wait in the
+# kernel instead of being refused. socketserver's default of 5 refuses bursts.
+LISTEN_BACKLOG = 0xFFFF
+
+UNIX_PREFIX = "unix:"
+
+
+@dataclass(frozen=True)
+class BindAddress:
+    """A parsed bind address: a TCP host and port, or a Unix socket path."""
+
+    host: str | None
+    port: int | None
+    path: str | None = None
+
+    @property
+    def is_unix(self) -> bool:
+        return self.path is not None
+
+    def __str__(self) -> str:
+        if self.path is not None:
+            return UNIX_PREFIX + self.path
+        assert self.host is not None
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+def parse_bind_address(text: str) -> BindAddress:
+    """Parse one bind address, raising ConfigurationError with a fix-it message."""
+    usage = "expected HOST:PORT, [IPV6]:PORT or unix:PATH"
+    text = text.strip()
+    if text.startswith(UNIX_PREFIX):
+        path = text[len(UNIX_PREFIX) :]
+        if not path:
+            raise ConfigurationError(f"bad bind address {text!r}: empty Unix socket path")
+        return BindAddress(host=None, port=None, path=path)
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep or not rest.startswith(":"):
+            raise ConfigurationError(f"bad bind address {text!r}: {usage}")
+        port_text = rest[1:]
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep:
+            raise ConfigurationError(f"bad bind address {text!r}: no port; {usage}")
+        if ":" in host:
+            raise ConfigurationError(
+                f"bad bind address {text!r}: put an IPv6 host in brackets, like [::1]:8000"
+            )
+    if not host:
+        raise ConfigurationError(f"bad bind address {text!r}: no host; {usage}")
+    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ConfigurationError(
+            f"bad bind address {text!r}: port must be a number from 0 to 65535"
+        )
+    return BindAddress(host=host, port=int(port_text))
+
+
+def format_address(family: int, address: object) -> str:
+    """Render a socket address the way users type it: ``1.2.3.4:80``, ``[::1]:80``."""
+    if family == socket.AF_INET6 and isinstance(address, tuple):
+        return f"[{address[0]}]:{address[1]}"
+    if family == socket.AF_INET and isinstance(address, tuple):
+        return f"{address[0]}:{address[1]}"
+    if family == getattr(socket, "AF_UNIX", None):
+        return UNIX_PREFIX + (address if isinstance(address, str) and address else "(unnamed)")
+    return str(address)
+
+
+class Listener:
+    """One bound, listening, non-blocking socket."""
+
+    def __init__(self, sock: socket.socket, bind_address: BindAddress) -> None:
+        self.socket = sock
+        self.bind_address = bind_address
+        self.address: str = format_address(sock.family, sock.getsockname())
+        # Remember who created a Unix socket file, so only its owner removes it.
+        self._unix_path = bind_address.path
+        self._unix_inode = os.stat(bind_address.path).st_ino if bind_address.path else None
+
+    def fileno(self) -> int:
+        return self.socket.fileno()
+
+    def close(self) -> None:
+        self.socket.close()
+        if self._unix_path is not None:
+            with contextlib.suppress(OSError):
+                if os.stat(self._unix_path).st_ino == self._unix_inode:
+                    os.unlink(self._unix_path)
+
+    def __repr__(self) -> str:
+        return f"<Listener {self.address}>"
+
+
+def open_listeners(addresses: list[BindAddress]) -> list[Listener]:
+    """Bind and listen on every address, or on none: a failure closes what was opened."""
+    if not addresses:
+        raise ConfigurationError("no bind address given")
+    opened: list[Listener] = []
+    try:
+        for address in addresses:
+            for sock in _bind(address):
+                opened.append(Listener(sock, address))
+    except BaseException:
+        for listener in opened:
+            listener.close()
+        raise
+    return opened
+
+
+def _bind(address: BindAddress) -> list[socket.socket]:
+    if address.path is not None:
+        return [_bind_unix(address.path)]
+    assert address.host is not None
+    assert address.port is not None
+    try:
+        infos = socket.getaddrinfo(
+            address.host, address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except socket.gaierror as exc:
+        raise BindError(f"cannot listen on {address}: unknown host ({exc.strerror})") from exc
+    # A name such as "localhost" may resolve to both IPv4 and IPv6. With a
+    # fixed port, serve them all; with port 0 each would get a different port,
+    # so take the first only and report it.
+    seen: list[tuple[int, object]] = []
+    for info in infos:
+        if (info[0], info[4]) not in seen:
+            seen.append((info[0], info[4]))
+    if address.port == 0:
+        seen = seen[:1]
+    socks: list[socket.socket] = []
+    try:
+        for family, sockaddr in seen:
+            socks.append(_bind_inet(address, family, sockaddr))
+    except BaseException:
+        for sock in socks:
+            sock.close()
+        raise
+    return socks
+
+
+def _bind_inet(address: BindAddress, family: int, sockaddr: object) -> socket.socket:
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        # Rebind at once after a restart even while old connections sit in TIME_WAIT.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            # Let [::]:P and 0.0.0.0:P be bound side by side, as two listeners.
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind(sockaddr)  # type: ignore[arg-type]
+        sock.listen(LISTEN_BACKLOG)
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        raise BindError(f"cannot listen on {address}: {_describe(exc)}") from exc
+    return sock
+
+
+def _bind_unix(path: str) -> socket.socket:
+    _remove_stale_unix_socket(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(path)
+        sock.listen(LISTEN_BACKLOG)
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        raise BindError(f"cannot listen on {UNIX_PREFIX}{path}: {_describe(exc)}") from exc
+    return sock
+
+
+def _remove_stale_unix_socket(path: str) -> None:
+    """Remove a socket file left by a server that died; refuse to touch a live one."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise BindError(f"cannot listen on {UNIX_PREFIX}{path}: {_describe(exc)}") from exc
+    if not stat.S_ISSOCK(mode):
+        raise BindError(f"cannot listen on {UNIX_PREFIX}{path}: file exists and is not a socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except ConnectionRefusedError:
+        os.unlink(path)  # Nobody listens: a leftover from an earlier run.
+        return
+    except OSError:
+        return  # Let bind() report the real problem.
+    finally:
+        probe.close()
+    raise BindError(f"cannot listen on {UNIX_PREFIX}{path}: address already in use")
+
+
+def _describe(exc: OSError) -> str:
+    if exc.errno == errno.EADDRINUSE:
+        return "address already in use (is another server running on it?)"
+    if exc.errno == errno.EACCES:
+        return "permission denied (ports below 1024 need privileges)"
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return "address not available on this machine"
+    return exc.strerror or str(exc)

@@ -1,0 +1,549 @@
+"""The server: accept loop, connection registry, and the stop sequence.
+
+Theory of operation
+===================
+
+One thread (the *serving thread*: whoever calls ``serve_forever``, usually
+the main thread) waits in ``select`` on the listening sockets and on a
+*control pipe*. Each accepted client gets its own daemon thread running the
+handler with a ``Connection``; the registry of live connections is a dict the
+connection thread removes itself from in ``finally``, so it prunes itself.
+
+Nothing polls on a timer. Everything that must reach the serving thread (a
+stop request from a signal handler or another thread, a force request, "the
+last connection just finished") writes one byte to the control pipe. Writing
+to a pipe takes no lock, which is what makes it safe from a signal handler
+that may have interrupted code holding one.
+
+Stopping (``stop()``, SIGINT, SIGTERM) runs in the serving thread:
+
+1. The listeners close: a new connect is refused.
+2. One byte goes into the *stop pipe*. Every connection polls that pipe next
+   to its socket, so every blocked reader wakes at once; each then gets
+   what had already arrived, then end-of-stream. Every cancel token is set
+   (handlers doing non-socket work can see it or run a hook).
+3. Handlers finish the work they had read and return; the connection thread
+   writes the goodbye notice, sends FIN and lingers until the client's EOF.
+4. The serving thread waits, in ``select`` on the control pipe, until the
+   registry is empty or the grace deadline passes or a second signal
+   arrives. Whatever is left is forced: ``shutdown(SHUT_RDWR)`` wakes any
+   socket call. Threads that still do not end (stuck in a call that ignores
+   the token) are logged with their stack; as daemon threads they do not keep
+   the process alive.
+
+Shared state is changed under ``_lock``; socket I/O happens outside it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import select
+import selectors
+import socket
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+from ._connection import DEFAULT_CHUNK_SIZE, PEER_GONE_ERRNOS, Connection
+from ._exceptions import ConfigurationError, ConnectionTimeout, IncompleteRead
+from ._listeners import Listener, format_address, open_listeners, parse_bind_address
+from ._timeouts import Timeouts
+
+logger = logging.getLogger("threadserve")
+
+Handler = Callable[[Connection], object]
+
+DEFAULT_BIND = "127.0.0.1:8000"
+DEFAULT_GRACE = 5.0
+DEFAULT_GOODBYE = b"Shutting down!\n"
+DEFAULT_LINGER = 2.0
+#: After forcing, how long stuck threads get to notice before they are reported.
+FORCE_MARGIN = 0.25
+#: Accept at most this many clients per wake-up, so the control pipe is heard promptly.
+ACCEPT_BATCH = 64
+#: accept() failures that mean "out of a resource": back off instead of spinning.
+RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+ACCEPT_BACKOFF_FIRST = 0.005
+ACCEPT_BACKOFF_MAX = 1.0
+
+_current = threading.local()
+
+
+@dataclass(frozen=True)
+class StopReport:
+    """How a stop went. ``clean`` is False when anything had to be forced."""
+
+    clean: bool
+    drained: int
+    forced: int
+    stuck_threads: tuple[str, ...]
+    duration: float
+
+
+@dataclass(frozen=True)
+class ServerStatistics:
+    """A snapshot of the server's counters."""
+
+    connections_active: int
+    connections_accepted: int
+    connections_closed: int
+    bytes_received: int
+    bytes_sent: int
+    handler_errors: int
+    accept_errors: int
+
+
+class Server:
+    """A thread-per-connection TCP (and Unix socket) server.
+
+    ``handler`` is any callable taking a :class:`Connection`. Binding happens
+    here, all addresses or none, so ``addresses`` is known at once (port 0
+    included) and a bad address fails before anything runs.
+
+    Resource handling: the server owns every connection and closes it after
+    its handler returns, whatever the handler did. ``stop()`` (or leaving the
+    ``with`` block) closes the listeners and the internal pipes.
+
+    Error handling: exceptions from a handler are logged with the peer address
+    (connection resets and timeouts at DEBUG, the rest with a traceback at
+    ERROR) and never stop the server.
+    """
+
+    def __init__(
+        self,
+        handler: Handler,
+        bind: str | Sequence[str] = DEFAULT_BIND,
+        *,
+        grace: float = DEFAULT_GRACE,
+        goodbye: bytes | str | None = DEFAULT_GOODBYE,
+        linger: float = DEFAULT_LINGER,
+        timeouts: Timeouts | None = None,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        handle_signals: bool = True,
+    ) -> None:
+        if not callable(handler):
+            raise ConfigurationError(f"handler {handler!r} is not callable")
+        _check_seconds("grace", grace)
+        _check_seconds("linger", linger)
+        if chunk_size <= 0:
+            raise ConfigurationError(f"chunk_size={chunk_size!r}: must be a positive byte count")
+        self.handler = handler
+        self.grace = float(grace)
+        self.goodbye = goodbye.encode() if isinstance(goodbye, str) else (goodbye or None)
+        self.linger = float(linger)
+        self.timeouts = timeouts if timeouts is not None else Timeouts()
+        self.chunk_size = chunk_size
+        self.handle_signals = handle_signals
+
+        specs = [bind] if isinstance(bind, str) else list(bind)
+        self._listeners: list[Listener] = open_listeners([parse_bind_address(s) for s in specs])
+        self.addresses: list[str] = [listener.address for listener in self._listeners]
+
+        self._lock = threading.Lock()
+        self._connections: dict[Connection, threading.Thread] = {}
+        self._control_r, self._control_w = _nonblocking_pipe()
+        self._stop_r, self._stop_w = _nonblocking_pipe()
+        # Set without the lock (a signal handler may set them); read by the serving thread.
+        self._stop_requested = False
+        self._force_requested = False
+        self._stopping = False
+        self._stop_deadline = 0.0
+        self._serving_started = False
+        self._serving_thread: threading.Thread | None = None
+        self._stopped = threading.Event()
+        self._report: StopReport | None = None
+        self._background: threading.Thread | None = None
+        # Counters; closed-connection totals are folded in under the lock.
+        self._accepted = 0
+        self._closed = 0
+        self._closed_bytes_in = 0
+        self._closed_bytes_out = 0
+        self._handler_errors = 0
+        self._accept_errors = 0
+
+    # ------------------------------------------------------------------ public API
+
+    def serve_forever(self) -> StopReport:
+        """Serve until stopped, then run the stop sequence and return its report.
+
+        In the main thread (and with ``handle_signals``), SIGINT and SIGTERM
+        start a graceful stop and a second one forces it.
+        """
+        self._claim_serving()
+        return self._serve()
+
+    def start(self) -> Server:
+        """Serve in a background thread (for tests and embedding); returns self."""
+        self._claim_serving()
+        self._background = threading.Thread(
+            target=self._serve, name=f"threadserve server {self.addresses[0]}", daemon=True
+        )
+        self._background.start()
+        return self
+
+    def _claim_serving(self) -> None:
+        with self._lock:
+            if self._serving_started:
+                raise RuntimeError("a Server serves once: serve_forever() or start() was called")
+            self._serving_started = True
+
+    def _serve(self) -> StopReport:
+        self._serving_thread = threading.current_thread()
+        try:
+            with self._signal_handling():
+                logger.info("serving on %s", ", ".join(self.addresses))
+                self._accept_until_stop_requested()
+                report = self._stop_sequence()
+        finally:
+            self._release_resources()
+            self._stopped.set()
+        return report
+
+    def stop(self, grace: float | None = None) -> StopReport | None:
+        """Stop gracefully, within ``grace`` seconds (default: the server's), then force.
+
+        Safe from any thread and idempotent. It waits for the stop to finish
+        and returns the report, except when called from a handler (which the
+        stop itself waits for) or from the serving thread: then it only asks
+        and returns None.
+        """
+        if grace is not None:
+            _check_seconds("grace", grace)
+            self.grace = float(grace)
+            if grace == 0:
+                self._force_requested = True
+        self._request_stop()
+        with self._lock:
+            never_served = not self._serving_started
+            if never_served:
+                self._serving_started = True  # serve_forever() may not start after this.
+        if never_served:
+            self._release_resources()
+            self._report = StopReport(True, 0, 0, (), 0.0)
+            self._stopped.set()
+            return self._report
+        if (
+            getattr(_current, "server", None) is self
+            or threading.current_thread() is self._serving_thread
+        ):
+            return None
+        self._stopped.wait()
+        return self._report
+
+    def statistics(self) -> ServerStatistics:
+        with self._lock:
+            live = list(self._connections)
+            bytes_in = self._closed_bytes_in + sum(c.bytes_received for c in live)
+            bytes_out = self._closed_bytes_out + sum(c.bytes_sent for c in live)
+            return ServerStatistics(
+                connections_active=len(live),
+                connections_accepted=self._accepted,
+                connections_closed=self._closed,
+                bytes_received=bytes_in,
+                bytes_sent=bytes_out,
+                handler_errors=self._handler_errors,
+                accept_errors=self._accept_errors,
+            )
+
+    def connections(self) -> list[Connection]:
+        """The live connections right now (a copy)."""
+        with self._lock:
+            return list(self._connections)
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop_requested
+
+    def __enter__(self) -> Server:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        if self._stopped.is_set():
+            state = "stopped"
+        elif self._stop_requested:
+            state = "stopping"
+        elif self._serving_started:
+            state = "serving"
+        else:
+            state = "bound"
+        return (
+            f"<Server {state} on {', '.join(self.addresses)} connections={len(self._connections)}>"
+        )
+
+    # ------------------------------------------------------------------ accepting
+
+    def _accept_until_stop_requested(self) -> None:
+        selector = selectors.DefaultSelector()
+        try:
+            selector.register(self._control_r, selectors.EVENT_READ)
+            for listener in self._listeners:
+                selector.register(listener.socket, selectors.EVENT_READ, listener)
+            backoff = 0.0
+            while not self._stop_requested:
+                for key, _events in selector.select(backoff or None):
+                    if key.data is None:
+                        _drain(self._control_r)
+                    elif self._accept_batch(key.data):
+                        backoff = 0.0
+                    else:
+                        backoff = min(max(backoff * 2, ACCEPT_BACKOFF_FIRST), ACCEPT_BACKOFF_MAX)
+                if backoff:
+                    # Out of descriptors or memory: stop listening for a while
+                    # (only the control pipe wakes us) instead of spinning.
+                    self._wait_control(backoff)
+        finally:
+            selector.close()
+
+    def _accept_batch(self, listener: Listener) -> bool:
+        """Accept what is waiting; False if accept failed for lack of a resource."""
+        for _ in range(ACCEPT_BATCH):
+            try:
+                sock, address = listener.socket.accept()
+            except (BlockingIOError, InterruptedError):
+                return True
+            except OSError as exc:
+                if exc.errno in RESOURCE_ERRNOS:
+                    self._accept_errors += 1
+                    logger.warning("accept on %s failed: %s; backing off", listener.address, exc)
+                    return False
+                # ECONNABORTED and friends: that client is gone, the next one is not.
+                logger.debug("accept on %s: %s", listener.address, exc)
+                continue
+            self._start_connection(sock, format_address(sock.family, address))
+        return True
+
+    def _start_connection(self, sock: socket.socket, peer: str) -> None:
+        sock.setblocking(False)
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            # Replies are small and prompt: Nagle's algorithm would hold them back
+            # until the previous one is acknowledged.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        conn = Connection(
+            sock,
+            peer,
+            stop_fd=self._stop_r,
+            timeouts=self.timeouts,
+            chunk_size=self.chunk_size,
+        )
+        thread = threading.Thread(
+            target=self._run_connection, args=(conn,), name=f"threadserve {peer}", daemon=True
+        )
+        with self._lock:
+            self._connections[conn] = thread
+            self._accepted += 1
+        try:
+            thread.start()
+        except RuntimeError as exc:  # "can't start new thread": out of threads or memory.
+            logger.error("cannot start a thread for %s: %s; closing it", peer, exc)
+            with self._lock:
+                del self._connections[conn]
+                self._closed += 1
+            conn._close_socket()
+
+    # ------------------------------------------------------------------ one connection
+
+    def _run_connection(self, conn: Connection) -> None:
+        _current.server = self
+        logger.info("connection opened: %s", conn.peer)
+        try:
+            self.handler(conn)
+        except (ConnectionTimeout, IncompleteRead) as exc:
+            logger.debug("connection %s: %s", conn.peer, exc)
+        except OSError as exc:
+            if exc.errno in PEER_GONE_ERRNOS or self._stopping:
+                logger.debug("connection %s: %s", conn.peer, exc)
+            else:
+                self._count_handler_error(conn)
+        except Exception:
+            self._count_handler_error(conn)
+        finally:
+            try:
+                self._finish_connection(conn)
+            finally:
+                self._unregister(conn)
+
+    def _count_handler_error(self, conn: Connection) -> None:
+        with self._lock:
+            self._handler_errors += 1
+        logger.exception("handler failed for %s", conn.peer)
+
+    def _finish_connection(self, conn: Connection) -> None:
+        now = time.monotonic()
+        linger_until = now + self.linger
+        notice = None
+        if self._stopping:
+            notice = self.goodbye if not conn._peer_eof else None
+            # Finish lingering just before the grace deadline, so a client
+            # that never closes does not turn a clean drain into a forced one.
+            linger_until = min(linger_until, self._stop_deadline - FORCE_MARGIN / 2)
+        conn._close_gracefully(notice, linger_until)
+
+    def _unregister(self, conn: Connection) -> None:
+        duration = time.monotonic() - conn.opened_at
+        with self._lock:
+            del self._connections[conn]
+            self._closed += 1
+            self._closed_bytes_in += conn.bytes_received
+            self._closed_bytes_out += conn.bytes_sent
+            last = self._stopping and not self._connections
+        if last:
+            self._wake()
+        logger.info(
+            "connection closed: %s after %.3f s, %d bytes in, %d bytes out",
+            conn.peer,
+            duration,
+            conn.bytes_received,
+            conn.bytes_sent,
+        )
+
+    # ------------------------------------------------------------------ stopping
+
+    def _request_stop(self) -> None:
+        # Lock-free on purpose: this runs inside signal handlers.
+        self._stop_requested = True
+        self._wake()
+
+    def _request_force(self) -> None:
+        self._force_requested = True
+        self._request_stop()
+
+    def _wake(self) -> None:
+        with contextlib.suppress(BlockingIOError, OSError):
+            os.write(self._control_w, b"\0")  # A full pipe already means "wake up".
+
+    def _stop_sequence(self) -> StopReport:
+        started = time.monotonic()
+        self._stop_deadline = started + self.grace
+        for listener in self._listeners:
+            listener.close()
+        logger.info("stopping: %d connections, grace %.1f s", len(self._connections), self.grace)
+        with self._lock:
+            self._stopping = True
+            connections = list(self._connections)
+        os.write(self._stop_w, b"\0")  # Wakes every reader; never drained, stays readable.
+        for conn in connections:
+            conn.cancel_token.cancel("server stopping")
+
+        self._wait_for_connections(self._stop_deadline)
+        with self._lock:
+            leftover = dict(self._connections)
+        stuck: list[str] = []
+        if leftover:
+            logger.warning(
+                "grace period over: forcing %d connections: %s",
+                len(leftover),
+                ", ".join(c.peer for c in leftover),
+            )
+            for conn in leftover:
+                conn._force_close()
+            self._wait_for_connections(time.monotonic() + FORCE_MARGIN)
+            stuck = self._report_stuck_threads(leftover)
+        duration = time.monotonic() - started
+        report = StopReport(
+            clean=not leftover,
+            drained=len(connections) - len(leftover),
+            forced=len(leftover),
+            stuck_threads=tuple(stuck),
+            duration=duration,
+        )
+        self._report = report
+        logger.info(
+            "stopped in %.3f s: %d drained, %d forced", duration, report.drained, report.forced
+        )
+        return report
+
+    def _wait_for_connections(self, deadline: float) -> None:
+        while True:
+            with self._lock:
+                if not self._connections:
+                    return
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or self._force_requested:
+                return
+            self._wait_control(remaining)
+
+    def _wait_control(self, timeout: float) -> None:
+        # select() here is interrupted by signals, whose handlers write to the
+        # control pipe, so a second Ctrl-C is seen at once.
+        readable, _, _ = select.select([self._control_r], [], [], timeout)
+        if readable:
+            _drain(self._control_r)
+
+    def _report_stuck_threads(self, leftover: dict[Connection, threading.Thread]) -> list[str]:
+        frames = sys._current_frames()
+        stuck = []
+        for conn, thread in leftover.items():
+            if not thread.is_alive():
+                continue
+            stuck.append(thread.name)
+            frame = frames.get(thread.ident or -1)
+            stack = "".join(traceback.format_stack(frame)) if frame else "(no stack)\n"
+            logger.error(
+                "thread %r did not stop (it ignores its cancel token); abandoning it. Stack:\n%s",
+                thread.name,
+                stack.rstrip(),
+            )
+            conn._close_socket()
+        return stuck
+
+    def _release_resources(self) -> None:
+        for listener in self._listeners:
+            listener.close()
+        for fd in (self._control_r, self._control_w, self._stop_r, self._stop_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    @contextlib.contextmanager
+    def _signal_handling(self) -> Iterator[None]:
+        from ._signals import stop_on_signals
+
+        if self.handle_signals and threading.current_thread() is threading.main_thread():
+            with stop_on_signals(self._request_stop, self._request_force, lambda: self.grace):
+                yield
+        else:
+            yield
+
+
+def serve(
+    handler: Handler, bind: str | Sequence[str] = DEFAULT_BIND, **settings: Any
+) -> StopReport:
+    """Serve ``handler`` in this thread until SIGINT, SIGTERM or ``stop()``; return the report.
+
+    ``settings`` are the keyword arguments of :class:`Server`.
+    """
+    with Server(handler, bind, **settings) as server:
+        return server.serve_forever()
+
+
+def _nonblocking_pipe() -> tuple[int, int]:
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(read_fd, False)
+    os.set_blocking(write_fd, False)
+    return read_fd, write_fd
+
+
+def _drain(fd: int) -> None:
+    with contextlib.suppress(BlockingIOError, OSError):
+        while os.read(fd, 4096):
+            pass
+
+
+def _check_seconds(name: str, value: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        raise ConfigurationError(f"{name}={value!r}: must be a number of seconds, 0 or more")
