@@ -505,6 +505,13 @@ class Server:
     def _release_resources(self) -> None:
         for listener in self._listeners:
             listener.close()
+        with self._lock:
+            abandoned = bool(self._connections)
+        if abandoned:
+            # A stuck thread may still wake up and poll the stop pipe or write
+            # to the control pipe; closing them would let those fd numbers be
+            # reused under its feet. Four descriptors are a small price.
+            return
         for fd in (self._control_r, self._control_w, self._stop_r, self._stop_w):
             with contextlib.suppress(OSError):
                 os.close(fd)

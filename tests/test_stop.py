@@ -1,0 +1,226 @@
+"""The stop contract, in process: drain, notice, clean EOF, bounded time, nothing left."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+
+import pytest
+from conftest import ServerFactory
+from support import NOTICE, connect, recv_exactly, recv_until_eof, wait_until
+
+from threadserve import Connection, Server, StopReport, echo
+
+
+class StopInBackground:
+    """Call ``server.stop()`` in another thread so the test can read like a real client."""
+
+    def __init__(self, server: Server) -> None:
+        self.report: StopReport | None = None
+        self._thread = threading.Thread(target=self._stop, args=(server,))
+        self._thread.start()
+
+    def _stop(self, server: Server) -> None:
+        self.report = server.stop()
+
+    def join(self) -> StopReport:
+        self._thread.join(30)
+        assert self.report is not None
+        return self.report
+
+
+def hold_until_stop(conn: Connection) -> None:
+    """Echo, but hold chunks starting with H until the stop begins: read, not yet answered."""
+    for chunk in conn:
+        if chunk.startswith(b"H"):
+            conn.cancel_token.wait()
+        conn.sendall(chunk)
+
+
+def test_echo_then_stop_sends_notice_then_eof(serve: ServerFactory) -> None:
+    server = serve(echo)
+    with connect(server.tcp_address) as client:
+        client.sendall(b"hello\n")
+        assert recv_exactly(client, 6) == b"hello\n"
+        wait_until(lambda: server.statistics().bytes_sent == 6)
+        stopping = StopInBackground(server)
+        assert recv_until_eof(client) == NOTICE
+    report = stopping.join()
+    assert report.clean
+    assert report.drained == 1
+
+
+def test_200_clients_idle_and_mid_stream_each_get_everything(serve: ServerFactory) -> None:
+    grace = 5.0
+    server = serve(hold_until_stop, grace=grace)
+    frames, held = 3, 1000
+    clients = [connect(server.tcp_address) for _ in range(200)]
+    for index, client in enumerate(clients):
+        for frame in range(frames):
+            message = f"{index}:{frame};".encode()
+            client.sendall(message)
+            assert recv_exactly(client, len(message)) == message
+    mid_stream = clients[::2]
+    for client in mid_stream:
+        client.sendall(b"H" * held)
+    expected_in = sum(len(f"{i}:{f};") for i in range(200) for f in range(frames))
+    expected_in += held * len(mid_stream)
+    wait_until(lambda: server.statistics().bytes_received == expected_in, what="bytes read")
+
+    started = time.monotonic()
+    stopping = StopInBackground(server)
+    for index, client in enumerate(clients):
+        expected = (b"H" * held if index % 2 == 0 else b"") + NOTICE
+        assert recv_until_eof(client) == expected, f"client {index}"
+        client.close()
+    report = stopping.join()
+    elapsed = time.monotonic() - started
+    assert report.clean
+    assert report.drained == 200
+    assert elapsed < grace
+
+
+def test_stop_is_idempotent_and_safe_from_several_threads(serve: ServerFactory) -> None:
+    server = serve(echo)
+    client = connect(server.tcp_address)
+    wait_until(lambda: server.statistics().connections_active == 1)
+    reports: list[object] = []
+    threads = [threading.Thread(target=lambda: reports.append(server.stop())) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert recv_until_eof(client) == NOTICE
+    client.close()
+    assert len(reports) == 4
+    assert all(r is reports[0] and r is not None for r in reports)
+    assert server.stop() is reports[0]
+
+
+def test_stop_from_inside_a_handler(serve: ServerFactory) -> None:
+    holder: list[Server] = []
+
+    def stop_on_command(conn: Connection) -> None:
+        for chunk in conn:
+            conn.sendall(chunk)
+            if chunk == b"stop":
+                assert holder[0].stop() is None  # Cannot wait for itself.
+
+    server = serve(stop_on_command)
+    holder.append(server)
+    with connect(server.tcp_address) as client:
+        client.sendall(b"stop")
+        assert recv_until_eof(client) == b"stop" + NOTICE
+    report = server.stop()
+    assert report is not None
+    assert report.clean
+    with pytest.raises(ConnectionRefusedError):
+        connect(server.tcp_address)
+
+
+def test_stuck_handler_is_forced_after_grace_and_named(
+    serve: ServerFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    release = threading.Event()
+    entered = threading.Event()
+
+    def stuck_in_a_call_that_ignores_the_token(conn: Connection) -> None:
+        conn.recv(10)
+        entered.set()
+        release.wait(60)
+
+    grace = 0.5
+    server = serve(stuck_in_a_call_that_ignores_the_token, grace=grace)
+    client = connect(server.tcp_address)
+    client.sendall(b"x")
+    assert entered.wait(10)
+    started = time.monotonic()
+    report = server.stop()
+    elapsed = time.monotonic() - started
+    try:
+        assert report is not None
+        assert not report.clean
+        assert report.forced == 1
+        assert len(report.stuck_threads) == 1
+        assert report.stuck_threads[0].startswith("threadserve 127.0.0.1:")
+        assert grace <= elapsed < grace + 0.6
+        stuck_logs = [r for r in caplog.records if "did not stop" in r.getMessage()]
+        assert len(stuck_logs) == 1
+        assert stuck_logs[0].levelno == logging.ERROR
+        assert "stuck_in_a_call_that_ignores_the_token" in stuck_logs[0].getMessage()
+        # Forced: the client sees the end of the stream, without the notice.
+        client.settimeout(5)
+        assert client.recv(100) == b""
+    finally:
+        release.set()
+        client.close()
+    wait_until(lambda: not any(t.name.startswith("threadserve") for t in threading.enumerate()))
+
+
+def test_cancel_hooks_run_at_stop(serve: ServerFactory) -> None:
+    work_interrupted = threading.Event()
+    ready = threading.Event()
+
+    def blocking_work(conn: Connection) -> None:
+        wake = threading.Event()
+        conn.on_cancel(wake.set)
+        ready.set()
+        if wake.wait(30):
+            work_interrupted.set()
+            conn.sendall(b"interrupted\n")
+
+    server = serve(blocking_work)
+    with connect(server.tcp_address) as client:
+        assert ready.wait(10)
+        stopping = StopInBackground(server)
+        assert recv_until_eof(client) == b"interrupted\n" + NOTICE
+    assert work_interrupted.is_set()
+    assert stopping.join().clean
+
+
+def test_stop_while_connections_are_still_arriving(serve: ServerFactory) -> None:
+    server = serve(echo, grace=3.0)
+    address = server.tcp_address
+    opened: list[socket.socket] = []
+    refused = 0
+    lock = threading.Lock()
+
+    def client_loop() -> None:
+        nonlocal refused
+        for _ in range(500):  # Bounded; ends early once the server refuses.
+            try:
+                sock = socket.create_connection(address, timeout=10)
+            except (ConnectionRefusedError, ConnectionResetError):
+                with lock:
+                    refused += 1
+                return
+            with lock:
+                opened.append(sock)
+            try:
+                sock.sendall(b"ping")
+            except (ConnectionResetError, BrokenPipeError):
+                pass  # Reset while still in the listen queue; classified below.
+
+    clients = [threading.Thread(target=client_loop) for _ in range(4)]
+    for thread in clients:
+        thread.start()
+    wait_until(lambda: server.statistics().connections_active >= 50)
+    stopping = StopInBackground(server)
+    for thread in clients:
+        thread.join(30)
+    outcomes: list[str] = []
+    for sock in opened:
+        try:
+            data = recv_until_eof(sock)
+        except ConnectionResetError:
+            outcomes.append("reset")  # Never accepted: the listener closed under it.
+        else:
+            outcomes.append("served" if data in (b"ping" + NOTICE, NOTICE) else repr(data))
+        sock.close()
+    report = stopping.join()
+    assert report.clean
+    assert refused == 4
+    assert set(outcomes) <= {"served", "reset"}
+    assert outcomes.count("served") == server.statistics().connections_accepted
