@@ -1,0 +1,196 @@
+"""Run one peer as a pinned subprocess, watch it, and stop it.
+
+Resource handling: every ServerProcess is a context manager; leaving it kills
+the process (by its own pid) if it is still alive, so an exception in a run
+never leaves a server behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+import psutil
+
+from bench.build import BENCH_DIR
+
+REPO_ROOT = BENCH_DIR.parent
+
+# Interpreter settings that change a peer's speed and that a developer's or
+# CI's shell may carry: PYTHONUNBUFFERED, for one, turns the seed server's
+# print into a write system call per message. Servers run without them.
+SCRUBBED_ENV = (
+    "PYTHONUNBUFFERED",
+    "PYTHONDEVMODE",
+    "PYTHONASYNCIODEBUG",
+    "PYTHONTRACEMALLOC",
+    "PYTHONMALLOC",
+    "PYTHONFAULTHANDLER",
+    "PYTHONWARNINGS",
+)
+
+
+def server_env() -> dict[str, str]:
+    return {key: value for key, value in os.environ.items() if key not in SCRUBBED_ENV}
+
+
+class ServerError(RuntimeError):
+    """The server did not start, or died when it should not have."""
+
+
+@dataclass(frozen=True)
+class Memory:
+    rss_kib: int
+    pte_kib: int
+    threads: int
+
+
+@dataclass(frozen=True)
+class Exit:
+    seconds: float  # signal to exit; the timeout if it had to be killed
+    returncode: int | None
+    killed: bool  # did not exit by itself within the timeout
+
+
+def free_port() -> int:
+    """A port the kernel just considered free on 127.0.0.1."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def pin_prefix(cpu: int | None) -> list[str]:
+    """`taskset -c CPU`, or nothing where pinning is off or impossible."""
+    if cpu is None or cpu not in os.sched_getaffinity(0):
+        return []
+    return ["taskset", "-c", str(cpu)]
+
+
+class ServerProcess:
+    def __init__(self, argv: list[str], port: int, cpu: int | None) -> None:
+        self.argv = argv
+        self.port = port
+        self.cpu = cpu
+        # Closed in __exit__: the file outlives this method by design.
+        self._stderr = tempfile.TemporaryFile()  # noqa: SIM115
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> ServerProcess:
+        # stdout goes nowhere (the seed server prints every message); stderr
+        # is kept to explain a failure. A new session keeps a Ctrl-C in the
+        # terminal from reaching the server before the harness cleans up.
+        self.proc = subprocess.Popen(
+            [*pin_prefix(self.cpu), *self.argv],
+            cwd=REPO_ROOT,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=self._stderr,
+            start_new_session=True,
+            env=server_env(),
+        )
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.kill()
+        self._stderr.close()
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None, "use ServerProcess as a context manager"
+        return self.proc.pid
+
+    def stderr_tail(self, limit: int = 2000) -> str:
+        self._stderr.flush()
+        self._stderr.seek(0)
+        text = self._stderr.read().decode(errors="replace")
+        return text[-limit:]
+
+    def wait_listening(self, timeout: float) -> None:
+        """Wait until the process has a listening socket on our port.
+
+        Looked up in the process's own sockets rather than by connecting, so
+        no probe connection disturbs the idle-memory baseline.
+        """
+        assert self.proc is not None
+        deadline = time.monotonic() + timeout
+        process = psutil.Process(self.pid)
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise ServerError(
+                    f"server exited with {self.proc.returncode} before listening:\n"
+                    + self.stderr_tail()
+                )
+            try:
+                for conn in process.net_connections(kind="tcp"):
+                    if (
+                        conn.status == psutil.CONN_LISTEN
+                        and conn.laddr
+                        and conn.laddr.port == self.port
+                    ):
+                        return
+            except psutil.Error:
+                pass  # the process may be between fork and exec
+            time.sleep(0.02)
+        raise ServerError(f"server not listening on port {self.port} after {timeout:g} s")
+
+    def check_alive(self) -> None:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise ServerError(f"server died with {self.proc.returncode}:\n" + self.stderr_tail())
+
+    def memory(self) -> Memory:
+        """RSS, page tables and thread count from /proc/PID/status."""
+        fields: dict[str, int] = {}
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmPTE", "Threads"):
+                fields[key] = int(value.split()[0])
+        return Memory(fields.get("VmRSS", 0), fields.get("VmPTE", 0), fields.get("Threads", 0))
+
+    def cpu_seconds(self) -> float:
+        times = psutil.Process(self.pid).cpu_times()
+        return float(times.user + times.system)
+
+    def terminate_and_time(self, timeout: float) -> Exit:
+        """Send SIGTERM and time the exit to the millisecond.
+
+        A pidfd becomes readable the moment the process exits; Popen.wait()
+        with a timeout polls with sleeps of up to 50 ms, too coarse here.
+        """
+        assert self.proc is not None
+        pidfd = os.pidfd_open(self.pid)
+        try:
+            start = time.monotonic()
+            os.kill(self.pid, signal.SIGTERM)
+            ready, _, _ = select.select([pidfd], [], [], timeout)
+            elapsed = time.monotonic() - start
+        finally:
+            os.close(pidfd)
+        if ready:
+            return Exit(elapsed, self.proc.wait(), killed=False)
+        self.kill()
+        return Exit(timeout, self.proc.returncode, killed=True)
+
+    def kill(self) -> None:
+        """SIGKILL the server if it still runs, and reap it."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.kill()
+        # Past 30 s it is stuck in the kernel; nothing more can be done here.
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=30)

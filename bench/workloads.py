@@ -1,0 +1,234 @@
+"""The four workloads: what a case is, which cases a run plans, how one runs.
+
+echo      closed-loop echo, 64 B and 1 KiB, throughput and latency
+blocking  each request makes a 10 ms blocking call; throughput vs the ideal
+idle      RSS and page tables per idle connection, and time to accept them
+stop      SIGTERM to exit with idle or active connections, and what clients saw
+
+Every case starts a fresh server, so no run inherits another's state (threads
+left over, a grown heap, a full accept queue).
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from bench.client import JsonDict, Session, run_echo
+from bench.peerlist import Peer
+from bench.peers._common import BLOCKING_SECONDS
+from bench.server import ServerProcess, free_port
+
+WORKLOADS = ("echo", "blocking", "idle", "stop")
+
+
+@dataclass(frozen=True)
+class Case:
+    workload: str
+    conns: int
+    size: int = 64
+    variant: str = ""  # stop: "idle" or "active"
+
+    @property
+    def label(self) -> str:
+        if self.workload == "echo":
+            return f"echo {self.size} B x{self.conns}"
+        if self.workload == "stop":
+            return f"stop {self.variant} x{self.conns}"
+        return f"{self.workload} x{self.conns}"
+
+
+@dataclass(frozen=True)
+class Settings:
+    binaries: dict[str, Path]
+    warmup: float
+    duration: float
+    connect_timeout: float
+    settle: float  # pause before reading idle memory, for threads to park
+    stop_timeout: float  # how long a server may take to exit after SIGTERM
+    observe_timeout: float  # how long clients watch their connections end
+    server_cpu: int | None
+    client_cpu: int | None
+
+
+def plan(
+    workloads: list[str],
+    quick: bool,
+    echo_conns: list[int] | None = None,
+    sizes: list[int] | None = None,
+) -> list[Case]:
+    """The cases to run, in order; quick mode is a subset of the full plan."""
+    if echo_conns is None:
+        echo_conns = [10, 100] if quick else [1, 10, 100, 1_000, 10_000]
+    if sizes is None:
+        sizes = [64, 1024]
+    cases: list[Case] = []
+    if "echo" in workloads:
+        cases += [Case("echo", n, size) for size in sizes for n in echo_conns]
+    if "blocking" in workloads:
+        cases += [Case("blocking", n) for n in ([10, 100] if quick else [10, 100, 1_000])]
+    if "idle" in workloads:
+        cases += [Case("idle", n) for n in ([1_000] if quick else [1_000, 10_000])]
+    if "stop" in workloads:
+        stop_idle = [1_000] if quick else [1_000, 10_000]
+        cases += [Case("stop", n, variant="idle") for n in stop_idle]
+        cases += [Case("stop", 1_000, variant="active")]
+    return cases
+
+
+def run_case(case: Case, peer: Peer, settings: Settings, repeat: int) -> dict[str, Any]:
+    """Run one case against one peer; never raises, failures are recorded."""
+    record: dict[str, Any] = {
+        "workload": case.workload,
+        "peer": peer.name,
+        "conns": case.conns,
+        "size": case.size,
+        "variant": case.variant,
+        "repeat": repeat,
+        "ok": False,
+        "error": None,
+        "metrics": {},
+    }
+    started = time.monotonic()
+    port = free_port()
+    try:
+        with ServerProcess(peer.command(port, case.workload), port, settings.server_cpu) as server:
+            server.wait_listening(timeout=30)
+            if case.workload in ("echo", "blocking"):
+                _run_load(case, settings, server, record)
+            elif case.workload == "idle":
+                _run_idle(case, settings, server, record)
+            else:
+                _run_stop(case, settings, server, record)
+    except Exception as exc:
+        record["error"] = f"{type(exc).__name__}: {exc}"
+        record["traceback"] = traceback.format_exc(limit=5)
+    record["elapsed"] = round(time.monotonic() - started, 3)
+    return record
+
+
+def _errors(client: JsonDict) -> int:
+    return int(sum(client.get("errors", {}).values()))
+
+
+def _run_load(case: Case, s: Settings, server: ServerProcess, record: dict[str, Any]) -> None:
+    client = run_echo(
+        s.binaries["loadgen"],
+        port=server.port,
+        conns=case.conns,
+        size=case.size,
+        warmup=s.warmup,
+        duration=s.duration,
+        connect_timeout=s.connect_timeout,
+        server_pid=server.pid,
+        cpu=s.client_cpu,
+    )
+    server.check_alive()
+    memory = server.memory()
+    record["client"] = client
+    latency = client["latency_us"]
+    metrics: dict[str, Any] = {
+        "throughput_rps": client["throughput_rps"],
+        "p50_us": latency["p50"],
+        "p99_us": latency["p99"],
+        "p999_us": latency["p999"],
+        "client_cpu": client["client_cpu"],
+        "server_cpu": client["server_cpu"],
+        # The generator is single-threaded: near one full core it may be
+        # what limits the run rather than the server.
+        "client_bound": (client["client_cpu"] or 0) >= 0.9,
+        "connected": client["connected"],
+        "errors": _errors(client),
+        "server_rss_kib": memory.rss_kib,
+        "server_threads": memory.threads,
+    }
+    if case.workload == "blocking":
+        ideal = case.conns / BLOCKING_SECONDS
+        metrics["ideal_rps"] = ideal
+        metrics["fraction_of_ideal"] = client["throughput_rps"] / ideal
+    record["metrics"] = metrics
+    problems = []
+    if client["connected"] < case.conns:
+        problems.append(f"only {client['connected']}/{case.conns} connected")
+    if metrics["errors"]:
+        problems.append(f"{metrics['errors']} client errors {client['errors']}")
+    if client["requests"] == 0:
+        problems.append("no request completed in the window")
+    record["ok"] = not problems
+    record["error"] = "; ".join(problems) or None
+
+
+def _session(case: Case, s: Settings, server: ServerProcess, mode: str) -> Session:
+    return Session(
+        s.binaries["loadgen"],
+        mode=mode,
+        port=server.port,
+        conns=case.conns,
+        size=case.size,
+        connect_timeout=s.connect_timeout,
+        observe_timeout=s.observe_timeout,
+        server_pid=server.pid,
+        cpu=s.client_cpu,
+    )
+
+
+def _run_idle(case: Case, s: Settings, server: ServerProcess, record: dict[str, Any]) -> None:
+    time.sleep(s.settle)
+    before = server.memory()
+    with _session(case, s, server, "hold") as session:
+        ready = session.wait_ready(timeout=s.connect_timeout + 30)
+        time.sleep(s.settle)
+        server.check_alive()
+        after = server.memory()
+        client = session.finish(timeout=60, quit_first=True)
+    held = max(int(ready["ready"]), 1)
+    record["client"] = client
+    record["server"] = {"before": asdict(before), "after": asdict(after)}
+    record["metrics"] = {
+        "ready": ready["ready"],
+        "accept_seconds": ready["connect_seconds"],
+        "rss_per_conn_kib": (after.rss_kib - before.rss_kib) / held,
+        "pte_per_conn_kib": (after.pte_kib - before.pte_kib) / held,
+        "threads_per_conn": (after.threads - before.threads) / held,
+        "rss_after_kib": after.rss_kib,
+        "pte_after_kib": after.pte_kib,
+    }
+    record["ok"] = ready["ready"] == case.conns and _errors(client) == 0
+    if not record["ok"]:
+        record["error"] = f"{ready['ready']}/{case.conns} ready, errors {client.get('errors')}"
+
+
+def _run_stop(case: Case, s: Settings, server: ServerProcess, record: dict[str, Any]) -> None:
+    mode = "hold" if case.variant == "idle" else "active"
+    with _session(case, s, server, mode) as session:
+        ready = session.wait_ready(timeout=s.connect_timeout + 30)
+        session.stop()
+        exit_ = server.terminate_and_time(s.stop_timeout)
+        client = session.finish(timeout=s.observe_timeout + 30, quit_first=False)
+    stop = client.get("stop") or {}
+    record["client"] = client
+    record["metrics"] = {
+        "ready": ready["ready"],
+        "exit_seconds": exit_.seconds,
+        "returncode": exit_.returncode,
+        "killed": exit_.killed,
+        "clients_done_seconds": stop.get("last_end_seconds"),
+        "notice": stop.get("notice_eof", 0)
+        + stop.get("notice_reset", 0)
+        + stop.get("notice_open", 0),
+        "notice_eof": stop.get("notice_eof", 0),
+        "notice_reset": stop.get("notice_reset", 0),
+        "eof": stop.get("eof", 0),
+        "reset": stop.get("reset", 0),
+        "open": stop.get("open", 0) + stop.get("notice_open", 0),
+        "other": stop.get("other", 0),
+        "echoes_after_stop": stop.get("echoes_after_stop", 0),
+        "unanswered": stop.get("unanswered", 0),
+    }
+    record["ok"] = ready["ready"] == case.conns and not exit_.killed
+    if not record["ok"]:
+        why = "killed after the stop timeout" if exit_.killed else "not all connected"
+        record["error"] = f"{ready['ready']}/{case.conns} ready; {why}"
