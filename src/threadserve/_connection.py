@@ -22,15 +22,25 @@ import contextlib
 import errno
 import select
 import socket
+import ssl
 import time
 from collections.abc import Callable, Iterator
 
 from ._cancel import CancelCallback, CancelToken
-from ._exceptions import FrameTooLarge, IncompleteRead, ReadTimeout, WriteTimeout
+from ._exceptions import (
+    FrameTooLarge,
+    HandshakeTimeout,
+    IncompleteRead,
+    ReadTimeout,
+    WriteTimeout,
+)
 from ._timeouts import Timeouts
 
 DEFAULT_CHUNK_SIZE = 64 * 1024
 DEFAULT_LINE_LIMIT = 64 * 1024
+
+# What a non-blocking call raises when it must wait; TLS adds its own two.
+_WOULD_BLOCK = (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
 
 _READABLE = select.POLLIN | select.POLLPRI | select.POLLHUP | select.POLLERR | select.POLLNVAL
 _WRITABLE = select.POLLOUT | select.POLLHUP | select.POLLERR | select.POLLNVAL
@@ -66,10 +76,12 @@ class Connection:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.peer = peer
+        self._client_ip: str | None = None  # For per-address admission counts.
         self.cancel_token = CancelToken()
         self.bytes_received = 0
         self.bytes_sent = 0
-        self._sock = sock
+        self._sock: socket.socket = sock
+        self._tls = False
         self._fd = sock.fileno()
         self._stop_fd = stop_fd
         self._timeouts = timeouts
@@ -139,10 +151,10 @@ class Connection:
             del self._buffer[:count]
             return count
         deadline = self._idle_deadline()
-        while not self._reading_done and self._wait_readable(deadline):
+        while self._ready_to_read(deadline):
             try:
                 count = self._sock.recv_into(view, wanted)
-            except (BlockingIOError, InterruptedError):
+            except _WOULD_BLOCK:
                 continue  # Spurious readiness, as in _recv_from_socket.
             if count:
                 self.bytes_received += count
@@ -245,7 +257,7 @@ class Connection:
     def _send_some(self, data: bytes | bytearray | memoryview) -> int:
         try:
             return self._sock.send(data)
-        except (BlockingIOError, InterruptedError):
+        except _WOULD_BLOCK:
             return 0
 
     def _wait_writable(self) -> None:
@@ -260,12 +272,13 @@ class Connection:
     # ------------------------------------------------------------------ internals
 
     def _recv_from_socket(self, bufsize: int, deadline: float | None) -> bytes:
-        while not self._reading_done and self._wait_readable(deadline):
+        while self._ready_to_read(deadline):
             try:
                 data = self._sock.recv(bufsize)
-            except (BlockingIOError, InterruptedError):
+            except _WOULD_BLOCK:
                 # poll() can report readiness that recv() then disagrees with
-                # (a bad checksum dropped the segment); wait again.
+                # (a bad checksum dropped the segment, or a TLS record is not
+                # complete yet); wait again.
                 continue
             if data:
                 self.bytes_received += len(data)
@@ -273,6 +286,14 @@ class Connection:
                 self._mark_eof()
             return data
         return b""
+
+    def _ready_to_read(self, deadline: float | None) -> bool:
+        if self._reading_done:
+            return False
+        # TLS may hold decrypted bytes the kernel no longer reports as readable.
+        if self._tls and self._sock.pending():  # type: ignore[attr-defined]
+            return True
+        return self._wait_readable(deadline)
 
     def _wait_readable(self, deadline: float | None) -> bool:
         """Block until the socket is readable (True) or the server stops with nothing to read."""
@@ -317,6 +338,33 @@ class Connection:
         # Round up: waking a millisecond early would report a timeout too soon.
         return max(0, int((deadline - self._clock()) * 1000) + 1)
 
+    # ------------------------------------------------------------------ TLS (server side)
+
+    def _tls_handshake(self, context: ssl.SSLContext) -> None:
+        """Wrap the socket and run the handshake in this thread, within the handshake timeout."""
+        tls_sock = context.wrap_socket(self._sock, server_side=True, do_handshake_on_connect=False)
+        self._sock = tls_sock
+        self._tls = True
+        timeout = self._timeouts.handshake
+        deadline = self._earliest(None if timeout is None else self._clock() + timeout)
+        while True:
+            try:
+                tls_sock.do_handshake()
+                return
+            except ssl.SSLWantReadError:
+                try:
+                    readable = self._wait_readable(deadline)
+                except ReadTimeout:
+                    raise HandshakeTimeout(
+                        f"{self.peer} did not finish the TLS handshake in {timeout} s"
+                    ) from None
+                if not readable:
+                    raise ConnectionAbortedError(
+                        errno.ECONNABORTED, "server stopping during the TLS handshake"
+                    ) from None
+            except ssl.SSLWantWriteError:
+                self._wait_writable()
+
     # ------------------------------------------------------------------ closing (server side)
 
     def _close_gracefully(self, notice: bytes | None, linger_until: float) -> None:
@@ -330,6 +378,8 @@ class Connection:
         try:
             if notice:
                 self.sendall(notice)
+            if self._tls:
+                self._send_close_notify()
             if not self._peer_eof:
                 self._sock.shutdown(socket.SHUT_WR)
                 self._discard_until_eof(linger_until)
@@ -337,6 +387,17 @@ class Connection:
             pass  # The client vanished or the stop was forced: nothing more to tell it.
         finally:
             self._sock.close()
+
+    def _send_close_notify(self) -> None:
+        tls_sock: ssl.SSLSocket = self._sock  # type: ignore[assignment]
+        try:
+            tls_sock.unwrap()
+        except ssl.SSLWantReadError:
+            pass  # Ours is sent; waiting for the client's close_notify is not needed.
+        except ssl.SSLWantWriteError:
+            self._wait_writable()
+            with contextlib.suppress(ssl.SSLWantReadError):
+                tls_sock.unwrap()
 
     def _discard_until_eof(self, until: float) -> None:
         poller = select.poll()
@@ -348,7 +409,7 @@ class Connection:
             try:
                 if not self._sock.recv(DEFAULT_CHUNK_SIZE):
                     return
-            except (BlockingIOError, InterruptedError):
+            except _WOULD_BLOCK:
                 continue
 
     def _force_close(self) -> None:

@@ -32,6 +32,10 @@ class WriteTimeout(ConnectionTimeout):
     """The peer did not take our data within the write deadline (it stopped reading)."""
 
 
+class HandshakeTimeout(ConnectionTimeout):
+    """The client did not complete the TLS handshake in time."""
+
+
 class IncompleteRead(ThreadserveError, EOFError):
     """The stream ended (peer EOF or server stop) before a whole frame arrived.
 

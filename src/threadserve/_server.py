@@ -43,6 +43,7 @@ import os
 import select
 import selectors
 import socket
+import ssl
 import sys
 import threading
 import time
@@ -52,9 +53,18 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
+from ._admission import Admission, OverloadPolicy
 from ._connection import DEFAULT_CHUNK_SIZE, PEER_GONE_ERRNOS, Connection
-from ._exceptions import ConfigurationError, ConnectionTimeout, IncompleteRead
+from ._exceptions import (
+    ConfigurationError,
+    ConnectionTimeout,
+    FrameTooLarge,
+    IncompleteRead,
+    ReadTimeout,
+)
 from ._listeners import Listener, format_address, open_listeners, parse_bind_address
+from ._notices import Notices
+from ._ratelimit import RateLimitedLog
 from ._timeouts import Timeouts
 
 logger = logging.getLogger("threadserve")
@@ -73,6 +83,10 @@ ACCEPT_BATCH = 64
 RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 ACCEPT_BACKOFF_FIRST = 0.005
 ACCEPT_BACKOFF_MAX = 1.0
+#: TCP keepalive: probe after 60 s of silence, every 10 s, give up after 3
+#: unanswered probes. A client that vanished (power loss, cable, NAT timeout)
+#: frees its thread after about 90 s instead of never.
+KEEPALIVE_IDLE, KEEPALIVE_INTERVAL, KEEPALIVE_PROBES = 60, 10, 3
 
 _current = threading.local()
 
@@ -97,6 +111,7 @@ class ServerStatistics:
     connections_closed: int
     bytes_received: int
     bytes_sent: int
+    connections_rejected: int
     handler_errors: int
     accept_errors: int
 
@@ -127,6 +142,12 @@ class Server:
         linger: float = DEFAULT_LINGER,
         timeouts: Timeouts | None = None,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
+        max_connections: int | None = None,
+        max_connections_per_ip: int | None = None,
+        overload: OverloadPolicy | str = OverloadPolicy.WAIT,
+        notices: Notices | None = None,
+        tls: ssl.SSLContext | None = None,
+        keepalive: bool = True,
         handle_signals: bool = True,
     ) -> None:
         if not callable(handler):
@@ -141,10 +162,15 @@ class Server:
         self.linger = float(linger)
         self.timeouts = timeouts if timeouts is not None else Timeouts()
         self.chunk_size = chunk_size
+        self.notices = notices if notices is not None else Notices()
+        self.tls = tls
         self.handle_signals = handle_signals
+        self._admission = Admission(max_connections, max_connections_per_ip, overload)
 
         specs = [bind] if isinstance(bind, str) else list(bind)
         self._listeners: list[Listener] = open_listeners([parse_bind_address(s) for s in specs])
+        for listener in self._listeners:
+            _tune_listener(listener.socket, keepalive)
         self.addresses: list[str] = [listener.address for listener in self._listeners]
 
         self._lock = threading.Lock()
@@ -161,6 +187,9 @@ class Server:
         self._stopped = threading.Event()
         self._report: StopReport | None = None
         self._background: threading.Thread | None = None
+        self._accept_paused = False  # At max_connections under the wait policy.
+        self._rejections_log = RateLimitedLog(logger, logging.WARNING)
+        self._accept_errors_log = RateLimitedLog(logger, logging.ERROR)
         # Counters; closed-connection totals are folded in under the lock.
         self._accepted = 0
         self._closed = 0
@@ -168,6 +197,7 @@ class Server:
         self._closed_bytes_out = 0
         self._handler_errors = 0
         self._accept_errors = 0
+        self._rejected = 0
 
     # ------------------------------------------------------------------ public API
 
@@ -247,11 +277,16 @@ class Server:
                 connections_active=len(live),
                 connections_accepted=self._accepted,
                 connections_closed=self._closed,
+                connections_rejected=self._rejected,
                 bytes_received=bytes_in,
                 bytes_sent=bytes_out,
                 handler_errors=self._handler_errors,
                 accept_errors=self._accept_errors,
             )
+
+    @property
+    def max_connections(self) -> int:
+        return self._admission.max_connections
 
     def connections(self) -> list[Connection]:
         """The live connections right now (a copy)."""
@@ -292,10 +327,22 @@ class Server:
         selector = selectors.DefaultSelector()
         try:
             selector.register(self._control_r, selectors.EVENT_READ)
-            for listener in self._listeners:
-                selector.register(listener.socket, selectors.EVENT_READ, listener)
+            listening = False
             backoff = 0.0
             while not self._stop_requested:
+                with self._lock:
+                    # Under the lock, so a connection ending right now sees the
+                    # flag and wakes us (see _unregister): no lost wake-up.
+                    self._accept_paused = (
+                        self._admission.policy is OverloadPolicy.WAIT and self._admission.full
+                    )
+                if listening == self._accept_paused:
+                    listening = not listening
+                    for listener in self._listeners:
+                        if listening:
+                            selector.register(listener.socket, selectors.EVENT_READ, listener)
+                        else:
+                            selector.unregister(listener.socket)
                 for key, _events in selector.select(backoff or None):
                     if key.data is None:
                         _drain(self._control_r)
@@ -306,6 +353,7 @@ class Server:
                 if backoff:
                     # Out of descriptors or memory: stop listening for a while
                     # (only the control pipe wakes us) instead of spinning.
+                    # Go's net/http backs off the same way, 5 ms doubling to 1 s.
                     self._wait_control(backoff)
         finally:
             selector.close()
@@ -313,27 +361,61 @@ class Server:
     def _accept_batch(self, listener: Listener) -> bool:
         """Accept what is waiting; False if accept failed for lack of a resource."""
         for _ in range(ACCEPT_BATCH):
+            if self._accept_paused:
+                return True
             try:
                 sock, address = listener.socket.accept()
             except (BlockingIOError, InterruptedError):
                 return True
             except OSError as exc:
                 if exc.errno in RESOURCE_ERRNOS:
-                    self._accept_errors += 1
-                    logger.warning("accept on %s failed: %s; backing off", listener.address, exc)
+                    with self._lock:
+                        self._accept_errors += 1
+                    self._accept_errors_log.emit(
+                        "accept on %s failed: %s; pausing accepts (backing off)",
+                        listener.address,
+                        exc.strerror,
+                    )
                     return False
                 # ECONNABORTED and friends: that client is gone, the next one is not.
                 logger.debug("accept on %s: %s", listener.address, exc)
                 continue
-            self._start_connection(sock, format_address(sock.family, address))
+            self._admit(sock, address)
         return True
 
-    def _start_connection(self, sock: socket.socket, peer: str) -> None:
+    def _admit(self, sock: socket.socket, address: object) -> None:
+        peer = format_address(sock.family, address)
+        ip = address[0] if isinstance(address, tuple) else None
+        with self._lock:
+            refusal = self._admission.admit(ip)
+            if refusal is None:
+                self._accepted += 1
+            else:
+                self._rejected += 1
+            self._accept_paused = (
+                self._admission.policy is OverloadPolicy.WAIT and self._admission.full
+            )
+        if refusal is None:
+            self._start_connection(sock, peer, ip)
+        else:
+            self._turn_away(sock, peer, refusal)
+
+    def _turn_away(self, sock: socket.socket, peer: str, reason: str) -> None:
+        # No thread and no lingering for a rejected client: the notice is
+        # tiny, fits the empty send buffer, and is queued before the FIN.
+        self._rejections_log.emit("turning away %s: %s", peer, reason)
+        try:
+            sock.setblocking(False)
+            if self.notices.busy:
+                sock.send(self.notices.busy)
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass  # The client already left; nothing to tell it.
+        finally:
+            sock.close()
+
+    def _start_connection(self, sock: socket.socket, peer: str, ip: str | None) -> None:
         sock.setblocking(False)
-        if sock.family in (socket.AF_INET, socket.AF_INET6):
-            # Replies are small and prompt: Nagle's algorithm would hold them back
-            # until the previous one is acknowledged.
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         conn = Connection(
             sock,
             peer,
@@ -341,75 +423,88 @@ class Server:
             timeouts=self.timeouts,
             chunk_size=self.chunk_size,
         )
+        conn._client_ip = ip
         thread = threading.Thread(
             target=self._run_connection, args=(conn,), name=f"threadserve {peer}", daemon=True
         )
         with self._lock:
             self._connections[conn] = thread
-            self._accepted += 1
         try:
             thread.start()
         except RuntimeError as exc:  # "can't start new thread": out of threads or memory.
-            logger.error("cannot start a thread for %s: %s; closing it", peer, exc)
+            self._accept_errors_log.emit("cannot start a thread for %s: %s; closing it", peer, exc)
             with self._lock:
-                del self._connections[conn]
-                self._closed += 1
+                self._accept_errors += 1
             conn._close_socket()
+            self._unregister(conn, "no thread")
 
     # ------------------------------------------------------------------ one connection
 
     def _run_connection(self, conn: Connection) -> None:
         _current.server = self
         logger.info("connection opened: %s", conn.peer)
+        outcome = "closed"
+        cutoff_notice: bytes | None = None
         try:
+            if self.tls is not None:
+                conn._tls_handshake(self.tls)
             self.handler(conn)
+        except FrameTooLarge as exc:
+            outcome, cutoff_notice = str(exc), self.notices.too_large
+        except ReadTimeout as exc:
+            outcome, cutoff_notice = str(exc), self.notices.timed_out
         except (ConnectionTimeout, IncompleteRead) as exc:
-            logger.debug("connection %s: %s", conn.peer, exc)
+            outcome = str(exc)
+        except ssl.SSLError as exc:
+            outcome = f"TLS error: {exc.reason or exc}"
         except OSError as exc:
-            if exc.errno in PEER_GONE_ERRNOS or self._stopping:
-                logger.debug("connection %s: %s", conn.peer, exc)
-            else:
+            outcome = exc.strerror or str(exc)
+            if exc.errno not in PEER_GONE_ERRNOS and not self._stopping:
                 self._count_handler_error(conn)
         except Exception:
+            outcome = "handler error"
             self._count_handler_error(conn)
         finally:
             try:
-                self._finish_connection(conn)
+                self._finish_connection(conn, cutoff_notice)
             finally:
-                self._unregister(conn)
+                self._unregister(conn, outcome)
 
     def _count_handler_error(self, conn: Connection) -> None:
         with self._lock:
             self._handler_errors += 1
         logger.exception("handler failed for %s", conn.peer)
 
-    def _finish_connection(self, conn: Connection) -> None:
+    def _finish_connection(self, conn: Connection, cutoff_notice: bytes | None) -> None:
         now = time.monotonic()
         linger_until = now + self.linger
-        notice = None
+        notice = cutoff_notice
         if self._stopping:
-            notice = self.goodbye if not conn._peer_eof else None
+            if notice is None and not conn._peer_eof:
+                notice = self.goodbye
             # Finish lingering just before the grace deadline, so a client
             # that never closes does not turn a clean drain into a forced one.
             linger_until = min(linger_until, self._stop_deadline - FORCE_MARGIN / 2)
         conn._close_gracefully(notice, linger_until)
 
-    def _unregister(self, conn: Connection) -> None:
+    def _unregister(self, conn: Connection, outcome: str) -> None:
         duration = time.monotonic() - conn.opened_at
         with self._lock:
             del self._connections[conn]
+            self._admission.release(conn._client_ip)
             self._closed += 1
             self._closed_bytes_in += conn.bytes_received
             self._closed_bytes_out += conn.bytes_sent
-            last = self._stopping and not self._connections
-        if last:
+            wake = self._accept_paused or (self._stopping and not self._connections)
+        if wake:
             self._wake()
         logger.info(
-            "connection closed: %s after %.3f s, %d bytes in, %d bytes out",
+            "connection closed: %s after %.3f s, %d bytes in, %d bytes out (%s)",
             conn.peer,
             duration,
             conn.bytes_received,
             conn.bytes_sent,
+            outcome,
         )
 
     # ------------------------------------------------------------------ stopping
@@ -536,6 +631,21 @@ def serve(
     """
     with Server(handler, bind, **settings) as server:
         return server.serve_forever()
+
+
+def _tune_listener(sock: socket.socket, keepalive: bool) -> None:
+    """Set per-connection TCP options once, on the listener: Linux copies them to
+    every accepted socket, which saves a few system calls per connection."""
+    if sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return
+    # Replies are small and prompt: Nagle's algorithm would hold one back
+    # until the previous one is acknowledged.
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if keepalive:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_PROBES)
 
 
 def _nonblocking_pipe() -> tuple[int, int]:
