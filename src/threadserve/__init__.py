@@ -1,5 +1,6 @@
 """threadserve: thread-per-connection TCP servers that stop as well as they serve."""
 
+from ._admission import OverloadPolicy
 from ._cancel import CancelToken
 from ._connection import Connection
 from ._exceptions import (
@@ -7,13 +8,16 @@ from ._exceptions import (
     ConfigurationError,
     ConnectionTimeout,
     FrameTooLarge,
+    HandshakeTimeout,
     IncompleteRead,
     ReadTimeout,
     ThreadserveError,
     WriteTimeout,
 )
+from ._notices import Notices
 from ._server import Handler, Server, ServerStatistics, StopReport, serve
 from ._timeouts import Timeouts
+from ._tls import server_tls_context
 from .handlers import echo
 
 __version__ = "0.1.0"
@@ -27,7 +31,10 @@ __all__ = [
     "ConnectionTimeout",
     "FrameTooLarge",
     "Handler",
+    "HandshakeTimeout",
     "IncompleteRead",
+    "Notices",
+    "OverloadPolicy",
     "ReadTimeout",
     "Server",
     "ServerStatistics",
@@ -38,4 +45,5 @@ __all__ = [
     "__version__",
     "echo",
     "serve",
+    "server_tls_context",
 ]

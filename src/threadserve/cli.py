@@ -8,8 +8,12 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from ._admission import OverloadPolicy, default_max_connections
 from ._exceptions import ConfigurationError, ThreadserveError
+from ._notices import Notices
 from ._server import DEFAULT_BIND, DEFAULT_GOODBYE, DEFAULT_GRACE, Handler, Server
+from ._timeouts import Timeouts
+from ._tls import server_tls_context
 from .handlers import BUILTIN_HANDLERS
 
 EXIT_OK = 0
@@ -28,6 +32,7 @@ pending data is answered, then it gets the goodbye notice and a clean EOF. After
 EPILOG = f"""\
 handlers:
   echo              send back every byte (the default)
+  lines             send back each whole line (line limit 64 KiB, read timeout applies)
   discard           read and drop everything
   MODULE:CALLABLE   your own: a callable taking a threadserve.Connection
 
@@ -87,6 +92,58 @@ def build_parser() -> argparse.ArgumentParser:
     goodbye.add_argument(
         "--no-goodbye", action="store_true", help="send no notice on stop, only a clean EOF"
     )
+    limits = serve.add_argument_group("limits (a client over a limit is told why in one line)")
+    limits.add_argument(
+        "--max-connections",
+        type=int,
+        metavar="N",
+        help="most clients served at once (default: from the open-file limit, "
+        f"{default_max_connections()} here)",
+    )
+    limits.add_argument(
+        "--max-connections-per-ip",
+        type=int,
+        metavar="N",
+        help="most clients served at once from one address (default: no limit)",
+    )
+    limits.add_argument(
+        "--overload",
+        choices=[policy.value for policy in OverloadPolicy],
+        default=OverloadPolicy.WAIT.value,
+        help="at --max-connections: 'wait' leaves new clients in the kernel queue until a "
+        "connection ends; 'reject' answers them with a busy notice and closes "
+        "(default: %(default)s)",
+    )
+    defaults = Timeouts()
+    timeouts = serve.add_argument_group("timeouts (seconds, or 'none' for no limit)")
+    for name, help_text in (
+        ("idle", "longest wait for a client's next bytes"),
+        ("read", "longest time for one line or frame once it started (stops slowloris)"),
+        ("write", "longest time a client may take none of our data"),
+        ("handshake", "longest TLS handshake"),
+        ("lifetime", "longest life of one connection"),
+    ):
+        flag = "--lifetime" if name == "lifetime" else f"--{name}-timeout"
+        timeouts.add_argument(
+            flag,
+            dest=f"{name}_timeout",
+            type=_seconds_or_none,
+            default=getattr(defaults, name),
+            metavar="S",
+            help=f"{help_text} (default: {getattr(defaults, name) or 'none'})",
+        )
+    tls = serve.add_argument_group("TLS")
+    tls.add_argument("--tls-cert", metavar="FILE", help="certificate chain (PEM); enables TLS")
+    tls.add_argument("--tls-key", metavar="FILE", help="private key (PEM), if not in --tls-cert")
+    tls.add_argument(
+        "--tls-client-ca", metavar="FILE", help="require client certificates signed by this CA"
+    )
+    serve.add_argument(
+        "--no-notices",
+        action="store_true",
+        help="never send the busy/timeout/too-long notices (for binary protocols)",
+    )
+    serve.add_argument("--no-keepalive", action="store_true", help="turn off TCP keepalive probes")
     serve.add_argument(
         "--log-level",
         default="info",
@@ -94,6 +151,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="info logs one line per connection opened and closed (default: info)",
     )
     return parser
+
+
+def _seconds_or_none(text: str) -> float | None:
+    if text.strip().lower() in ("none", "off", "0"):
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds or 'none'") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be positive (or 'none')")
+    return value
 
 
 def load_handler(spec: str) -> Handler:
@@ -137,7 +206,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         handler = load_handler(args.handler)
         goodbye = None if args.no_goodbye else args.goodbye + "\n"
-        server = Server(handler, args.bind or [DEFAULT_BIND], grace=args.grace, goodbye=goodbye)
+        if args.tls_key and not args.tls_cert:
+            raise ConfigurationError("--tls-key needs --tls-cert")
+        if args.tls_client_ca and not args.tls_cert:
+            raise ConfigurationError("--tls-client-ca needs --tls-cert")
+        tls = (
+            server_tls_context(args.tls_cert, args.tls_key, args.tls_client_ca)
+            if args.tls_cert
+            else None
+        )
+        server = Server(
+            handler,
+            args.bind or [DEFAULT_BIND],
+            grace=args.grace,
+            goodbye=goodbye,
+            timeouts=Timeouts(
+                idle=args.idle_timeout,
+                read=args.read_timeout,
+                write=args.write_timeout,
+                handshake=args.handshake_timeout,
+                lifetime=args.lifetime_timeout,
+            ),
+            max_connections=args.max_connections,
+            max_connections_per_ip=args.max_connections_per_ip,
+            overload=args.overload,
+            notices=Notices.none() if args.no_notices else None,
+            tls=tls,
+            keepalive=not args.no_keepalive,
+        )
     except ThreadserveError as exc:
         print(f"threadserve: error: {exc}", file=sys.stderr)
         return EXIT_ERROR

@@ -15,10 +15,16 @@ def echo(conn: Connection) -> None:
         conn.sendall(chunk)
 
 
+def echo_lines(conn: Connection) -> None:
+    """Send back each whole line; a line over 64 KiB ends the connection with a notice."""
+    while line := conn.readline():
+        conn.sendall(line)
+
+
 def discard(conn: Connection) -> None:
     """Read and drop everything (RFC 863); useful as a load sink."""
     for _chunk in conn:
         pass
 
 
-BUILTIN_HANDLERS = {"echo": echo, "discard": discard}
+BUILTIN_HANDLERS = {"echo": echo, "lines": echo_lines, "discard": discard}
