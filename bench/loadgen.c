@@ -62,7 +62,8 @@ struct conn {
     uint32_t verified;  /* bytes of the current echo checked */
     int in_flight;      /* a request is outstanding */
     int want_out;       /* EPOLLOUT currently registered */
-    int first_done;     /* first round trip completed (hold mode) */
+    int first_done;     /* first round trip completed */
+    uint32_t window_done; /* requests completed in the measured window */
     uint64_t t_start;   /* ns, when the current request was first written */
     enum end end;
     int notice_len;
@@ -175,7 +176,8 @@ static int opened, connected, ready, connecting_or_first, closed_count;
 static uint64_t connect_failures, connect_retries;
 static uint64_t err_mismatch, err_eof, err_reset, err_other, err_unsolicited;
 static uint64_t window_requests, window_bytes, total_requests;
-static uint64_t stop_echoes, stop_unanswered;
+static uint64_t stop_echoes, stop_unanswered, stop_partial;
+static uint64_t stop_reset_on_send; /* the reset surfaced on a write, not a read */
 static uint64_t t_begin, t_connected, t_ready, t_window_start, t_window_end, t_stop, t_last_end;
 static double cpu_client_start, cpu_client_end, cpu_server_start, cpu_server_end;
 
@@ -204,6 +206,7 @@ static void conn_end(int idx, enum end how) {
     if (phase == PH_STOP) {
         c->end = how;
         if (c->in_flight) stop_unanswered++;
+        if (c->in_flight && c->verified > 0) stop_partial++;
         t_last_end = now_ns();
     } else if (how == END_EOF) {
         err_eof++;
@@ -225,6 +228,8 @@ static void fill_request(int idx) {
            (size_t)msg_size);
 }
 
+static void drain_before_reset(int idx);
+
 /* Write as much of the current request as the socket takes. */
 static void pump_send(int idx) {
     struct conn *c = &conns[idx];
@@ -240,7 +245,12 @@ static void pump_send(int idx) {
             return;
         }
         if (n < 0 && errno == EINTR) continue;
-        conn_end(idx, (errno == EPIPE || errno == ECONNRESET) ? END_RESET : END_ERROR);
+        int err = errno;
+        /* Bytes that arrived before the reset (the last echoes, a goodbye
+         * notice) are still readable on Linux: take them before judging. */
+        drain_before_reset(idx);
+        if (phase == PH_STOP) stop_reset_on_send++;
+        conn_end(idx, (err == EPIPE || err == ECONNRESET) ? END_RESET : END_ERROR);
         return;
     }
     if (c->want_out) ep_mod(c, idx, 0);
@@ -269,12 +279,15 @@ static void on_echo_complete(int idx, uint64_t t) {
     } else if (phase == PH_STOP) {
         stop_echoes++;
     }
-    if (mode == MODE_HOLD && !c->first_done) {
+    if (phase == PH_MEASURE) c->window_done++;
+    if (!c->first_done) {
         c->first_done = 1;
-        c->state = C_IDLE;
         ready++;
-        connecting_or_first--;
-        return;
+        if (mode == MODE_HOLD) {
+            c->state = C_IDLE;
+            connecting_or_first--;
+            return;
+        }
     }
     if (mode == MODE_HOLD) return;
     if (phase == PH_DONE) return;
@@ -338,6 +351,15 @@ static void on_readable(int idx) {
         if (errno == EINTR) continue;
         conn_end(idx, errno == ECONNRESET ? END_RESET : END_ERROR);
         return;
+    }
+}
+
+static void drain_before_reset(int idx) {
+    static char buf[65536];
+    for (int rounds = 0; rounds < 16 && conns[idx].state != C_CLOSED; rounds++) {
+        ssize_t n = recv(conns[idx].fd, buf, sizeof buf, MSG_DONTWAIT);
+        if (n <= 0) return;
+        consume(idx, buf, n, now_ns());
     }
 }
 
@@ -409,8 +431,7 @@ static void handle_command(void) {
 
 static void print_ready(void) {
     printf("{\"event\": \"ready\", \"connected\": %d, \"ready\": %d, \"connect_seconds\": %.6f}\n",
-           connected, mode == MODE_HOLD ? ready : connected,
-           (double)((mode == MODE_HOLD ? t_ready : t_connected) - t_begin) / 1e9);
+           connected, ready, (double)((mode == MODE_HOLD ? t_ready : t_connected) - t_begin) / 1e9);
     fflush(stdout);
 }
 
@@ -471,8 +492,13 @@ static void print_result(void) {
     const char *mode_name = mode == MODE_ECHO ? "echo" : mode == MODE_HOLD ? "hold" : "active";
     printf("{\"event\": \"result\", \"mode\": \"%s\", \"conns\": %d, \"size\": %d, ", mode_name, nconns,
            msg_size);
-    printf("\"connected\": %d, \"ready\": %d, \"connect_failures\": %llu, ", connected,
-           mode == MODE_HOLD ? ready : connected, (unsigned long long)connect_failures);
+    int served = 0;
+    for (int i = 0; i < nconns; i++) served += conns[i].window_done > 0;
+    printf("\"connected\": %d, \"ready\": %d, \"connect_failures\": %llu, ", connected, ready,
+           (unsigned long long)connect_failures);
+    /* Connections that completed no request in the window: starved by the
+     * server (never accepted, or never scheduled). */
+    printf("\"served_in_window\": %d, ", measured ? served : -1);
     printf("\"connect_seconds\": %.6f, ",
            t_connected ? (double)(t_connected - t_begin) / 1e9 : -1.0);
     printf("\"ready_seconds\": %.6f, ", t_ready ? (double)(t_ready - t_begin) / 1e9 : -1.0);
@@ -519,9 +545,12 @@ static void print_result(void) {
         }
         printf("\"stop\": {\"notice_eof\": %d, \"notice_reset\": %d, \"notice_open\": %d, "
                "\"notice_exact\": %d, \"eof\": %d, \"reset\": %d, \"open\": %d, \"other\": %d, "
-               "\"echoes_after_stop\": %llu, \"unanswered\": %llu, \"last_end_seconds\": %.6f}, ",
+               "\"echoes_after_stop\": %llu, \"unanswered\": %llu, \"partial_echoes\": %llu, "
+               "\"reset_on_send\": %llu, "
+               "\"last_end_seconds\": %.6f}, ",
                notice_eof, notice_reset, notice_open, notice_exact, eof, reset, open, other,
                (unsigned long long)stop_echoes, (unsigned long long)stop_unanswered,
+               (unsigned long long)stop_partial, (unsigned long long)stop_reset_on_send,
                (double)(t_last_end - t_stop) / 1e9);
     } else {
         printf("\"stop\": null, ");
@@ -580,7 +609,11 @@ int main(int argc, char **argv) {
                 phase_deadline = t + (uint64_t)(duration_s * 1e9);
                 cpu_client_start = cpu_self();
                 cpu_server_start = cpu_of(server_pid);
-            } else {
+            } else if (ready + closed_count >= nconns || t >= connect_deadline) {
+                /* active: "ready" means every connection has been served at
+                 * least once, not merely connected: a server may leave
+                 * connections waiting in its accept queue under load. */
+                if (!t_ready) t_ready = t;
                 phase = PH_WAIT;
                 phase_deadline = t + (uint64_t)(hold_timeout_s * 1e9);
                 print_ready();

@@ -35,6 +35,7 @@ PEER_ORDER = (
     "c-epoll",
 )
 CLIENT_BOUND_MARK = "\u2021"  # double dagger
+STARVED_MARK = "\u00a7"  # section sign
 FAILED_MARK = "\u2717"  # ballot x
 # Typographic characters, spelled as escapes so the source stays ASCII.
 DASH = "\u2013"  # en dash, for ranges and empty cells
@@ -136,6 +137,8 @@ def marks(runs: list[Run]) -> str:
     out = ""
     if any(run["ok"] and run["metrics"].get("client_bound") for run in runs):
         out += CLIENT_BOUND_MARK
+    if any(run["ok"] and run["metrics"].get("starved") for run in runs):
+        out += STARVED_MARK
     failed = sum(1 for run in runs if not run["ok"])
     if failed:
         out += f" {FAILED_MARK}{failed}"
@@ -263,7 +266,8 @@ def _stop_section(grouped: dict[CaseKey, dict[str, list[Run]]], peers: list[str]
         f"SIGTERM to process exit (median, min{DASH}max), the exit code, and what clients saw",
         "(counts from the last repeat): `notice` = the goodbye text then EOF, `notice+RST`",
         "= the text then a reset, `EOF` = a bare FIN, `RST` = a reset, `open` = nothing",
-        "within the observation window. `unanswered` counts requests in flight at the end.",
+        "within the observation window. `unanswered`: requests in flight when the connection",
+        "ended (a closed-loop client always has one); `partial echoes`: replies cut mid-message.",
         "",
     ]
     header = ["peer", *[f"{k[3]} {k[1]:,}" for k in keys]]
@@ -295,6 +299,8 @@ def _stop_section(grouped: dict[CaseKey, dict[str, list[Run]]], peers: list[str]
             ]
             if last.get("unanswered"):
                 seen.append(f"{last['unanswered']} unanswered")
+            if last.get("partial_echoes"):
+                seen.append(f"{last['partial_echoes']} partial echoes")
             killed = " (killed)" if last.get("killed") else ""
             code = last.get("returncode")
             row.append(
@@ -319,8 +325,9 @@ def _generator_section(runs: list[Run], peers: list[str]) -> list[str]:
         "",
         "CPU use during the measured window, as a fraction of one core, medians over all",
         "echo and blocking runs. A run where the generator used 90% or more is marked",
-        f"{CLIENT_BOUND_MARK} in the tables: there the generator, not the server, may be the limit. The server",
-        "column near 100% for c-epoll shows the generator saturating the compiled server.",
+        f"{CLIENT_BOUND_MARK} in the tables: there the generator, not the server, may be the",
+        "limit. A server column near 100% for c-epoll shows the generator saturating the",
+        "compiled server.",
         "",
     ]
     rows = []
@@ -389,6 +396,7 @@ def render_markdown(results: dict[str, Any]) -> str:
         f"{'Quick smoke run' if config.get('quick') else 'Full run'}: "
         f"{len(runs)} runs, {sum(1 for r in runs if not r['ok'])} failed. "
         f"{CLIENT_BOUND_MARK} = load generator near a full core (client-bound); "
+        f"{STARVED_MARK} = some connections completed no request in the measured window; "
         f"{FAILED_MARK}N = N runs failed (see results.json). "
         "Regenerate with `python -m bench` (`--quick` for this smoke run).",
         "",

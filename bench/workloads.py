@@ -141,6 +141,9 @@ def _run_load(case: Case, s: Settings, server: ServerProcess, record: dict[str, 
         # what limits the run rather than the server.
         "client_bound": (client["client_cpu"] or 0) >= 0.9,
         "connected": client["connected"],
+        # connections that completed no request in the window: left in the
+        # accept queue or never scheduled (unfair, not just slow)
+        "starved": case.conns - max(int(client.get("served_in_window", case.conns)), 0),
         "errors": _errors(client),
         "server_rss_kib": memory.rss_kib,
         "server_threads": memory.threads,
@@ -227,6 +230,8 @@ def _run_stop(case: Case, s: Settings, server: ServerProcess, record: dict[str, 
         "other": stop.get("other", 0),
         "echoes_after_stop": stop.get("echoes_after_stop", 0),
         "unanswered": stop.get("unanswered", 0),
+        # an echo cut off mid-message: the one sign of a half-written reply
+        "partial_echoes": stop.get("partial_echoes", 0),
     }
     record["ok"] = ready["ready"] == case.conns and not exit_.killed
     if not record["ok"]:
