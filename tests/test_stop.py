@@ -188,8 +188,10 @@ def test_stop_while_connections_are_still_arriving(serve: ServerFactory) -> None
     refused = 0
     lock = threading.Lock()
 
+    exhausted = 0
+
     def client_loop() -> None:
-        nonlocal refused
+        nonlocal refused, exhausted
         for _ in range(500):  # Bounded; ends early once the server refuses.
             try:
                 sock = socket.create_connection(address, timeout=10)
@@ -202,6 +204,8 @@ def test_stop_while_connections_are_still_arriving(serve: ServerFactory) -> None
             # A reset here means it was still in the listen queue; classified below.
             with contextlib.suppress(ConnectionResetError, BrokenPipeError):
                 sock.sendall(b"ping")
+        with lock:
+            exhausted += 1  # Only on a badly overloaded machine: the stop came late.
 
     clients = [threading.Thread(target=client_loop) for _ in range(4)]
     for thread in clients:
@@ -221,6 +225,7 @@ def test_stop_while_connections_are_still_arriving(serve: ServerFactory) -> None
         sock.close()
     report = stopping.join()
     assert report.clean
-    assert refused == 4
+    assert refused >= 1
+    assert refused + exhausted == 4
     assert set(outcomes) <= {"served", "reset"}
     assert outcomes.count("served") == server.statistics().connections_accepted

@@ -96,6 +96,9 @@ class Connection:
         self._read_poller = select.poll()
         self._read_poller.register(self._fd, _READABLE)
         self._read_poller.register(stop_fd, select.POLLIN)
+        self._poll_readable = self._read_poller.poll
+        # Reads with no deadline to compute and no TLS buffer to consult.
+        self._plain_reads = timeouts.idle is None and timeouts.lifetime is None
         self._write_poller: select.poll | None = None
         self._peer_eof = False  # The client sent FIN.
         self._reading_done = False  # Reads return b"" from now on (EOF or stop).
@@ -139,6 +142,21 @@ class Connection:
             data = bytes(self._buffer[:bufsize])
             del self._buffer[:bufsize]
             return data
+        if self._plain_reads and not self._reading_done:
+            # The hot path, for plain TCP without read deadlines: one poll, one
+            # recv. Anything unusual (the stop pipe fired, spurious readiness)
+            # falls through to the general path below.
+            for fd, _mask in self._poll_readable():
+                if fd == self._fd:
+                    try:
+                        data = self._sock.recv(bufsize)
+                    except _WOULD_BLOCK:
+                        break
+                    if data:
+                        self.bytes_received += len(data)
+                    else:
+                        self._mark_eof()
+                    return data
         return self._recv_from_socket(bufsize, self._idle_deadline())
 
     def recv_into(self, buffer: bytearray | memoryview, nbytes: int = 0) -> int:
@@ -246,7 +264,10 @@ class Connection:
         ``write`` timeout, and the builtin connection errors if it is gone.
         """
         total = len(data)
-        sent = self._send_some(data)
+        try:
+            sent = self._sock.send(data)
+        except _WOULD_BLOCK:
+            sent = 0
         if sent < total:
             view = memoryview(data).cast("B")
             while sent < total:
@@ -345,6 +366,7 @@ class Connection:
         tls_sock = context.wrap_socket(self._sock, server_side=True, do_handshake_on_connect=False)
         self._sock = tls_sock
         self._tls = True
+        self._plain_reads = False
         timeout = self._timeouts.handshake
         deadline = self._earliest(None if timeout is None else self._clock() + timeout)
         while True:
