@@ -8,8 +8,10 @@
  * harness pins this process to its own core; a second thread on the same core
  * would only add contention.
  *
+ * Every mode first connects CONNS connections (at most --inflight handshakes
+ * at a time) and makes one round trip on each, with no other load running.
  * Modes:
- *   echo    connect CONNS, warm up, measure for DURATION seconds, print JSON.
+ *   echo    then load all, warm up, measure for DURATION seconds, print JSON.
  *   hold    connect CONNS, one round trip on each, print a "ready" JSON line,
  *           then wait for a command on stdin (idle connections).
  *   active  like echo, but after warm-up print "ready" and keep the load on
@@ -215,7 +217,7 @@ static void conn_end(int idx, enum end how) {
     } else {
         err_other++;
     }
-    if (c->state == C_CONNECTING || (mode == MODE_HOLD && !c->first_done)) connecting_or_first--;
+    if (c->state == C_CONNECTING || !c->first_done) connecting_or_first--;
     close(c->fd);
     c->fd = -1;
     c->state = C_CLOSED;
@@ -281,16 +283,19 @@ static void on_echo_complete(int idx, uint64_t t) {
     }
     if (phase == PH_MEASURE) c->window_done++;
     if (!c->first_done) {
+        /* The first round trip proves the server accepted the connection.
+         * Until every connection has had it, the load stays off: otherwise
+         * a server busy echoing on early connections would never get round
+         * to accepting the rest, and the run would measure that instead. */
         c->first_done = 1;
         ready++;
-        if (mode == MODE_HOLD) {
+        connecting_or_first--;
+        if (mode == MODE_HOLD || phase == PH_CONNECT) {
             c->state = C_IDLE;
-            connecting_or_first--;
             return;
         }
     }
-    if (mode == MODE_HOLD) return;
-    if (phase == PH_DONE) return;
+    if (mode == MODE_HOLD || phase == PH_DONE) return;
     start_request(idx);
 }
 
@@ -403,7 +408,6 @@ static void on_connected(int idx) {
     }
     c->state = C_OPEN;
     connected++;
-    if (mode != MODE_HOLD) connecting_or_first--;
     ep_mod(c, idx, 0);
     start_request(idx);
 }
@@ -431,7 +435,7 @@ static void handle_command(void) {
 
 static void print_ready(void) {
     printf("{\"event\": \"ready\", \"connected\": %d, \"ready\": %d, \"connect_seconds\": %.6f}\n",
-           connected, ready, (double)((mode == MODE_HOLD ? t_ready : t_connected) - t_begin) / 1e9);
+           connected, ready, (double)(t_ready - t_begin) / 1e9);
     fflush(stdout);
 }
 
@@ -587,19 +591,23 @@ int main(int argc, char **argv) {
         /* Phase transitions driven by the clock or by counts. */
         if (phase == PH_CONNECT) {
             while (opened < nconns && connecting_or_first < inflight_max) open_one(opened++);
-            int all_in = mode == MODE_HOLD ? (ready + closed_count >= nconns)
-                                           : (connected + closed_count >= nconns && opened == nconns);
+            int all_in = ready + closed_count >= nconns;
             if (connected == nconns && !t_connected) t_connected = t;
             if (all_in || t >= connect_deadline) {
                 if (!t_connected) t_connected = t;
+                t_ready = t;
                 if (mode == MODE_HOLD) {
-                    t_ready = t;
                     phase = PH_WAIT;
                     phase_deadline = t + (uint64_t)(hold_timeout_s * 1e9);
                     print_ready();
                 } else {
                     phase = PH_WARMUP;
                     phase_deadline = t + (uint64_t)(warmup_s * 1e9);
+                    for (int i = 0; i < nconns; i++) {
+                        if (conns[i].state != C_IDLE) continue;
+                        conns[i].state = C_OPEN;
+                        start_request(i);
+                    }
                 }
             }
         } else if (phase == PH_WARMUP && t >= phase_deadline) {
@@ -609,11 +617,7 @@ int main(int argc, char **argv) {
                 phase_deadline = t + (uint64_t)(duration_s * 1e9);
                 cpu_client_start = cpu_self();
                 cpu_server_start = cpu_of(server_pid);
-            } else if (ready + closed_count >= nconns || t >= connect_deadline) {
-                /* active: "ready" means every connection has been served at
-                 * least once, not merely connected: a server may leave
-                 * connections waiting in its accept queue under load. */
-                if (!t_ready) t_ready = t;
+            } else {
                 phase = PH_WAIT;
                 phase_deadline = t + (uint64_t)(hold_timeout_s * 1e9);
                 print_ready();
