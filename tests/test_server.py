@@ -104,7 +104,10 @@ def unstarted() -> Iterator[Callable[..., Server]]:
 
     yield make
     for server in servers:
-        server.stop()
+        # Only once: stop() after a finished stop writes to the closed control
+        # pipe, a descriptor number the process may have reused since.
+        if not server.stopping:
+            server.stop()
 
 
 # ---------------------------------------------------------------- statistics and connections
@@ -295,7 +298,7 @@ def test_serve_function_serves_in_the_calling_thread_until_stopped(
             stopper.start()
             assert recv_until_eof(client) == NOTICE
     finally:
-        if not stopper.is_alive() and not stopped:
+        if not server.stopping:
             server.stop()  # Something failed before the stop: still end the caller.
         stopper.join(10)
         caller.join(10)
