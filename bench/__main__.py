@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         binaries=binaries,
         warmup=args.warmup if args.warmup is not None else (0.3 if quick else 1.0),
         duration=args.duration if args.duration is not None else (1.0 if quick else 5.0),
-        connect_timeout=30.0 if quick else 60.0,
+        connect_timeout=10.0 if quick else 60.0,
         settle=0.3 if quick else 1.0,
         stop_timeout=20.0 if quick else 30.0,
         observe_timeout=15.0 if quick else 30.0,
@@ -156,6 +156,12 @@ def main(argv: list[str] | None = None) -> int:
         print("bench: no peer can run", file=sys.stderr)
         return 1
 
+    load = os.getloadavg()[0]
+    if load > report.BUSY_LOAD:
+        print(
+            f"bench: warning: load average is {load:.1f}; other work will skew the numbers",
+            file=sys.stderr,
+        )
     cases = plan(args.workloads, quick, args.conns, args.sizes)
     runs = schedule(cases, peers, repeats)
     results: dict[str, Any] = {

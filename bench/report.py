@@ -7,6 +7,7 @@ apart) and then summarised, rather than dividing two medians.
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections import defaultdict
 from collections.abc import Callable, Iterable
@@ -18,11 +19,15 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only, no display; must precede pyplot
 import matplotlib.pyplot as plt
+from matplotlib.ticker import FuncFormatter, NullFormatter
 
 Run = dict[str, Any]
 CaseKey = tuple[str, int, int, str]  # workload, conns, size, variant
 
 BASELINES = ("uvloop", "asyncio-protocol")
+# Above this 1-minute load average something besides the benchmark (two
+# pinned processes on two cores) was competing for the CPUs.
+BUSY_LOAD = 3.0
 PEER_ORDER = (
     "threadserve",
     "seed",
@@ -372,6 +377,17 @@ def _environment_section(results: dict[str, Any]) -> list[str]:
         "a fresh server per run, peers interleaved",
         f"- seed server: print {config.get('seed_print')}",
     ]
+    loads = [float(r["loadavg_1min"]) for r in results.get("runs", []) if "loadavg_1min" in r]
+    if loads:
+        lines.append(
+            f"- load average (1 min) when runs started: median {statistics.median(loads):.1f}, "
+            f"max {max(loads):.1f}"
+        )
+        if statistics.median(loads) > BUSY_LOAD:
+            lines.append(
+                "- **other work was running on this machine during the runs: the numbers are "
+                "noisy; rerun on a quiet machine before drawing conclusions**"
+            )
     removed = config.get("server_env_removed")
     if removed:
         lines.append(f"- removed from the servers' environment: {', '.join(removed)}")
@@ -444,6 +460,14 @@ def _style(peer: str) -> dict[str, Any]:
     return style
 
 
+def _minor_label(value: float) -> str:
+    """Label only the 2x and 5x minor ticks of a log axis, to stay legible."""
+    if value <= 0:
+        return ""
+    leading = value / 10 ** math.floor(math.log10(value))
+    return fmt_count(value) if round(leading) in (2, 5) else ""
+
+
 def _series(
     grouped: dict[CaseKey, dict[str, list[Run]]], peer: str, keys: list[CaseKey], metric: str
 ) -> tuple[list[int], list[float], list[float], list[float]]:
@@ -473,7 +497,7 @@ def _line_chart(
     sizes = sorted({k[2] for k in grouped if k[0] == workload})
     if not sizes:
         return False
-    fig, axes = plt.subplots(1, len(sizes), figsize=(6.5 * len(sizes), 4.8), squeeze=False)
+    fig, axes = plt.subplots(1, len(sizes), figsize=(7.5 * len(sizes), 4.8), squeeze=False)
     for ax, size in zip(axes[0], sizes, strict=True):
         keys = sorted(k for k in grouped if k[0] == workload and k[2] == size)
         for peer in peers:
@@ -489,14 +513,21 @@ def _line_chart(
                 **_style(peer),
             )
         ax.set_xscale("log")
+        ax.set_xticks([k[1] for k in keys])
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:,.0f}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
         if logy:
             ax.set_yscale("log")
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _pos: fmt_count(v)))
+            ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _pos: _minor_label(v)))
         ax.set_xlabel("connections")
         ax.set_ylabel(ylabel)
         ax.set_title(f"{title}, {size} B" if size < 1024 else f"{title}, {size // 1024} KiB")
         ax.grid(True, which="both", alpha=0.3)
-    axes[0][-1].legend(fontsize=8, loc="best")
-    fig.tight_layout()
+    # One legend for the figure, outside the axes, so it hides no line.
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="center right", fontsize=8)
+    fig.tight_layout(rect=(0, 0, 0.86, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
@@ -531,6 +562,10 @@ def _bar_chart(
             label = f"{key[3]} {key[1]:,}".strip()
             positions = [i + offset * width for i in range(len(peers))]
             ax.bar(positions, values, width=width, label=label)
+            for x, value, peer in zip(positions, values, peers, strict=True):
+                if not value and grouped[key].get(peer):
+                    # a zero bar would read as "costs nothing"; say why it is empty
+                    ax.annotate("failed", (x, 0), ha="center", va="bottom", fontsize=7, rotation=90)
         ax.set_xticks([i + width * (len(keys) - 1) / 2 for i in range(len(peers))])
         ax.set_xticklabels(peers, rotation=35, ha="right")
         ax.set_ylabel(ylabel)

@@ -11,6 +11,7 @@ left over, a grown heap, a full accept queue).
 
 from __future__ import annotations
 
+import os
 import time
 import traceback
 from dataclasses import asdict, dataclass
@@ -92,6 +93,8 @@ def run_case(case: Case, peer: Peer, settings: Settings, repeat: int) -> dict[st
         "error": None,
         "metrics": {},
     }
+    # Other work on the machine skews everything; the report flags it.
+    record["loadavg_1min"] = os.getloadavg()[0]
     started = time.monotonic()
     port = free_port()
     try:
