@@ -530,7 +530,7 @@ class Server:
         logger.info("stopping: %d connections, grace %.1f s", len(self._connections), self.grace)
         with self._lock:
             self._stopping = True
-            connections = list(self._connections)
+            connections = dict(self._connections)
         os.write(self._stop_w, b"\0")  # Wakes every reader; never drained, stays readable.
         for conn in connections:
             conn.cancel_token.cancel("server stopping")
@@ -549,6 +549,12 @@ class Server:
                 conn._force_close()
             self._wait_for_connections(time.monotonic() + FORCE_MARGIN)
             stuck = self._report_stuck_threads(leftover)
+        # A thread leaves the registry a few lines before it ends; wait for
+        # those last lines, so no thread outlives the stop (stuck ones aside).
+        join_deadline = time.monotonic() + FORCE_MARGIN
+        for thread in connections.values():
+            if thread.name not in stuck:
+                thread.join(max(0.0, join_deadline - time.monotonic()))
         duration = time.monotonic() - started
         report = StopReport(
             clean=not leftover,
