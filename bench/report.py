@@ -25,9 +25,9 @@ Run = dict[str, Any]
 CaseKey = tuple[str, int, int, str]  # workload, conns, size, variant
 
 BASELINES = ("uvloop", "asyncio-protocol")
-# Above this 1-minute load average something besides the benchmark (two
-# pinned processes on two cores) was competing for the CPUs.
-BUSY_LOAD = 3.0
+# Above this share of the machine's CPU used by other processes during the
+# runs, the results are flagged as noisy.
+BUSY_SHARE = 0.10
 PEER_ORDER = (
     "threadserve",
     "seed",
@@ -377,13 +377,13 @@ def _environment_section(results: dict[str, Any]) -> list[str]:
         "a fresh server per run, peers interleaved",
         f"- seed server: print {config.get('seed_print')}",
     ]
-    loads = [float(r["loadavg_1min"]) for r in results.get("runs", []) if "loadavg_1min" in r]
-    if loads:
+    foreign = [float(r["foreign_cpu"]) for r in results.get("runs", []) if "foreign_cpu" in r]
+    if foreign:
         lines.append(
-            f"- load average (1 min) when runs started: median {statistics.median(loads):.1f}, "
-            f"max {max(loads):.1f}"
+            "- CPU used by other processes during the runs: median "
+            f"{statistics.median(foreign):.0%}, max {max(foreign):.0%} of the machine"
         )
-        if statistics.median(loads) > BUSY_LOAD:
+        if statistics.median(foreign) > BUSY_SHARE:
             lines.append(
                 "- **other work was running on this machine during the runs: the numbers are "
                 "noisy; rerun on a quiet machine before drawing conclusions**"

@@ -12,6 +12,7 @@ left over, a grown heap, a full accept queue).
 from __future__ import annotations
 
 import os
+import resource
 import time
 import traceback
 from dataclasses import asdict, dataclass
@@ -93,8 +94,8 @@ def run_case(case: Case, peer: Peer, settings: Settings, repeat: int) -> dict[st
         "error": None,
         "metrics": {},
     }
-    # Other work on the machine skews everything; the report flags it.
     record["loadavg_1min"] = os.getloadavg()[0]
+    cpu_before = _cpu_snapshot()
     started = time.monotonic()
     port = free_port()
     try:
@@ -109,8 +110,39 @@ def run_case(case: Case, peer: Peer, settings: Settings, repeat: int) -> dict[st
     except Exception as exc:
         record["error"] = f"{type(exc).__name__}: {exc}"
         record["traceback"] = traceback.format_exc(limit=5)
-    record["elapsed"] = round(time.monotonic() - started, 3)
+    elapsed = time.monotonic() - started
+    record["elapsed"] = round(elapsed, 3)
+    record["foreign_cpu"] = _foreign_cpu(cpu_before, _cpu_snapshot(), elapsed)
     return record
+
+
+def _cpu_snapshot() -> tuple[float, float]:
+    """(CPU seconds used on the whole machine, CPU seconds used by us).
+
+    The machine's figure is user + nice + system from /proc/stat; interrupt
+    time is left out because loopback traffic is ours but is not charged to
+    any process. Ours is this process plus its reaped children (the server
+    and the load generator are always reaped before a run ends).
+    """
+    fields = Path("/proc/stat").read_text().splitlines()[0].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    machine = (int(fields[1]) + int(fields[2]) + int(fields[3])) / ticks
+    ours = 0.0
+    for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
+        usage = resource.getrusage(who)
+        ours += usage.ru_utime + usage.ru_stime
+    return machine, ours
+
+
+def _foreign_cpu(before: tuple[float, float], after: tuple[float, float], wall: float) -> float:
+    """Share of the machine's CPUs used by other processes during a run.
+
+    Load average cannot tell: thousands of runnable server threads inflate it.
+    """
+    if wall <= 0:
+        return 0.0
+    foreign = (after[0] - before[0]) - (after[1] - before[1])
+    return max(foreign, 0.0) / (wall * (os.cpu_count() or 1))
 
 
 def _errors(client: JsonDict) -> int:
