@@ -43,10 +43,11 @@ def server_threads() -> list[str]:
 def _server_threads_finish() -> Iterator[None]:
     """After the servers stop (fixture teardown runs first), give their threads time to exit.
 
-    ``stop()`` returns once every connection has left the registry; the thread
-    that ran it may still be a few instructions from its end. The leftover-thread
-    check in conftest must not race with that, yet must still catch a thread
-    that never ends: hence a bounded wait here.
+    ``stop()`` joins the threads of the connections it drained, but a
+    connection that ended just before the stop has already left the registry
+    while its thread may be a few instructions from its end. The conftest
+    leftover-thread check must not race with that, yet must still catch a
+    thread that never ends: hence a bounded wait.
     """
     yield
     wait_until(lambda: not server_threads(), timeout=5.0, what="server threads to exit")

@@ -23,11 +23,8 @@ def server_threads() -> list[str]:
 
 @pytest.fixture(autouse=True)
 def _server_threads_finish() -> Iterator[None]:
-    """Give stopped servers' threads a bounded moment to exit before conftest checks for them.
-
-    ``stop()`` returns once the registry is empty; a connection thread may
-    then still be a few instructions from its end.
-    """
+    """A connection that ended just before the stop is not joined by it: let its thread
+    finish (bounded) before conftest checks that no thread is left."""
     yield
     wait_until(lambda: not server_threads(), timeout=5.0, what="server threads to exit")
 

@@ -36,13 +36,8 @@ def server_threads() -> list[str]:
 
 @pytest.fixture(autouse=True)
 def _server_threads_finish() -> Iterator[None]:
-    """After the servers stop (fixture teardown runs first), give their threads time to exit.
-
-    ``stop()`` returns once every connection has left the registry; the thread
-    that ran it may still be a few instructions from its end. The leftover-thread
-    check in conftest must not race with that, yet must still catch a thread
-    that never ends: hence a bounded wait here.
-    """
+    """A connection that ended just before the stop is not joined by it: let its thread
+    finish (bounded) before conftest checks that no thread is left."""
     yield
     wait_until(lambda: not server_threads(), timeout=5.0, what="server threads to exit")
 
