@@ -1,0 +1,290 @@
+"""TLS under attack, the stop contract over TLS, and client certificates.
+
+Certificates come from trustme, made fresh for each test session in a
+temporary directory: no key is ever written into the repository.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import selectors
+import socket
+import ssl
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import trustme
+from conftest import ServerFactory
+from hostile import ATTACKER_ADDRESS, connect_from, ms, percentile, report
+from support import NOTICE, wait_until
+
+from threadserve import Connection, StopReport, Timeouts, echo, server_tls_context
+
+HOSTNAME = "localhost"
+
+
+@dataclass(frozen=True)
+class Certificates:
+    ca: trustme.CA
+    server_pem: Path  # Key and chain in one file.
+    ca_pem: Path
+
+
+@pytest.fixture(scope="module")
+def certificates(tmp_path_factory: pytest.TempPathFactory) -> Certificates:
+    directory = tmp_path_factory.mktemp("tls")
+    ca = trustme.CA()
+    server_pem = directory / "server.pem"
+    ca.issue_cert(HOSTNAME, "127.0.0.1").private_key_and_cert_chain_pem.write_to_path(
+        str(server_pem)
+    )
+    ca_pem = directory / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_pem))
+    return Certificates(ca, server_pem, ca_pem)
+
+
+def client_context(certificates: Certificates) -> ssl.SSLContext:
+    context = ssl.create_default_context()
+    certificates.ca.configure_trust(context)
+    return context
+
+
+def tls_connect(
+    context: ssl.SSLContext, address: tuple[str, int], timeout: float = 10.0
+) -> ssl.SSLSocket:
+    """Connect and complete the handshake; EOF without close_notify raises SSLEOFError."""
+    sock = socket.create_connection(address, timeout=timeout)
+    try:
+        # suppress_ragged_eofs=False: a plain FIN where close_notify belongs
+        # raises instead of passing for a clean end of stream.
+        return context.wrap_socket(sock, server_hostname=HOSTNAME, suppress_ragged_eofs=False)
+    except BaseException:
+        sock.close()
+        raise
+
+
+def recv_exactly_tls(sock: ssl.SSLSocket, n: int) -> bytes:
+    data = bytearray()
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            raise EOFError(f"EOF after {bytes(data)!r}")
+        data += chunk
+    return bytes(data)
+
+
+def half_a_client_hello(context: ssl.SSLContext) -> bytes:
+    """The first half of the bytes a real client handshake starts with."""
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    client = context.wrap_bio(incoming, outgoing, server_hostname=HOSTNAME)
+    with contextlib.suppress(ssl.SSLWantReadError):
+        client.do_handshake()
+    hello = outgoing.read()
+    assert hello[:1] == b"\x16", "not a TLS handshake record"
+    return hello[: len(hello) // 2]
+
+
+# ---------------------------------------------------------------- stalled handshakes
+
+
+def test_stalled_handshakes_do_not_delay_real_clients(
+    serve: ServerFactory, certificates: Certificates
+) -> None:
+    handshake_timeout = 2.0
+    server = serve(
+        echo,
+        tls=server_tls_context(str(certificates.server_pem)),
+        timeouts=Timeouts(handshake=handshake_timeout),
+    )
+    address = server.tcp_address
+    context = client_context(certificates)
+    partial_hello = half_a_client_hello(context)
+    silent, stalled = 200, 50
+
+    attackers: list[socket.socket] = []
+    connected_at: list[float] = []
+    closed_at: dict[int, float] = {}
+    outcome: dict[int, str] = {}
+    handshakes: list[float] = []
+    errors: list[str] = []
+    lock = threading.Lock()
+
+    def real_client(index: int) -> None:
+        line = f"real client {index}\n".encode()
+        try:
+            started = time.monotonic()
+            with tls_connect(context, address) as sock:
+                elapsed = time.monotonic() - started
+                sock.sendall(line)
+                assert recv_exactly_tls(sock, len(line)) == line
+            with lock:
+                handshakes.append(elapsed)
+        except (OSError, EOFError, AssertionError) as exc:
+            with lock:
+                errors.append(f"client {index}: {exc!r}")
+
+    selector = selectors.DefaultSelector()
+    real_clients = [
+        threading.Thread(target=real_client, args=(i,), name=f"tls client {i}") for i in range(50)
+    ]
+    try:
+        for index in range(silent + stalled):
+            sock = connect_from(ATTACKER_ADDRESS, address)
+            connected_at.append(time.monotonic())
+            attackers.append(sock)
+            if index >= silent:
+                sock.sendall(partial_hello)
+            sock.setblocking(False)
+            selector.register(sock, selectors.EVENT_READ, index)
+        wait_until(
+            lambda: server.statistics().connections_active == silent + stalled,
+            what="every attacker holding a handshake thread",
+        )
+        for thread in real_clients:
+            thread.start()
+        # Meanwhile, note when the server lets go of each attacker.
+        deadline = time.monotonic() + handshake_timeout + 5
+        while selector.get_map():
+            assert time.monotonic() < deadline, f"{len(selector.get_map())} attackers still open"
+            for key, _events in selector.select(0.5):
+                index = key.data
+                try:
+                    data = attackers[index].recv(4096)
+                    outcome[index] = "EOF" if not data else f"data {data[:20]!r}"
+                except BlockingIOError:
+                    continue
+                except OSError as exc:
+                    outcome[index] = type(exc).__name__
+                closed_at[index] = time.monotonic()
+                selector.unregister(attackers[index])
+    finally:
+        for thread in real_clients:
+            if thread.ident is not None:
+                thread.join(20)
+        selector.close()
+        for sock in attackers:
+            sock.close()
+
+    held = [closed_at[i] - connected_at[i] for i in range(silent + stalled)]
+    seen = {what: list(outcome.values()).count(what) for what in set(outcome.values())}
+    report(
+        "tls stalled handshakes",
+        silent=silent,
+        stalled=stalled,
+        attackers_closed_after=f"{min(held):.3f}-{max(held):.3f} s",
+        attackers_saw=seen,
+        real_clients=f"{len(handshakes)}/50",
+        handshake_p50=ms(percentile(handshakes, 0.5)) if handshakes else "-",
+        handshake_p99=ms(percentile(handshakes, 0.99)) if handshakes else "-",
+    )
+    assert not errors, errors[:5]
+    assert len(handshakes) == 50
+    assert percentile(handshakes, 0.99) < 0.150
+    assert all(handshake_timeout - 0.1 <= t <= handshake_timeout + 0.5 for t in held)
+    assert set(outcome.values()) == {"EOF"}
+    stats = server.statistics()
+    assert stats.handler_errors == 0
+    assert stats.connections_active == 0
+
+
+# ---------------------------------------------------------------- stop contract over TLS
+
+
+def test_stop_over_tls_echoes_then_notice_then_close_notify(
+    serve: ServerFactory, certificates: Certificates
+) -> None:
+    server = serve(echo, tls=server_tls_context(str(certificates.server_pem)))
+    context = client_context(certificates)
+    clients = [tls_connect(context, server.tcp_address) for _ in range(20)]
+    try:
+        expected_in = 0
+        for index, client in enumerate(clients):
+            for frame in range(3):
+                line = f"{index}:{frame}\n".encode()
+                client.sendall(line)
+                assert recv_exactly_tls(client, len(line)) == line
+                expected_in += len(line)
+        wait_until(lambda: server.statistics().bytes_sent == expected_in, what="echoes counted")
+
+        reports: list[object] = []
+        stopping = threading.Thread(target=lambda: reports.append(server.stop()), name="stop")
+        started = time.monotonic()
+        stopping.start()
+        ends = []
+        for client in clients:
+            received = bytearray()
+            # recv returns b"" only on close_notify; a bare FIN or a reset raises.
+            while chunk := client.recv(4096):
+                received += chunk
+            ends.append(bytes(received))
+            client.close()
+        stopping.join(20)
+        elapsed = time.monotonic() - started
+    finally:
+        for client in clients:
+            client.close()
+    stop_report = reports[0] if reports else None
+    report("tls stop", clients=len(clients), stopped_in=ms(elapsed), report=stop_report)
+    assert ends == [NOTICE] * len(clients)
+    assert isinstance(stop_report, StopReport)
+    assert stop_report.clean
+
+
+# ---------------------------------------------------------------- client certificates
+
+
+def knock(context: ssl.SSLContext, address: tuple[str, int], line: bytes) -> bytes:
+    """Connect, say one line, return the echo."""
+    with tls_connect(context, address) as sock:
+        sock.sendall(line)
+        return recv_exactly_tls(sock, len(line))
+
+
+def test_client_certificate_required_when_a_client_ca_is_set(
+    serve: ServerFactory, certificates: Certificates, caplog: pytest.LogCaptureFixture
+) -> None:
+    handled: list[str] = []
+
+    def recording_echo(conn: Connection) -> None:
+        handled.append(conn.peer)  # The handler runs only after a good handshake.
+        echo(conn)
+
+    server = serve(
+        recording_echo,
+        tls=server_tls_context(str(certificates.server_pem), client_ca=str(certificates.ca_pem)),
+    )
+    address = server.tcp_address
+
+    # With TLS 1.3 the client's side of the handshake completes before the
+    # server has checked the (missing) certificate, so the refusal reaches the
+    # client as an alert on its first read or, when the server has already
+    # closed on it, as an error on its first write (SSLEOFError, seen about
+    # one run in three).
+    anonymous = client_context(certificates)
+    with pytest.raises((ssl.SSLError, ConnectionResetError, BrokenPipeError)) as refused:
+        knock(anonymous, address, b"let me in\n")
+
+    identified = client_context(certificates)
+    certificates.ca.issue_cert("client.example.org").configure_cert(identified)
+    assert knock(identified, address, b"it is me\n") == b"it is me\n"
+
+    wait_until(lambda: server.statistics().connections_closed == 2, what="both closed")
+    stats = server.statistics()
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    outcomes = [r.getMessage() for r in caplog.records if "TLS error" in r.getMessage()]
+    report(
+        "tls client certificates",
+        without_cert=f"{type(refused.value).__name__}: {refused.value}",
+        server_saw=outcomes,
+        with_cert="served",
+    )
+    assert len(handled) == 1
+    assert len(outcomes) == 1
+    assert "CERTIFICATE" in outcomes[0].upper()
+    assert stats.connections_accepted == 2
+    assert stats.handler_errors == 0
+    assert not errors
