@@ -433,8 +433,8 @@ def render_markdown(results: dict[str, Any]) -> str:
     if failures:
         lines += ["## Failed runs", ""]
         lines += [
-            f"- {r['peer']} {r['workload']} {r['variant']} {r['conns']:,} conns "
-            f"{r['size']} B, repeat {r['repeat'] + 1}: {r['error']}"
+            f"- {r['peer']} {' '.join(filter(None, [r['workload'], r['variant']]))} "
+            f"{r['conns']:,} conns {r['size']} B, repeat {r['repeat'] + 1}: {r['error']}"
             for r in failures
         ]
         lines.append("")
@@ -636,7 +636,8 @@ def write_charts(results: dict[str, Any], out: Path) -> list[Path]:
                 peers,
                 "stop",
                 [("exit_seconds", "SIGTERM to exit (s)", 1.0)],
-                "Stop time",
+                "Stop time (peers without a SIGTERM handler die at once; see RESULTS.md "
+                "for what their clients saw)",
                 p,
             ),
         ),

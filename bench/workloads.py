@@ -236,7 +236,10 @@ def _run_idle(case: Case, s: Settings, server: ServerProcess, record: dict[str, 
     }
     record["ok"] = ready["ready"] == case.conns and _errors(client) == 0
     if not record["ok"]:
-        record["error"] = f"{ready['ready']}/{case.conns} ready, errors {client.get('errors')}"
+        errors = {k: v for k, v in client.get("errors", {}).items() if v}
+        record["error"] = f"{ready['ready']}/{case.conns} ready" + (
+            f", client errors {errors}" if errors else ""
+        )
 
 
 def _run_stop(case: Case, s: Settings, server: ServerProcess, record: dict[str, Any]) -> None:
