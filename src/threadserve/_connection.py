@@ -18,11 +18,14 @@ drains. A forced stop ``shutdown(SHUT_RDWR)``s the socket, which wakes both.
 
 from __future__ import annotations
 
+import array
 import contextlib
 import errno
+import fcntl
 import select
 import socket
 import ssl
+import termios
 import time
 from collections.abc import Callable, Iterator
 
@@ -82,6 +85,7 @@ class Connection:
         self.bytes_sent = 0
         self._sock: socket.socket = sock
         self._tls = False
+        self._tls_established = False
         self._fd = sock.fileno()
         self._stop_fd = stop_fd
         self._timeouts = timeouts
@@ -101,8 +105,10 @@ class Connection:
         self._plain_reads = timeouts.idle is None and timeouts.lifetime is None
         self._write_poller: select.poll | None = None
         self._peer_eof = False  # The client sent FIN.
+        # Once the stop is seen: how many more bytes to read (those that had
+        # already arrived), then end of stream.
+        self._stop_budget: int | None = None
         self._reading_done = False  # Reads return b"" from now on (EOF or stop).
-        self._stopped_by_server = False  # Reading ended because the server is stopping.
 
     # ------------------------------------------------------------------ state
 
@@ -142,20 +148,18 @@ class Connection:
             data = bytes(self._buffer[:bufsize])
             del self._buffer[:bufsize]
             return data
-        if self._plain_reads and not self._reading_done:
+        if self._plain_reads and self._stop_budget is None and not self._reading_done:
             # The hot path, for plain TCP without read deadlines: one poll, one
             # recv. Anything unusual (the stop pipe fired, spurious readiness)
             # falls through to the general path below.
-            for fd, _mask in self._poll_readable():
-                if fd == self._fd:
-                    try:
-                        data = self._sock.recv(bufsize)
-                    except _WOULD_BLOCK:
-                        break
-                    if data:
-                        self.bytes_received += len(data)
-                    else:
-                        self._mark_eof()
+            events = self._poll_readable()
+            if len(events) == 1 and events[0][0] == self._fd:
+                try:
+                    data = self._sock.recv(bufsize)
+                except _WOULD_BLOCK:
+                    pass
+                else:
+                    self._count_received(len(data))
                     return data
         return self._recv_from_socket(bufsize, self._idle_deadline())
 
@@ -174,10 +178,7 @@ class Connection:
                 count = self._sock.recv_into(view, wanted)
             except _WOULD_BLOCK:
                 continue  # Spurious readiness, as in _recv_from_socket.
-            if count:
-                self.bytes_received += count
-            else:
-                self._mark_eof()
+            self._count_received(count)
             return count
         return 0
 
@@ -301,10 +302,7 @@ class Connection:
                 # (a bad checksum dropped the segment, or a TLS record is not
                 # complete yet); wait again.
                 continue
-            if data:
-                self.bytes_received += len(data)
-            else:
-                self._mark_eof()
+            self._count_received(len(data))
             return data
         return b""
 
@@ -318,16 +316,31 @@ class Connection:
 
     def _wait_readable(self, deadline: float | None) -> bool:
         """Block until the socket is readable (True) or the server stops with nothing to read."""
+        if self._stop_budget is not None:
+            return self._stop_budget > 0 or self._end_reading_for_stop()
         events = self._read_poller.poll(self._poll_timeout_ms(deadline))
         if not events:
             raise ReadTimeout(f"no data from {self.peer} in time")
-        for fd, _mask in events:
-            if fd == self._fd:
-                return True
-        # Only the stop pipe fired: the server is stopping and no byte is waiting.
+        socket_ready = any(fd == self._fd for fd, _mask in events)
+        if socket_ready and len(events) == 1:
+            return True
+        # The stop pipe fired. What the client had sent by now is still read
+        # and answered; what it sends later is not, or a client that keeps
+        # sending would hold the stop open until the grace period runs out.
+        self._stop_budget = max(1, _queued_bytes(self._fd)) if socket_ready else 0
+        return self._stop_budget > 0 or self._end_reading_for_stop()
+
+    def _end_reading_for_stop(self) -> bool:
         self._reading_done = True
-        self._stopped_by_server = True
         return False
+
+    def _count_received(self, count: int) -> None:
+        if not count:
+            self._mark_eof()
+            return
+        self.bytes_received += count
+        if self._stop_budget is not None:
+            self._stop_budget -= count
 
     def _mark_eof(self) -> None:
         self._reading_done = True
@@ -372,6 +385,7 @@ class Connection:
         while True:
             try:
                 tls_sock.do_handshake()
+                self._tls_established = True
                 return
             except ssl.SSLWantReadError:
                 try:
@@ -398,9 +412,10 @@ class Connection:
         side only and wait (until ``linger_until``) for the client to close.
         """
         try:
-            if notice:
+            # No TLS session, no notice: the client could not decrypt it.
+            if notice and self._tls == self._tls_established:
                 self.sendall(notice)
-            if self._tls:
+            if self._tls_established:
                 self._send_close_notify()
             if not self._peer_eof:
                 self._sock.shutdown(socket.SHUT_WR)
@@ -442,3 +457,13 @@ class Connection:
 
     def _close_socket(self) -> None:
         self._sock.close()
+
+
+def _queued_bytes(fd: int) -> int:
+    """Bytes waiting in the kernel's receive queue for this socket (SIOCINQ)."""
+    count = array.array("i", [0])
+    try:
+        fcntl.ioctl(fd, termios.FIONREAD, count, True)
+    except OSError:
+        return 0
+    return count[0]

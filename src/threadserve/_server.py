@@ -40,6 +40,7 @@ import contextlib
 import errno
 import logging
 import os
+import queue
 import select
 import selectors
 import socket
@@ -61,8 +62,15 @@ from ._exceptions import (
     FrameTooLarge,
     IncompleteRead,
     ReadTimeout,
+    WriteTimeout,
 )
-from ._listeners import Listener, format_address, open_listeners, parse_bind_address
+from ._listeners import (
+    LISTEN_BACKLOG,
+    Listener,
+    format_address,
+    open_listeners,
+    parse_bind_address,
+)
 from ._notices import Notices
 from ._ratelimit import RateLimitedLog
 from ._timeouts import Timeouts
@@ -187,6 +195,9 @@ class Server:
         self._stopped = threading.Event()
         self._report: StopReport | None = None
         self._background: threading.Thread | None = None
+        self._spawn_queue: queue.SimpleQueue[tuple[Connection, threading.Thread] | None] = (
+            queue.SimpleQueue()
+        )
         self._accept_paused = False  # At max_connections under the wait policy.
         self._rejections_log = RateLimitedLog(logger, logging.WARNING)
         self._accept_errors_log = RateLimitedLog(logger, logging.ERROR)
@@ -227,12 +238,18 @@ class Server:
 
     def _serve(self) -> StopReport:
         self._serving_thread = threading.current_thread()
+        spawner = threading.Thread(
+            target=self._spawn_connection_threads, name="threadserve spawner", daemon=True
+        )
+        spawner.start()
         try:
             with self._signal_handling():
                 logger.info("serving on %s", ", ".join(self.addresses))
                 self._accept_until_stop_requested()
                 report = self._stop_sequence()
         finally:
+            self._spawn_queue.put(None)
+            spawner.join(FORCE_MARGIN)
             self._release_resources()
             self._stopped.set()
         return report
@@ -401,18 +418,8 @@ class Server:
             self._turn_away(sock, peer, refusal)
 
     def _turn_away(self, sock: socket.socket, peer: str, reason: str) -> None:
-        # No thread and no lingering for a rejected client: the notice is
-        # tiny, fits the empty send buffer, and is queued before the FIN.
         self._rejections_log.emit("turning away %s: %s", peer, reason)
-        try:
-            sock.setblocking(False)
-            if self.notices.busy:
-                sock.send(self.notices.busy)
-            sock.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass  # The client already left; nothing to tell it.
-        finally:
-            sock.close()
+        _tell_and_close(sock, None if self.tls else self.notices.busy)
 
     def _start_connection(self, sock: socket.socket, peer: str, ip: str | None) -> None:
         sock.setblocking(False)
@@ -429,14 +436,25 @@ class Server:
         )
         with self._lock:
             self._connections[conn] = thread
-        try:
-            thread.start()
-        except RuntimeError as exc:  # "can't start new thread": out of threads or memory.
-            self._accept_errors_log.emit("cannot start a thread for %s: %s; closing it", peer, exc)
-            with self._lock:
-                self._accept_errors += 1
-            conn._close_socket()
-            self._unregister(conn, "no thread")
+        # Thread.start() waits until the new thread runs, ~0.1-0.5 ms. Done
+        # here, it would hold up every client queued behind this one: a burst
+        # that should be turned away at once would wait for hundreds of thread
+        # starts. The spawner thread starts them instead.
+        self._spawn_queue.put((conn, thread))
+
+    def _spawn_connection_threads(self) -> None:
+        while (item := self._spawn_queue.get()) is not None:
+            conn, thread = item
+            try:
+                thread.start()
+            except RuntimeError as exc:  # "can't start new thread": out of threads or memory.
+                self._accept_errors_log.emit(
+                    "cannot start a thread for %s: %s; closing it", conn.peer, exc
+                )
+                with self._lock:
+                    self._accept_errors += 1
+                conn._close_socket()
+                self._unregister(conn, "no thread")
 
     # ------------------------------------------------------------------ one connection
 
@@ -445,6 +463,7 @@ class Server:
         logger.info("connection opened: %s", conn.peer)
         outcome = "closed"
         cutoff_notice: bytes | None = None
+        abandon = False
         try:
             if self.tls is not None:
                 conn._tls_handshake(self.tls)
@@ -453,6 +472,10 @@ class Server:
             outcome, cutoff_notice = str(exc), self.notices.too_large
         except ReadTimeout as exc:
             outcome, cutoff_notice = str(exc), self.notices.timed_out
+        except WriteTimeout as exc:
+            # The client reads nothing: a notice or a lingering close would
+            # only hold the thread longer. Close at once.
+            outcome, abandon = str(exc), True
         except (ConnectionTimeout, IncompleteRead) as exc:
             outcome = str(exc)
         except ssl.SSLError as exc:
@@ -466,7 +489,10 @@ class Server:
             self._count_handler_error(conn)
         finally:
             try:
-                self._finish_connection(conn, cutoff_notice)
+                if abandon:
+                    conn._close_socket()
+                else:
+                    self._finish_connection(conn, cutoff_notice)
             finally:
                 self._unregister(conn, outcome)
 
@@ -525,9 +551,15 @@ class Server:
     def _stop_sequence(self) -> StopReport:
         started = time.monotonic()
         self._stop_deadline = started + self.grace
+        queued = sum(self._dismiss_listen_queue(listener) for listener in self._listeners)
         for listener in self._listeners:
             listener.close()
-        logger.info("stopping: %d connections, grace %.1f s", len(self._connections), self.grace)
+        logger.info(
+            "stopping: %d connections, grace %.1f s; %d waiting in the listen queue were told",
+            len(self._connections),
+            self.grace,
+            queued,
+        )
         with self._lock:
             self._stopping = True
             connections = dict(self._connections)
@@ -552,8 +584,8 @@ class Server:
         # A thread leaves the registry a few lines before it ends; wait for
         # those last lines, so no thread outlives the stop (stuck ones aside).
         join_deadline = time.monotonic() + FORCE_MARGIN
-        for thread in connections.values():
-            if thread.name not in stuck:
+        for conn, thread in connections.items():
+            if conn not in leftover:
                 thread.join(max(0.0, join_deadline - time.monotonic()))
         duration = time.monotonic() - started
         report = StopReport(
@@ -568,6 +600,26 @@ class Server:
             "stopped in %.3f s: %d drained, %d forced", duration, report.drained, report.forced
         )
         return report
+
+    def _dismiss_listen_queue(self, listener: Listener) -> int:
+        """Tell the clients still waiting in the listen queue, instead of resetting them.
+
+        Closing a listener resets every connection the kernel had completed
+        but we had not accepted yet. They were never served, so nothing they
+        sent was read; they only need to know. Bounded by the backlog size.
+        """
+        dismissed = 0
+        for _ in range(LISTEN_BACKLOG):
+            try:
+                sock, _address = listener.socket.accept()
+            except OSError:
+                break  # Empty (EAGAIN), or out of descriptors: the rest get the reset.
+            # A TLS client cannot read a plain-text notice: it gets a clean EOF.
+            _tell_and_close(sock, None if self.tls else self.goodbye)
+            dismissed += 1
+        with self._lock:
+            self._rejected += dismissed
+        return dismissed
 
     def _wait_for_connections(self, deadline: float) -> None:
         while True:
@@ -637,6 +689,31 @@ def serve(
     """
     with Server(handler, bind, **settings) as server:
         return server.serve_forever()
+
+
+def _tell_and_close(sock: socket.socket, notice: bytes | None) -> None:
+    """One line to a client that gets no thread, then close without a reset.
+
+    Unread input would turn the close into a reset that can destroy the
+    notice in flight, so what the client already sent is read and dropped
+    first (it was never served, so nothing read is lost). The notice is
+    tiny and fits the empty send buffer: no waiting.
+    """
+    try:
+        sock.setblocking(False)
+        for _ in range(16):  # Bounded: a client streaming at us gets the reset.
+            if not sock.recv(DEFAULT_CHUNK_SIZE):
+                break
+    except OSError:
+        pass  # Nothing more queued (EAGAIN), or the client already left.
+    try:
+        if notice:
+            sock.send(notice)
+        sock.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass  # The client already left; nothing to tell it.
+    finally:
+        sock.close()
 
 
 def _tune_listener(sock: socket.socket, keepalive: bool) -> None:
