@@ -239,7 +239,7 @@ class Server:
     def _serve(self) -> StopReport:
         self._serving_thread = threading.current_thread()
         spawner = threading.Thread(
-            target=self._spawn_connection_threads, name="threadserve spawner", daemon=True
+            target=self._spawn_connection_threads, name="threadserve server spawner", daemon=True
         )
         spawner.start()
         try:
@@ -444,17 +444,21 @@ class Server:
 
     def _spawn_connection_threads(self) -> None:
         while (item := self._spawn_queue.get()) is not None:
-            conn, thread = item
-            try:
-                thread.start()
-            except RuntimeError as exc:  # "can't start new thread": out of threads or memory.
-                self._accept_errors_log.emit(
-                    "cannot start a thread for %s: %s; closing it", conn.peer, exc
-                )
-                with self._lock:
-                    self._accept_errors += 1
-                conn._close_socket()
-                self._unregister(conn, "no thread")
+            self._start_thread(*item)
+            # Do not keep the last connection alive while waiting for the next.
+            del item
+
+    def _start_thread(self, conn: Connection, thread: threading.Thread) -> None:
+        try:
+            thread.start()
+        except RuntimeError as exc:  # "can't start new thread": out of threads or memory.
+            self._accept_errors_log.emit(
+                "cannot start a thread for %s: %s; closing it", conn.peer, exc
+            )
+            with self._lock:
+                self._accept_errors += 1
+            conn._close_socket()
+            self._unregister(conn, "no thread")
 
     # ------------------------------------------------------------------ one connection
 
