@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import re
+import selectors
 import socket
+import subprocess
+import sys
+import tempfile
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import threadserve
 
 NOTICE = b"Shutting down!\n"
 
@@ -43,3 +54,194 @@ def wait_until(condition: Callable[[], bool], timeout: float = 10.0, what: str =
             raise AssertionError(f"timed out after {timeout} s waiting for {what or condition}")
         time.sleep(delay)
         delay = min(delay * 2, 0.02)
+
+
+# ---------------------------------------------------------------- a server in a subprocess
+
+TESTS_DIR = Path(__file__).resolve().parent
+SERVING_LINE = re.compile(r"serving on 127\.0\.0\.1:(\d+)$", re.MULTILINE)
+
+
+def subprocess_env(*, with_tests_dir: bool = True) -> dict[str, str]:
+    """The environment for a server subprocess: the threadserve under test, plus our handlers."""
+    # The same threadserve as this process imports, installed or not.
+    paths = [str(Path(threadserve.__file__).resolve().parent.parent)]
+    if with_tests_dir:
+        paths.append(str(TESTS_DIR))  # For `subprocess_handlers:NAME` handler specs.
+    if os.environ.get("PYTHONPATH"):
+        paths.append(os.environ["PYTHONPATH"])
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(paths)
+    return env
+
+
+class ServerProcess:
+    """``threadserve serve ARGS`` in a subprocess, its output going to a temporary file.
+
+    A file rather than a pipe, so a chatty server (a log line per connection)
+    never blocks on a pipe the test is not reading at that moment. A reaper
+    thread notes when the process exits, so a stop time is measured from the
+    signal to the exit, not to whenever the test gets round to waiting.
+    """
+
+    def __init__(
+        self,
+        args: Sequence[str],
+        *,
+        command: Sequence[str] | None = None,
+        cwd: Path | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        self.args = [*(command or [sys.executable, "-m", "threadserve"]), "serve", *args]
+        self._log_fd, log_name = tempfile.mkstemp(prefix="threadserve-", suffix=".log")
+        os.unlink(log_name)  # Only the descriptor is needed; nothing to clean up on disk.
+        self._output = bytearray()
+        self.exited = threading.Event()
+        self.exited_at = 0.0
+        try:
+            self.process = subprocess.Popen(
+                self.args,
+                stdin=subprocess.DEVNULL,
+                stdout=self._log_fd,
+                stderr=self._log_fd,
+                cwd=cwd,
+                env=env if env is not None else subprocess_env(),
+                # Its own session: a Ctrl-C meant for the test run is not a test signal.
+                start_new_session=True,
+            )
+        except BaseException:
+            os.close(self._log_fd)
+            raise
+        self._reaper = threading.Thread(target=self._reap, name="server process reaper")
+        self._reaper.start()
+
+    def _reap(self) -> None:
+        self.process.wait()
+        self.exited_at = time.monotonic()
+        self.exited.set()
+
+    def output(self) -> str:
+        """Everything the server wrote to stdout and stderr so far."""
+        # pread: the child shares this descriptor's file offset, which moving
+        # it here would make the child overwrite its own output.
+        while chunk := os.pread(self._log_fd, 1 << 20, len(self._output)):
+            self._output += chunk
+        return self._output.decode(errors="replace")
+
+    def wait_for_log(self, pattern: str | re.Pattern[str], timeout: float = 10.0) -> re.Match[str]:
+        """Wait until complete output lines match ``pattern``; fail at once if the server exits."""
+        regex = re.compile(pattern, re.MULTILINE) if isinstance(pattern, str) else pattern
+        deadline = time.monotonic() + timeout
+        delay = 0.001
+        while True:
+            exited = self.exited.is_set()  # Checked first: all it wrote before exiting counts.
+            output = self.output()
+            match = regex.search(output[: output.rfind("\n") + 1])
+            if match:
+                return match
+            if exited:
+                raise AssertionError(
+                    f"server exited with {self.process.returncode} before logging "
+                    f"{regex.pattern!r}:\n{output}"
+                )
+            if time.monotonic() > deadline:
+                raise AssertionError(
+                    f"no {regex.pattern!r} in server output after {timeout} s:\n{output}"
+                )
+            time.sleep(delay)
+            delay = min(delay * 2, 0.02)
+
+    def wait_serving(self, timeout: float = 10.0) -> tuple[str, int]:
+        """Wait for the "serving on" line; return the address it reports (port 0 resolved)."""
+        return ("127.0.0.1", int(self.wait_for_log(SERVING_LINE, timeout).group(1)))
+
+    def send_signal(self, signum: int) -> float:
+        """Send ``signum``; return when it was sent (``time.monotonic()``)."""
+        sent_at = time.monotonic()
+        self.process.send_signal(signum)
+        return sent_at
+
+    def wait_exit(self, timeout: float = 10.0) -> int:
+        """Wait for the exit, bounded; return the exit code."""
+        if not self.exited.wait(timeout):
+            raise AssertionError(f"server still running after {timeout} s:\n{self.output()}")
+        assert self.process.returncode is not None
+        return self.process.returncode
+
+    def close(self) -> None:
+        """Kill the server if it still runs and release everything; safe to call twice."""
+        if not self.exited.is_set():
+            self.process.kill()
+        self._reaper.join(10)
+        self.process.wait(10)  # Already reaped, so at once; Popen would warn otherwise.
+        if self._log_fd >= 0:
+            os.close(self._log_fd)
+            self._log_fd = -1
+
+    def __enter__(self) -> ServerProcess:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+@contextlib.contextmanager
+def server_process(
+    *args: str, command: Sequence[str] | None = None, cwd: Path | None = None
+) -> Iterator[tuple[ServerProcess, tuple[str, int]]]:
+    """Run ``threadserve serve ARGS``, wait until it listens; killed on the way out if need be."""
+    with ServerProcess(args, command=command, cwd=cwd) as server:
+        yield server, server.wait_serving()
+
+
+def recv_many(
+    socks: Sequence[socket.socket], *, sizes: Sequence[int] | None = None, timeout: float = 10.0
+) -> list[bytes]:
+    """Read many sockets at once: each until ``sizes[i]`` bytes, or until EOF without ``sizes``.
+
+    One selector serves them all, so lingering closes on the server side do
+    not serialise. A socket that reaches EOF is closed at once: a server
+    doing a lingering close waits for exactly that. A reset raises
+    ``ConnectionResetError`` naming the client; an early EOF raises ``EOFError``.
+    """
+    results = [bytearray() for _ in socks]
+    timeouts = [sock.gettimeout() for sock in socks]
+    selector = selectors.DefaultSelector()
+    try:
+        for index, sock in enumerate(socks):
+            if sizes is None or sizes[index] > 0:
+                sock.setblocking(False)
+                selector.register(sock, selectors.EVENT_READ, index)
+        deadline = time.monotonic() + timeout
+        while selector.get_map():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                pending = sorted(key.data for key in selector.get_map().values())
+                raise AssertionError(f"timed out after {timeout} s reading clients {pending[:20]}")
+            for key, _events in selector.select(remaining):
+                index = key.data
+                sock = socks[index]
+                wanted = 65536 if sizes is None else sizes[index] - len(results[index])
+                try:
+                    chunk = sock.recv(wanted)
+                except (BlockingIOError, InterruptedError):
+                    continue
+                except ConnectionResetError as exc:
+                    raise ConnectionResetError(
+                        exc.errno, f"client {index} reset after {bytes(results[index])!r}"
+                    ) from exc
+                if not chunk:
+                    selector.unregister(sock)
+                    sock.close()
+                    if sizes is not None:
+                        raise EOFError(f"client {index}: EOF after {bytes(results[index])!r}")
+                    continue
+                results[index] += chunk
+                if sizes is not None and len(results[index]) == sizes[index]:
+                    selector.unregister(sock)
+        return [bytes(result) for result in results]
+    finally:
+        selector.close()
+        for sock, sock_timeout in zip(socks, timeouts, strict=True):
+            if sock.fileno() != -1:
+                sock.settimeout(sock_timeout)
