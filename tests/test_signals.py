@@ -82,7 +82,9 @@ def test_200_clients_idle_and_mid_stream_get_everything_then_notice_then_eof(
         expected = (held if index in mid_stream else b"") + NOTICE
         assert data == expected, f"client {index}"
     print(f"\n{count} clients ({len(mid_stream)} mid-stream), {signum.name}: exit {elapsed:.3f} s")
-    assert elapsed < grace / 2, f"stop took {elapsed:.3f} s of a {grace} s grace"
+    # Well within the grace, and below the 2 s linger timeout: a stop that
+    # waited out lingering closes instead of seeing each client's EOF fails.
+    assert elapsed < 1.5, f"stop took {elapsed:.3f} s of a {grace} s grace"
     assert f"{signum.name} received: stopping gracefully" in output
     assert re.search(stopped_line(count, 0), output, re.MULTILINE), output
     assert " ERROR " not in output, output
@@ -168,12 +170,12 @@ def test_stop_time_with_1000_idle_connections(clients: list[socket.socket]) -> N
         f"\n{count} idle connections: SIGTERM to exit {elapsed:.3f} s"
         f" (the server's own stop sequence: {stopped.group(1)} s)"
     )
-    # The target is 1 s. On two cores this measured 0.7-1.0 s with the cores
+    # The target is 1 s. On two cores this measured 0.3-1.0 s with the cores
     # otherwise idle (every connection thread wakes at once and they queue
-    # for the GIL), and 1-3 s while other processes loaded them. The bound
-    # stays below the 2 s linger timeout, so a stop that waits out lingering
-    # closes (or serialises them) still fails here.
-    assert elapsed < 2.0
+    # for the GIL), and 1-3 s while other processes loaded them: the bound
+    # catches a stop that serialises on something without failing on a busy
+    # machine. (A stop that waits out lingering closes fails the 200-client test.)
+    assert elapsed < 3.0
 
 
 def test_server_process_helper_kills_what_it_started() -> None:
