@@ -121,9 +121,9 @@ def wait_until_read(server: Server, total: int) -> None:
     wait_until(lambda: server.statistics().bytes_received == total, what=f"{total} bytes read")
 
 
-def ports_of(client: socket.socket) -> tuple[int, int]:
-    """(local port, remote port) of a TCP client socket."""
-    return client.getsockname()[1], client.getpeername()[1]
+def local_port(client: socket.socket) -> int:
+    port: int = client.getsockname()[1]
+    return port
 
 
 # ---------------------------------------------------------------- recv, recv_into, iteration
@@ -362,17 +362,23 @@ def test_readexactly_at_stop_gives_the_partial_frame_so_the_handler_can_answer_i
 def test_readexactly_rejects_a_size_over_limit_before_reading_anything(
     serve: ServerFactory,
 ) -> None:
-    def body(conn: Connection) -> tuple[bytes, int]:
+    data_waiting = threading.Event()
+
+    def body(conn: Connection) -> tuple[int, bytes, bytes]:
+        data_waiting.wait(10)
         with pytest.raises(FrameTooLarge):
             conn.readexactly(1_000_000, limit=100)
+        read_when_rejected = conn.bytes_received
         with pytest.raises(ValueError, match="n must be >= 0"):
             conn.readexactly(-1)
-        return conn.readexactly(0), conn.bytes_received
+        return read_when_rejected, conn.readexactly(0), conn.readexactly(5)
 
     probe = Probe(body)
     server = serve(probe)
-    with connect(server.tcp_address):
-        assert probe.result() == (b"", 0)
+    with connect(server.tcp_address) as client:
+        client.sendall(b"12345")  # Waiting in the socket when the frame size is refused.
+        data_waiting.set()
+        assert probe.result() == (0, b"", b"12345")
 
 
 def test_unread_bytes_come_back_first_and_are_not_counted_twice(serve: ServerFactory) -> None:
@@ -402,9 +408,9 @@ def test_peer_and_local_address_are_written_like_bind_addresses(
     server = serve(probe, bind=bind)
     assert server.tcp_address[0] == host
     with connect(server.tcp_address) as client:
-        local_port, _ = ports_of(client)
+        port = local_port(client)
         peer, local = probe.result()
-    assert peer == peer_format.format(local_port)
+    assert peer == peer_format.format(port)
     assert local == server.addresses[0]
 
 
@@ -436,15 +442,15 @@ def test_repr_shows_peer_state_and_byte_counts(serve: ServerFactory) -> None:
     probe = Probe(body)
     server = serve(probe)
     with connect(server.tcp_address) as client:
-        local_port, _ = ports_of(client)
+        port = local_port(client)
         client.sendall(b"hello")
         wait_until(lambda: server.statistics().bytes_sent == 5)
         stopping = StopInBackground(server)
         assert recv_until_eof(client) == b"hello" + NOTICE
     stopping.join()
     before, after = probe.result()
-    assert before == f"<Connection 127.0.0.1:{local_port} open in=0 out=0>"
-    assert after == f"<Connection 127.0.0.1:{local_port} cancelled in=5 out=5>"
+    assert before == f"<Connection 127.0.0.1:{port} open in=0 out=0>"
+    assert after == f"<Connection 127.0.0.1:{port} cancelled in=5 out=5>"
 
 
 # ---------------------------------------------------------------- cancel token
@@ -514,6 +520,8 @@ def test_on_cancel_after_the_cancel_runs_at_once_in_the_registering_thread(
 
 
 def test_unregistered_cancel_callback_does_not_run(serve: ServerFactory) -> None:
+    registered = threading.Event()
+
     def body(conn: Connection) -> list[str]:
         calls: list[str] = []
         kept_ran = threading.Event()
@@ -522,6 +530,7 @@ def test_unregistered_cancel_callback_does_not_run(serve: ServerFactory) -> None
         conn.on_cancel(kept_ran.set)
         unregister()
         unregister()  # Twice is harmless.
+        registered.set()
         # The token is set before its callbacks run: wait for the last one, not the token.
         kept_ran.wait(10)
         return calls
@@ -529,7 +538,8 @@ def test_unregistered_cancel_callback_does_not_run(serve: ServerFactory) -> None
     probe = Probe(body)
     server = serve(probe)
     with connect(server.tcp_address) as client:
-        wait_until(lambda: server.statistics().connections_active == 1)
+        # Registered before the stop: after it, on_cancel would run each callback at once.
+        assert registered.wait(10)
         stopping = StopInBackground(server)
         assert recv_until_eof(client) == NOTICE
     assert probe.result() == ["kept"]
@@ -622,7 +632,8 @@ def test_idle_timeout_raises_read_timeout_and_closes_with_the_timed_out_notice(
 
 
 def test_traffic_within_the_idle_timeout_keeps_the_connection_open(serve: ServerFactory) -> None:
-    idle, interval, count = 1.0, 0.1, 15  # 1.5 s of traffic, each gap a tenth of the limit.
+    # 1.5 s of traffic, longer than the idle limit, each gap a twelfth of it.
+    idle, interval, count = 1.2, 0.1, 15
     server = serve(echo, timeouts=Timeouts(idle=idle))
     with connect(server.tcp_address) as client:
         for index in range(count):
@@ -649,7 +660,7 @@ def test_read_deadline_cuts_off_a_client_trickling_one_line(
                 break
         cut_after = time.monotonic() - started
         assert recv_until_eof(client) == TIMED_OUT
-    assert read * 0.9 <= cut_after < read + 1.0
+    assert read * 0.9 <= cut_after < read + 2.0
     assert isinstance(probe.exception(), ReadTimeout)
     assert no_warnings_or_errors(caplog) == []
 
@@ -682,7 +693,7 @@ def test_write_timeout_when_the_client_never_reads(
     assert no_warnings_or_errors(caplog) == []
 
 
-def test_lifetime_ends_even_a_busy_connection(serve: ServerFactory) -> None:
+def test_lifetime_ends_a_connection_that_is_never_idle(serve: ServerFactory) -> None:
     lifetime = 0.6
     server = serve(echo, timeouts=Timeouts(lifetime=lifetime))
     received = bytearray()
