@@ -89,6 +89,9 @@ FORCE_MARGIN = 0.25
 ACCEPT_BATCH = 64
 #: accept() failures that mean "out of a resource": back off instead of spinning.
 RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+#: The longest grace or linger accepted: a day. Larger values (inf included)
+#: overflow select()'s timeout and mean "never stop", which --grace is not for.
+MAX_SECONDS = 86400.0
 ACCEPT_BACKOFF_FIRST = 0.005
 ACCEPT_BACKOFF_MAX = 1.0
 #: TCP keepalive: probe after 60 s of silence, every 10 s, give up after 3
@@ -577,13 +580,15 @@ class Server:
         stuck: list[str] = []
         if leftover:
             logger.warning(
-                "grace period over: forcing %d connections: %s",
+                "%s: forcing %d connections: %s",
+                "stop forced" if self._force_requested else "grace period over",
                 len(leftover),
                 ", ".join(c.peer for c in leftover),
             )
             for conn in leftover:
                 conn._force_close()
-            self._wait_for_connections(time.monotonic() + FORCE_MARGIN)
+            # Forced sockets wake their threads at once; give them a moment to end.
+            self._wait_for_connections(time.monotonic() + FORCE_MARGIN, until_forced=False)
             stuck = self._report_stuck_threads(leftover)
         # A thread leaves the registry a few lines before it ends; wait for
         # those last lines, so no thread outlives the stop (stuck ones aside).
@@ -625,13 +630,13 @@ class Server:
             self._rejected += dismissed
         return dismissed
 
-    def _wait_for_connections(self, deadline: float) -> None:
+    def _wait_for_connections(self, deadline: float, until_forced: bool = True) -> None:
         while True:
             with self._lock:
                 if not self._connections:
                     return
             remaining = deadline - time.monotonic()
-            if remaining <= 0 or self._force_requested:
+            if remaining <= 0 or (until_forced and self._force_requested):
                 return
             self._wait_control(remaining)
 
@@ -749,5 +754,11 @@ def _drain(fd: int) -> None:
 
 
 def _check_seconds(name: str, value: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-        raise ConfigurationError(f"{name}={value!r}: must be a number of seconds, 0 or more")
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not 0 <= value < MAX_SECONDS
+    ):
+        raise ConfigurationError(
+            f"{name}={value!r}: must be a number of seconds from 0 to {MAX_SECONDS:g}"
+        )
