@@ -310,6 +310,9 @@ def test_serve_function_serves_in_the_calling_thread_until_stopped(
         ({"grace": -1}, "grace=-1"),
         ({"grace": float("nan")}, "grace=nan"),
         ({"grace": "5"}, "grace='5'"),
+        # Infinite waits would overflow select() and poll() deep in the stop.
+        ({"grace": float("inf")}, "grace=inf"),
+        ({"linger": float("inf")}, "linger=inf"),
         ({"linger": -0.1}, "linger=-0.1"),
         ({"linger": True}, "linger=True"),
         ({"chunk_size": 0}, "chunk_size=0"),
