@@ -80,6 +80,7 @@ class Connection:
     ) -> None:
         self.peer = peer
         self._client_ip: str | None = None  # For per-address admission counts.
+        self._stop_group = 0  # Which stop broadcast group wakes this connection.
         self.cancel_token = CancelToken()
         self.bytes_received = 0
         self.bytes_sent = 0

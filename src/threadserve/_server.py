@@ -55,6 +55,7 @@ from types import TracebackType
 from typing import Any
 
 from ._admission import Admission, OverloadPolicy
+from ._broadcast import STOP_GROUPS, StopBroadcast
 from ._connection import DEFAULT_CHUNK_SIZE, PEER_GONE_ERRNOS, Connection
 from ._exceptions import (
     ConfigurationError,
@@ -85,6 +86,9 @@ DEFAULT_GOODBYE = b"Shutting down!\n"
 DEFAULT_LINGER = 2.0
 #: After forcing, how long stuck threads get to notice before they are reported.
 FORCE_MARGIN = 0.25
+#: At stop, wake the next group of connections once fewer than this many of
+#: those already woken are still finishing (see _broadcast.py).
+STOP_WAVE = 128
 #: Accept at most this many clients per wake-up, so the control pipe is heard promptly.
 ACCEPT_BATCH = 64
 #: accept() failures that mean "out of a resource": back off instead of spinning.
@@ -187,7 +191,11 @@ class Server:
         self._lock = threading.Lock()
         self._connections: dict[Connection, threading.Thread] = {}
         self._control_r, self._control_w = _nonblocking_pipe()
-        self._stop_r, self._stop_w = _nonblocking_pipe()
+        self._broadcast = StopBroadcast()
+        self._group_live = [0] * STOP_GROUPS  # Live connections per stop group.
+        # During a stop, a connection thread wakes the serving thread once the
+        # live count falls to this (-1: only when the last one ends).
+        self._wake_at_live = -1
         # Set without the lock (a signal handler may set them); read by the serving thread.
         self._stop_requested = False
         self._force_requested = False
@@ -426,19 +434,22 @@ class Server:
 
     def _start_connection(self, sock: socket.socket, peer: str, ip: str | None) -> None:
         sock.setblocking(False)
+        group, stop_fd = self._broadcast.assign(self._accepted)
         conn = Connection(
             sock,
             peer,
-            stop_fd=self._stop_r,
+            stop_fd=stop_fd,
             timeouts=self.timeouts,
             chunk_size=self.chunk_size,
         )
         conn._client_ip = ip
+        conn._stop_group = group
         thread = threading.Thread(
             target=self._run_connection, args=(conn,), name=f"threadserve {peer}", daemon=True
         )
         with self._lock:
             self._connections[conn] = thread
+            self._group_live[group] += 1
         # Thread.start() waits until the new thread runs, ~0.1-0.5 ms. Done
         # here, it would hold up every client queued behind this one: a burst
         # that should be turned away at once would wait for hundreds of thread
@@ -524,11 +535,18 @@ class Server:
         duration = time.monotonic() - conn.opened_at
         with self._lock:
             del self._connections[conn]
+            self._group_live[conn._stop_group] -= 1
             self._admission.release(conn._client_ip)
             self._closed += 1
             self._closed_bytes_in += conn.bytes_received
             self._closed_bytes_out += conn.bytes_sent
-            wake = self._accept_paused or (self._stopping and not self._connections)
+            wake = self._accept_paused
+            if self._stopping:
+                if len(self._connections) <= self._wake_at_live:
+                    self._wake_at_live = -1  # One wake-up per wave is enough.
+                    wake = True
+                elif not self._connections:
+                    wake = True
         if wake:
             self._wake()
         logger.info(
@@ -570,10 +588,7 @@ class Server:
         with self._lock:
             self._stopping = True
             connections = dict(self._connections)
-        os.write(self._stop_w, b"\0")  # Wakes every reader; never drained, stays readable.
-        for conn in connections:
-            conn.cancel_token.cancel("server stopping")
-
+        self._wake_in_waves(connections)
         self._wait_for_connections(self._stop_deadline)
         with self._lock:
             leftover = dict(self._connections)
@@ -609,6 +624,41 @@ class Server:
             "stopped in %.3f s: %d drained, %d forced", duration, report.drained, report.forced
         )
         return report
+
+    def _wake_in_waves(self, connections: dict[Connection, threading.Thread]) -> None:
+        """Set every token and wake every reader, a group at a time (see _broadcast.py)."""
+        by_group: dict[int, list[Connection]] = {}
+        for conn in connections:
+            by_group.setdefault(conn._stop_group, []).append(conn)
+        unreleased = sorted(by_group)
+        while unreleased:
+            group = unreleased.pop(0)
+            self._broadcast.release(group)
+            for conn in by_group[group]:
+                conn.cancel_token.cancel("server stopping")
+            if unreleased and not self._wait_for_wave_room(unreleased):
+                break  # Deadline or a forced stop: wake the rest at once.
+        for group in unreleased:
+            for conn in by_group[group]:
+                conn.cancel_token.cancel("server stopping")
+        self._broadcast.release_all()
+
+    def _wait_for_wave_room(self, unreleased: list[int]) -> bool:
+        """Wait until fewer than STOP_WAVE woken connections are still finishing."""
+        while True:
+            with self._lock:
+                waiting = sum(self._group_live[group] for group in unreleased)
+                finishing = len(self._connections) - waiting
+                if finishing < STOP_WAVE:
+                    self._wake_at_live = -1
+                    return True
+                self._wake_at_live = waiting + STOP_WAVE // 2
+            remaining = self._stop_deadline - time.monotonic()
+            if remaining <= 0 or self._force_requested:
+                with self._lock:
+                    self._wake_at_live = -1
+                return False
+            self._wait_control(remaining)
 
     def _dismiss_listen_queue(self, listener: Listener) -> int:
         """Tell the clients still waiting in the listen queue, instead of resetting them.
@@ -674,9 +724,10 @@ class Server:
             # to the control pipe; closing them would let those fd numbers be
             # reused under its feet. Four descriptors are a small price.
             return
-        for fd in (self._control_r, self._control_w, self._stop_r, self._stop_w):
+        for fd in (self._control_r, self._control_w):
             with contextlib.suppress(OSError):
                 os.close(fd)
+        self._broadcast.close()
 
     @contextlib.contextmanager
     def _signal_handling(self) -> Iterator[None]:
