@@ -17,28 +17,37 @@ from __future__ import annotations
 import contextlib
 import os
 
-#: Groups of connections woken together at stop. More groups mean smaller
-#: waves; each group costs one descriptor. They are all created up front, so
-#: a server's descriptor count does not creep up with its first connections.
-STOP_GROUPS = 32
+#: Connections per group, roughly: a connection joins the group its arrival
+#: fills, counting the connections alive at that moment.
+GROUP_SIZE = 256
+#: At most this many groups (descriptors); beyond, the last group grows.
+MAX_GROUPS = 64
 
 
 class StopBroadcast:
-    """A fixed set of eventfds; connection ``n`` listens on group ``n % STOP_GROUPS``."""
+    """A growing set of eventfds, one per group of connections.
+
+    Descriptors are created only as concurrency first needs them: a server
+    that never holds more than 256 connections uses one, and its descriptor
+    count does not creep up with churn.
+    """
 
     def __init__(self) -> None:
-        self._fds: list[int] = []
-        try:
-            for _ in range(STOP_GROUPS):
-                self._fds.append(_new_eventfd())
-        except BaseException:
-            self.close()
-            raise
+        self._fds: list[int] = [_new_eventfd()]
 
-    def assign(self, sequence: int) -> tuple[int, int]:
-        """(group, descriptor to poll) for the ``sequence``-th connection."""
-        group = sequence % STOP_GROUPS
+    def assign(self, live_connections: int) -> tuple[int, int]:
+        """(group, descriptor to poll) for a connection arriving among ``live_connections``."""
+        group = min(live_connections // GROUP_SIZE, MAX_GROUPS - 1)
+        while group >= len(self._fds):
+            try:
+                self._fds.append(_new_eventfd())
+            except OSError:
+                group = len(self._fds) - 1  # Out of descriptors: join the last group.
         return group, self._fds[group]
+
+    @property
+    def groups(self) -> int:
+        return len(self._fds)
 
     def release(self, group: int) -> None:
         """Wake every reader of ``group``; it stays woken for good."""

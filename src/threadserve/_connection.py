@@ -149,6 +149,8 @@ class Connection:
             data = bytes(self._buffer[:bufsize])
             del self._buffer[:bufsize]
             return data
+        if bufsize <= 0:
+            return b""  # As socket.recv(0): nothing asked, nothing read, not the end.
         if self._plain_reads and self._stop_budget is None and not self._reading_done:
             # The hot path, for plain TCP without read deadlines: one poll, one
             # recv. Anything unusual (the stop pipe fired, spurious readiness)
@@ -168,6 +170,8 @@ class Connection:
         """Like ``socket.recv_into``: fill ``buffer``, return the count; 0 at end of stream."""
         view = memoryview(buffer).cast("B")
         wanted = nbytes or len(view)
+        if not wanted:
+            return 0  # An empty buffer reads nothing; that is not the end of the stream.
         if self._buffer:
             count = min(wanted, len(self._buffer))
             view[:count] = self._buffer[:count]
@@ -211,14 +215,9 @@ class Connection:
             if len(self._buffer) > limit:
                 raise FrameTooLarge(limit)
             scanned = len(self._buffer)
-            if not self._buffer:
-                deadline = self._idle_deadline()
-            else:
-                # A frame is under way: its clock started with its first byte.
-                if frame_deadline is None:
-                    frame_deadline = self._frame_deadline()
-                deadline = frame_deadline
-            chunk = self._recv_from_socket(self._chunk_size, deadline)
+            if self._buffer and frame_deadline is None:
+                frame_deadline = self._frame_deadline()
+            chunk = self._read_frame_part(self._chunk_size, frame_deadline)
             if not chunk:
                 line = bytes(self._buffer)
                 self._buffer.clear()
@@ -237,13 +236,11 @@ class Connection:
             raise FrameTooLarge(limit)
         frame_deadline: float | None = None
         while len(self._buffer) < n:
-            if not self._buffer:
-                deadline = self._idle_deadline()
-            else:
-                if frame_deadline is None:
-                    frame_deadline = self._frame_deadline()
-                deadline = frame_deadline
-            chunk = self._recv_from_socket(max(self._chunk_size, n - len(self._buffer)), deadline)
+            if self._buffer and frame_deadline is None:
+                frame_deadline = self._frame_deadline()
+            chunk = self._read_frame_part(
+                max(self._chunk_size, n - len(self._buffer)), frame_deadline
+            )
             if not chunk:
                 partial = bytes(self._buffer)
                 self._buffer.clear()
@@ -265,7 +262,7 @@ class Connection:
         Raises ``WriteTimeout`` when the client takes no byte for the
         ``write`` timeout, and the builtin connection errors if it is gone.
         """
-        total = len(data)
+        total = len(data) if type(data) is bytes else memoryview(data).nbytes
         try:
             sent = self._sock.send(data)
         except _WOULD_BLOCK:
@@ -319,6 +316,10 @@ class Connection:
         """Block until the socket is readable (True) or the server stops with nothing to read."""
         if self._stop_budget is not None:
             return self._stop_budget > 0 or self._end_reading_for_stop()
+        # Deadlines are absolute: a client sending a byte now and then must
+        # not keep one alive past its end just because poll() finds data.
+        if deadline is not None and self._clock() >= deadline:
+            raise ReadTimeout(f"no complete data from {self.peer} in time")
         events = self._read_poller.poll(self._poll_timeout_ms(deadline))
         if not events:
             raise ReadTimeout(f"no data from {self.peer} in time")
@@ -328,7 +329,7 @@ class Connection:
         # The stop pipe fired. What the client had sent by now is still read
         # and answered; what it sends later is not, or a client that keeps
         # sending would hold the stop open until the grace period runs out.
-        self._stop_budget = max(1, _queued_bytes(self._fd)) if socket_ready else 0
+        self._stop_budget = max(1, queued_bytes(self._fd)) if socket_ready else 0
         return self._stop_budget > 0 or self._end_reading_for_stop()
 
     def _end_reading_for_stop(self) -> bool:
@@ -354,10 +355,16 @@ class Connection:
         return self._earliest(self._clock() + idle)
 
     def _frame_deadline(self) -> float | None:
+        """When the frame that just started must be complete (None: no limit)."""
         read = self._timeouts.read
-        if read is None:
-            return self._idle_deadline()
-        return self._earliest(self._clock() + read)
+        return None if read is None else self._clock() + read
+
+    def _read_frame_part(self, bufsize: int, frame_deadline: float | None) -> bytes:
+        """The next chunk of a frame: within the idle timeout and the frame's own deadline."""
+        deadline = self._idle_deadline()
+        if frame_deadline is not None and (deadline is None or frame_deadline < deadline):
+            deadline = frame_deadline
+        return self._recv_from_socket(bufsize, deadline)
 
     def _earliest(self, deadline: float | None) -> float | None:
         lifetime = self._lifetime_deadline
@@ -460,7 +467,7 @@ class Connection:
         self._sock.close()
 
 
-def _queued_bytes(fd: int) -> int:
+def queued_bytes(fd: int) -> int:
     """Bytes waiting in the kernel's receive queue for this socket (SIOCINQ)."""
     count = array.array("i", [0])
     try:

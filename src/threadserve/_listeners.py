@@ -73,7 +73,7 @@ def parse_bind_address(text: str) -> BindAddress:
             )
     if not host:
         raise ConfigurationError(f"bad bind address {text!r}: no host; {usage}")
-    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+    if not (port_text.isascii() and port_text.isdigit()) or not 0 <= int(port_text) <= 65535:
         raise ConfigurationError(
             f"bad bind address {text!r}: port must be a number from 0 to 65535"
         )

@@ -49,18 +49,20 @@ import sys
 import threading
 import time
 import traceback
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
 from ._admission import Admission, OverloadPolicy
-from ._broadcast import STOP_GROUPS, StopBroadcast
-from ._connection import DEFAULT_CHUNK_SIZE, PEER_GONE_ERRNOS, Connection
+from ._broadcast import MAX_GROUPS, StopBroadcast
+from ._connection import DEFAULT_CHUNK_SIZE, PEER_GONE_ERRNOS, Connection, queued_bytes
 from ._exceptions import (
     ConfigurationError,
     ConnectionTimeout,
     FrameTooLarge,
+    HandshakeTimeout,
     IncompleteRead,
     ReadTimeout,
     WriteTimeout,
@@ -192,7 +194,7 @@ class Server:
         self._connections: dict[Connection, threading.Thread] = {}
         self._control_r, self._control_w = _nonblocking_pipe()
         self._broadcast = StopBroadcast()
-        self._group_live = [0] * STOP_GROUPS  # Live connections per stop group.
+        self._group_live = [0] * MAX_GROUPS  # Live connections per stop group.
         # During a stop, a connection thread wakes the serving thread once the
         # live count falls to this (-1: only when the last one ends).
         self._wake_at_live = -1
@@ -206,6 +208,8 @@ class Server:
         self._stopped = threading.Event()
         self._report: StopReport | None = None
         self._background: threading.Thread | None = None
+        # Threads that left the registry but may not have returned yet.
+        self._finishing: weakref.WeakSet[threading.Thread] = weakref.WeakSet()
         self._spawn_queue: queue.SimpleQueue[tuple[Connection, threading.Thread] | None] = (
             queue.SimpleQueue()
         )
@@ -273,6 +277,8 @@ class Server:
         stop itself waits for) or from the serving thread: then it only asks
         and returns None.
         """
+        if self._stopped.is_set():
+            return self._report
         if grace is not None:
             _check_seconds("grace", grace)
             self.grace = float(grace)
@@ -434,7 +440,7 @@ class Server:
 
     def _start_connection(self, sock: socket.socket, peer: str, ip: str | None) -> None:
         sock.setblocking(False)
-        group, stop_fd = self._broadcast.assign(self._accepted)
+        group, stop_fd = self._broadcast.assign(len(self._connections))
         conn = Connection(
             sock,
             peer,
@@ -490,9 +496,9 @@ class Server:
             outcome, cutoff_notice = str(exc), self.notices.too_large
         except ReadTimeout as exc:
             outcome, cutoff_notice = str(exc), self.notices.timed_out
-        except WriteTimeout as exc:
-            # The client reads nothing: a notice or a lingering close would
-            # only hold the thread longer. Close at once.
+        except (WriteTimeout, HandshakeTimeout) as exc:
+            # The client reads nothing (or says nothing): a notice or a
+            # lingering close would only hold the thread longer. Close at once.
             outcome, abandon = str(exc), True
         except (ConnectionTimeout, IncompleteRead) as exc:
             outcome = str(exc)
@@ -532,8 +538,18 @@ class Server:
         conn._close_gracefully(notice, linger_until)
 
     def _unregister(self, conn: Connection, outcome: str) -> None:
-        duration = time.monotonic() - conn.opened_at
+        # Log first: the admission slot is freed below, and a thread still
+        # busy after that is one more than max_connections allows.
+        logger.info(
+            "connection closed: %s after %.3f s, %d bytes in, %d bytes out (%s)",
+            conn.peer,
+            time.monotonic() - conn.opened_at,
+            conn.bytes_received,
+            conn.bytes_sent,
+            outcome,
+        )
         with self._lock:
+            self._finishing.add(threading.current_thread())
             del self._connections[conn]
             self._group_live[conn._stop_group] -= 1
             self._admission.release(conn._client_ip)
@@ -549,14 +565,6 @@ class Server:
                     wake = True
         if wake:
             self._wake()
-        logger.info(
-            "connection closed: %s after %.3f s, %d bytes in, %d bytes out (%s)",
-            conn.peer,
-            duration,
-            conn.bytes_received,
-            conn.bytes_sent,
-            outcome,
-        )
 
     # ------------------------------------------------------------------ stopping
 
@@ -570,8 +578,11 @@ class Server:
         self._request_stop()
 
     def _wake(self) -> None:
+        control = self._control_w
+        if control < 0:
+            return  # Stopped and released: nobody is listening any more.
         with contextlib.suppress(BlockingIOError, OSError):
-            os.write(self._control_w, b"\0")  # A full pipe already means "wake up".
+            os.write(control, b"\0")  # A full pipe already means "wake up".
 
     def _stop_sequence(self) -> StopReport:
         started = time.monotonic()
@@ -608,9 +619,10 @@ class Server:
         # A thread leaves the registry a few lines before it ends; wait for
         # those last lines, so no thread outlives the stop (stuck ones aside).
         join_deadline = time.monotonic() + FORCE_MARGIN
-        for conn, thread in connections.items():
-            if conn not in leftover:
-                thread.join(max(0.0, join_deadline - time.monotonic()))
+        with self._lock:
+            finishing = list(self._finishing)
+        for thread in finishing:
+            thread.join(max(0.0, join_deadline - time.monotonic()))
         duration = time.monotonic() - started
         report = StopReport(
             clean=not leftover,
@@ -724,7 +736,9 @@ class Server:
             # to the control pipe; closing them would let those fd numbers be
             # reused under its feet. Four descriptors are a small price.
             return
-        for fd in (self._control_r, self._control_w):
+        control = (self._control_r, self._control_w)
+        self._control_r = self._control_w = -1
+        for fd in control:
             with contextlib.suppress(OSError):
                 os.close(fd)
         self._broadcast.close()
@@ -756,24 +770,23 @@ def _tell_and_close(sock: socket.socket, notice: bytes | None) -> None:
 
     Unread input would turn the close into a reset that can destroy the
     notice in flight, so what the client already sent is read and dropped
-    first (it was never served, so nothing read is lost). The notice is
-    tiny and fits the empty send buffer: no waiting.
+    first (it was never served, so nothing read is lost). The notice is tiny
+    and fits the empty send buffer: no waiting. This runs on the accept
+    loop, where every system call counts (each one hands the GIL to a busy
+    connection thread): usually one ioctl, one send and the close.
     """
     try:
-        sock.setblocking(False)
         for _ in range(16):  # Bounded: a client streaming at us gets the reset.
-            if not sock.recv(DEFAULT_CHUNK_SIZE):
+            if not queued_bytes(sock.fileno()) or not sock.recv(
+                DEFAULT_CHUNK_SIZE, socket.MSG_DONTWAIT
+            ):
                 break
-    except OSError:
-        pass  # Nothing more queued (EAGAIN), or the client already left.
-    try:
         if notice:
-            sock.send(notice)
-        sock.shutdown(socket.SHUT_WR)
+            sock.send(notice, socket.MSG_DONTWAIT)
     except OSError:
-        pass  # The client already left; nothing to tell it.
+        pass  # The client already left, or its buffer is full: nothing more to tell it.
     finally:
-        sock.close()
+        sock.close()  # Sends FIN after the notice: no input is left unread.
 
 
 def _tune_listener(sock: socket.socket, keepalive: bool) -> None:
