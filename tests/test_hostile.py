@@ -32,7 +32,7 @@ from hostile import (
     report,
     reset,
 )
-from support import connect, recv_exactly, wait_until
+from support import connect, recv_exactly, server_process, wait_until
 
 from threadserve import Connection, Timeouts, echo
 from threadserve._connection import DEFAULT_CHUNK_SIZE, DEFAULT_LINE_LIMIT
@@ -860,3 +860,69 @@ def test_churn_of_short_connections_leaks_nothing(
     assert stats.connections_accepted == warm_up + total
     assert stats.handler_errors == 0
     assert growth < 10 * MiB
+
+
+def test_every_turned_away_client_gets_the_busy_notice_within_50_ms() -> None:
+    """The reject policy, with the server in a process of its own.
+
+    In process, the test's 2,000-socket client loop and the server share one
+    GIL, and the loop's Python delays the server's system calls; here the
+    server runs as it would in production, and the bound holds for every client.
+    """
+    limit, excess = 500, 1500
+    with server_process(
+        "echo",
+        "--bind",
+        "127.0.0.1:0",
+        "--max-connections",
+        str(limit),
+        "--overload",
+        "reject",
+    ) as (_server, address):
+        held: list[socket.socket] = []
+        turned_away: list[socket.socket] = []
+        selector = selectors.DefaultSelector()
+        connected_at: dict[int, float] = {}
+        notice_after: dict[int, float] = {}
+        received = [bytearray() for _ in range(excess)]
+
+        def collect(timeout: float) -> None:
+            for key, _events in selector.select(timeout):
+                index = key.data
+                chunk = turned_away[index].recv(256)
+                received[index] += chunk
+                if not chunk:
+                    notice_after[index] = time.monotonic() - connected_at[index]
+                    selector.unregister(turned_away[index])
+
+        try:
+            for _ in range(limit):
+                held.append(connect(address))
+            for sock in held:  # Every held client is served, so every slot is taken.
+                sock.sendall(b"x")
+            for sock in held:
+                assert recv_exactly(sock, 1) == b"x"
+            for index in range(excess):
+                sock = connect(address)
+                connected_at[index] = time.monotonic()
+                turned_away.append(sock)
+                selector.register(sock, selectors.EVENT_READ, index)
+                collect(0)  # Read what already came, so waiting here is not counted.
+            deadline = time.monotonic() + 10
+            while selector.get_map() and time.monotonic() < deadline:
+                collect(0.05)
+        finally:
+            selector.close()
+            for sock in held + turned_away:
+                sock.close()
+    latencies = sorted(notice_after.values())
+    report(
+        "busy notice, server in its own process",
+        turned_away=len(latencies),
+        p50=ms(percentile(latencies, 0.5)),
+        p99=ms(percentile(latencies, 0.99)),
+        max=ms(latencies[-1]),
+    )
+    assert len(latencies) == excess
+    assert all(bytes(data) == BUSY for data in received)
+    assert latencies[-1] < 0.050
