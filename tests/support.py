@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import queue
 import re
 import selectors
 import socket
@@ -14,8 +15,10 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Generic, TypeVar
 
 import threadserve
+from threadserve import Connection, Server, StopReport
 
 NOTICE = b"Shutting down!\n"
 
@@ -245,3 +248,56 @@ def recv_many(
         for sock, sock_timeout in zip(socks, timeouts, strict=True):
             if sock.fileno() != -1:
                 sock.settimeout(sock_timeout)
+
+
+T = TypeVar("T")
+
+
+class Probe(Generic[T]):
+    """A handler that runs ``body`` and hands its outcome to the test thread.
+
+    Exceptions are recorded, then re-raised so the server treats them exactly
+    as it would for a real handler (notices, logging, statistics).
+    """
+
+    def __init__(self, body: Callable[[Connection], T]) -> None:
+        self._body = body
+        self._outcomes: queue.Queue[tuple[bool, T | BaseException]] = queue.Queue()
+
+    def __call__(self, conn: Connection) -> None:
+        try:
+            value = self._body(conn)
+        except BaseException as exc:
+            self._outcomes.put((False, exc))
+            raise
+        self._outcomes.put((True, value))
+
+    def result(self, timeout: float = 10.0) -> T:
+        returned, value = self._outcomes.get(timeout=timeout)
+        if not returned:
+            assert isinstance(value, BaseException)
+            raise AssertionError(f"handler raised {value!r}") from value
+        return value  # type: ignore[return-value]
+
+    def exception(self, timeout: float = 10.0) -> BaseException:
+        returned, value = self._outcomes.get(timeout=timeout)
+        assert not returned, f"handler returned {value!r} instead of raising"
+        assert isinstance(value, BaseException)
+        return value
+
+
+class StopInBackground:
+    """``server.stop()`` in another thread, so the test can keep acting as the client."""
+
+    def __init__(self, server: Server) -> None:
+        self.report: StopReport | None = None
+        self._thread = threading.Thread(target=self._stop, args=(server,))
+        self._thread.start()
+
+    def _stop(self, server: Server) -> None:
+        self.report = server.stop()
+
+    def join(self) -> StopReport:
+        self._thread.join(30)
+        assert self.report is not None
+        return self.report

@@ -9,12 +9,11 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
-from typing import Generic, TypeVar
+from collections.abc import Sequence
 
 import pytest
 from conftest import ServerFactory
-from support import NOTICE, connect, recv_until_eof, wait_until
+from support import NOTICE, Probe, StopInBackground, connect, recv_until_eof, wait_until
 
 from threadserve import (
     ConfigurationError,
@@ -23,84 +22,13 @@ from threadserve import (
     IncompleteRead,
     ReadTimeout,
     Server,
-    StopReport,
     Timeouts,
     WriteTimeout,
     echo,
 )
 
-T = TypeVar("T")
-
 TIMED_OUT = b"Timed out\n"
 TOO_LARGE = b"Line too long\n"
-
-
-def server_threads() -> list[str]:
-    return [t.name for t in threading.enumerate() if t.name.startswith("threadserve")]
-
-
-@pytest.fixture(autouse=True)
-def _server_threads_finish() -> Iterator[None]:
-    """After the servers stop (fixture teardown runs first), give their threads time to exit.
-
-    ``stop()`` joins the threads of the connections it drained, but a
-    connection that ended just before the stop has already left the registry
-    while its thread may be a few instructions from its end. The conftest
-    leftover-thread check must not race with that, yet must still catch a
-    thread that never ends: hence a bounded wait.
-    """
-    yield
-    wait_until(lambda: not server_threads(), timeout=5.0, what="server threads to exit")
-
-
-class Probe(Generic[T]):
-    """A handler that runs ``body`` and hands its outcome to the test thread.
-
-    Exceptions are recorded, then re-raised so the server treats them exactly
-    as it would for a real handler (notices, logging, statistics).
-    """
-
-    def __init__(self, body: Callable[[Connection], T]) -> None:
-        self._body = body
-        self._outcomes: queue.Queue[tuple[bool, T | BaseException]] = queue.Queue()
-
-    def __call__(self, conn: Connection) -> None:
-        try:
-            value = self._body(conn)
-        except BaseException as exc:
-            self._outcomes.put((False, exc))
-            raise
-        self._outcomes.put((True, value))
-
-    def result(self, timeout: float = 10.0) -> T:
-        returned, value = self._outcomes.get(timeout=timeout)
-        if not returned:
-            assert isinstance(value, BaseException)
-            raise AssertionError(f"handler raised {value!r}") from value
-        return value  # type: ignore[return-value]
-
-    def exception(self, timeout: float = 10.0) -> BaseException:
-        returned, value = self._outcomes.get(timeout=timeout)
-        assert not returned, f"handler returned {value!r} instead of raising"
-        assert isinstance(value, BaseException)
-        return value
-
-
-class StopInBackground:
-    """``server.stop()`` in another thread, so the test can keep acting as the client."""
-
-    def __init__(self, server: Server) -> None:
-        self.report: StopReport | None = None
-        self._thread = threading.Thread(target=self._stop, args=(server,))
-        self._thread.start()
-
-    def _stop(self, server: Server) -> None:
-        self.report = server.stop()
-
-    def join(self) -> StopReport:
-        self._thread.join(30)
-        assert self.report is not None
-        return self.report
 
 
 def send_in_pieces(server: Server, client: socket.socket, pieces: Sequence[bytes]) -> None:

@@ -33,14 +33,6 @@ def connection_threads() -> list[str]:
 
 
 @pytest.fixture(autouse=True)
-def _server_threads_finish() -> Iterator[None]:
-    """A connection that ended just before the stop is not joined by it: let its thread
-    finish (bounded) before conftest checks that no thread is left."""
-    yield
-    wait_until(lambda: not server_threads(), timeout=5.0, what="server threads to exit")
-
-
-@pytest.fixture(autouse=True)
 def _quiet_server_log(caplog: pytest.LogCaptureFixture) -> None:
     # Two INFO records per connection, all kept by caplog, would be the biggest
     # "leak" in the process. Production logging drops INFO by default too.

@@ -17,18 +17,6 @@ from threadserve import BindError, ConfigurationError, Server, echo
 from threadserve._listeners import BindAddress, parse_bind_address
 
 
-def server_threads() -> list[str]:
-    return [t.name for t in threading.enumerate() if t.name.startswith("threadserve")]
-
-
-@pytest.fixture(autouse=True)
-def _server_threads_finish() -> Iterator[None]:
-    """A connection that ended just before the stop is not joined by it: let its thread
-    finish (bounded) before conftest checks that no thread is left."""
-    yield
-    wait_until(lambda: not server_threads(), timeout=5.0, what="server threads to exit")
-
-
 @pytest.fixture
 def socket_dir() -> Iterator[str]:
     """A short directory for Unix sockets (their paths are limited to about 100 bytes)."""

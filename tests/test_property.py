@@ -13,7 +13,6 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from support import NOTICE, recv_until_eof, wait_until
@@ -33,18 +32,6 @@ EXAMPLES = settings(
 
 #: How the server reads: byte by byte (slow, so only for small streams) up to its default.
 SERVER_CHUNK_SIZES = st.sampled_from([1, 7, 1024, 65536])
-
-
-def server_threads() -> list[str]:
-    return [t.name for t in threading.enumerate() if t.name.startswith("threadserve")]
-
-
-@pytest.fixture(autouse=True)
-def _server_threads_finish() -> Iterator[None]:
-    """A connection that ended just before the stop is not joined by it: let its thread
-    finish (bounded) before conftest checks that no thread is left."""
-    yield
-    wait_until(lambda: not server_threads(), timeout=5.0, what="server threads to exit")
 
 
 @contextlib.contextmanager

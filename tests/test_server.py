@@ -9,12 +9,12 @@ import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Any, Generic, TypeVar
+from typing import Any
 
 import psutil
 import pytest
 from conftest import ServerFactory
-from support import NOTICE, connect, recv_exactly, recv_until_eof, wait_until
+from support import NOTICE, Probe, connect, recv_exactly, recv_until_eof, wait_until
 
 import threadserve._server
 from threadserve import (
@@ -26,46 +26,6 @@ from threadserve import (
     serve,
 )
 from threadserve.testing import RunningServer
-
-T = TypeVar("T")
-
-
-def server_threads() -> list[str]:
-    return [t.name for t in threading.enumerate() if t.name.startswith("threadserve")]
-
-
-@pytest.fixture(autouse=True)
-def _server_threads_finish() -> Iterator[None]:
-    """A connection that ended just before the stop is not joined by it: let its thread
-    finish (bounded) before conftest checks that no thread is left."""
-    yield
-    wait_until(lambda: not server_threads(), timeout=5.0, what="server threads to exit")
-
-
-class Probe(Generic[T]):
-    """A handler that runs ``body`` and hands its outcome to the test thread.
-
-    Exceptions are recorded, then re-raised so the server handles them as it
-    would for any handler.
-    """
-
-    def __init__(self, body: Callable[[Connection], T]) -> None:
-        self._body = body
-        self._outcomes: queue.Queue[tuple[bool, T | BaseException]] = queue.Queue()
-
-    def __call__(self, conn: Connection) -> None:
-        try:
-            value = self._body(conn)
-        except BaseException as exc:
-            self._outcomes.put((False, exc))
-            raise
-        self._outcomes.put((True, value))
-
-    def exception(self, timeout: float = 10.0) -> BaseException:
-        returned, value = self._outcomes.get(timeout=timeout)
-        assert not returned, f"handler returned {value!r} instead of raising"
-        assert isinstance(value, BaseException)
-        return value
 
 
 def open_fds() -> int:

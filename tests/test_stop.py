@@ -9,26 +9,9 @@ import time
 
 import pytest
 from conftest import ServerFactory
-from support import NOTICE, connect, recv_exactly, recv_until_eof, wait_until
+from support import NOTICE, StopInBackground, connect, recv_exactly, recv_until_eof, wait_until
 
-from threadserve import Connection, Server, StopReport, echo
-
-
-class StopInBackground:
-    """Call ``server.stop()`` in another thread so the test can read like a real client."""
-
-    def __init__(self, server: Server) -> None:
-        self.report: StopReport | None = None
-        self._thread = threading.Thread(target=self._stop, args=(server,))
-        self._thread.start()
-
-    def _stop(self, server: Server) -> None:
-        self.report = server.stop()
-
-    def join(self) -> StopReport:
-        self._thread.join(30)
-        assert self.report is not None
-        return self.report
+from threadserve import Connection, Server, echo
 
 
 def hold_until_stop(conn: Connection) -> None:
