@@ -22,6 +22,8 @@ CancelCallback = Callable[[], object]
 class CancelToken:
     """A one-shot, thread-safe flag with callbacks.
 
+    Callbacks must be quick and must not block: at stop they run in the
+    server's stopping thread, before it can enforce the grace period.
     Callbacks run in the thread that cancels, once, in registration order; a
     callback registered after the token was cancelled runs at once in the
     registering thread. Exceptions from callbacks are logged, never raised to

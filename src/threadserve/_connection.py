@@ -65,7 +65,8 @@ class Connection:
     Error handling: a client that resets or vanishes raises the builtin
     ``ConnectionResetError``/``BrokenPipeError``; a deadline raises
     ``ReadTimeout``/``WriteTimeout`` (both ``TimeoutError``). A handler may let
-    all of these propagate: the server logs them at DEBUG and closes.
+    all of these propagate: the server closes the connection and gives the
+    reason in its "connection closed" log line, without a traceback.
     """
 
     def __init__(
@@ -109,6 +110,7 @@ class Connection:
         # Once the stop is seen: how many more bytes to read (those that had
         # already arrived), then end of stream.
         self._stop_budget: int | None = None
+        self._lingering = False  # In the lingering close: notice and FIN already sent.
         self._reading_done = False  # Reads return b"" from now on (EOF or stop).
 
     # ------------------------------------------------------------------ state
@@ -182,6 +184,9 @@ class Connection:
             try:
                 count = self._sock.recv_into(view, wanted)
             except _WOULD_BLOCK:
+                if self._stop_budget is not None:
+                    self._end_reading_for_stop()  # Nothing left of what had arrived.
+                    return 0
                 continue  # Spurious readiness, as in _recv_from_socket.
             self._count_received(count)
             return count
@@ -296,6 +301,11 @@ class Connection:
             try:
                 data = self._sock.recv(bufsize)
             except _WOULD_BLOCK:
+                if self._stop_budget is not None:
+                    # Stopping, and what had arrived is read. (With TLS the
+                    # budget counts encrypted bytes, so it may never reach 0.)
+                    self._end_reading_for_stop()
+                    return b""
                 # poll() can report readiness that recv() then disagrees with
                 # (a bad checksum dropped the segment, or a TLS record is not
                 # complete yet); wait again.
@@ -396,12 +406,15 @@ class Connection:
                 self._tls_established = True
                 return
             except ssl.SSLWantReadError:
-                try:
-                    readable = self._wait_readable(deadline)
-                except ReadTimeout:
-                    raise HandshakeTimeout(
-                        f"{self.peer} did not finish the TLS handshake in {timeout} s"
-                    ) from None
+                if self._stop_budget is not None:
+                    readable = False  # The stop came mid-handshake: nothing to answer yet.
+                else:
+                    try:
+                        readable = self._wait_readable(deadline)
+                    except ReadTimeout:
+                        raise HandshakeTimeout(
+                            f"{self.peer} did not finish the TLS handshake in {timeout} s"
+                        ) from None
                 if not readable:
                     raise ConnectionAbortedError(
                         errno.ECONNABORTED, "server stopping during the TLS handshake"
@@ -427,10 +440,16 @@ class Connection:
                 self._send_close_notify()
             if not self._peer_eof:
                 self._sock.shutdown(socket.SHUT_WR)
+                # Told and FIN sent: if the stop's deadline cuts this short,
+                # it is still a clean drain (see Server._stop_sequence).
+                self._lingering = True
                 self._discard_until_eof(linger_until)
-        except OSError:
-            pass  # The client vanished or the stop was forced: nothing more to tell it.
+        except (OSError, ValueError):
+            # The client vanished or the stop was forced (ValueError: the TLS
+            # layer is already gone): nothing more to tell it.
+            pass
         finally:
+            self._lingering = False
             self._sock.close()
 
     def _send_close_notify(self) -> None:
@@ -460,8 +479,10 @@ class Connection:
     def _force_close(self) -> None:
         """Wake every blocked read and write at once (used after the grace period)."""
         # OSError: already closed or never connected, so nothing is left to wake.
+        # socket.socket.shutdown, not SSLSocket.shutdown: the latter drops the
+        # TLS layer, and the handler's next read would return ciphertext.
         with contextlib.suppress(OSError):
-            self._sock.shutdown(socket.SHUT_RDWR)
+            socket.socket.shutdown(self._sock, socket.SHUT_RDWR)
 
     def _close_socket(self) -> None:
         self._sock.close()

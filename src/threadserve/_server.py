@@ -145,8 +145,10 @@ class Server:
     ``with`` block) closes the listeners and the internal pipes.
 
     Error handling: exceptions from a handler are logged with the peer address
-    (connection resets and timeouts at DEBUG, the rest with a traceback at
-    ERROR) and never stop the server.
+    and never stop the server. Connection resets, timeouts and limits are
+    expected: they only give the reason in the INFO "connection closed" line.
+    Anything else is logged with its traceback at ERROR and counted in
+    ``statistics().handler_errors``.
     """
 
     def __init__(
@@ -260,7 +262,14 @@ class Server:
         try:
             with self._signal_handling():
                 logger.info("serving on %s", ", ".join(self.addresses))
-                self._accept_until_stop_requested()
+                try:
+                    self._accept_until_stop_requested()
+                except BaseException:
+                    # KeyboardInterrupt without our signal handlers, or a bug:
+                    # still end every connection before letting it propagate.
+                    self._request_force()
+                    self._stop_sequence()
+                    raise
                 report = self._stop_sequence()
         finally:
             self._spawn_queue.put(None)
@@ -549,7 +558,8 @@ class Server:
             outcome,
         )
         with self._lock:
-            self._finishing.add(threading.current_thread())
+            if getattr(_current, "server", None) is self:  # A connection thread, about to end.
+                self._finishing.add(threading.current_thread())
             del self._connections[conn]
             self._group_live[conn._stop_group] -= 1
             self._admission.release(conn._client_ip)
@@ -602,7 +612,12 @@ class Server:
         self._wake_in_waves(connections)
         self._wait_for_connections(self._stop_deadline)
         with self._lock:
-            leftover = dict(self._connections)
+            # A connection still in its lingering close has had its notice and
+            # FIN: cutting the linger short is not forcing it.
+            lingering = [conn for conn in self._connections if conn._lingering]
+            leftover = {c: t for c, t in self._connections.items() if not c._lingering}
+        for conn in lingering:
+            conn._force_close()
         stuck: list[str] = []
         if leftover:
             logger.warning(
@@ -703,16 +718,21 @@ class Server:
             self._wait_control(remaining)
 
     def _wait_control(self, timeout: float) -> None:
-        # select() here is interrupted by signals, whose handlers write to the
-        # control pipe, so a second Ctrl-C is seen at once.
-        readable, _, _ = select.select([self._control_r], [], [], timeout)
-        if readable:
+        # Signal handlers write to the control pipe, so a second Ctrl-C ends
+        # this wait at once. poll(), not select(): the pipe's descriptor may
+        # be above 1023 in a process that already has many files open.
+        poller = select.poll()
+        poller.register(self._control_r, select.POLLIN)
+        if poller.poll(int(timeout * 1000) + 1):
             _drain(self._control_r)
 
     def _report_stuck_threads(self, leftover: dict[Connection, threading.Thread]) -> list[str]:
         frames = sys._current_frames()
         stuck = []
-        for conn, thread in leftover.items():
+        with self._lock:
+            # Still registered: a thread that unregistered is only finishing.
+            still_there = [(c, t) for c, t in leftover.items() if c in self._connections]
+        for _conn, thread in still_there:
             if not thread.is_alive():
                 continue
             stuck.append(thread.name)
@@ -723,14 +743,15 @@ class Server:
                 thread.name,
                 stack.rstrip(),
             )
-            conn._close_socket()
+            # Its socket is already shut down; closing it here would free the
+            # descriptor number while that thread may still use it.
         return stuck
 
     def _release_resources(self) -> None:
         for listener in self._listeners:
             listener.close()
         with self._lock:
-            abandoned = bool(self._connections)
+            abandoned = bool(self._connections) or any(t.is_alive() for t in self._finishing)
         if abandoned:
             # A stuck thread may still wake up and poll the stop pipe or write
             # to the control pipe; closing them would let those fd numbers be

@@ -179,6 +179,11 @@ def load_handler(spec: str) -> Handler:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise ConfigurationError(f"cannot load handler {spec!r}: {exc}") from exc
+    except Exception as exc:  # The module itself failed: SyntaxError, NameError, ...
+        raise ConfigurationError(
+            f"cannot load handler {spec!r}: importing {module_name!r} raised "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
     try:
         handler: object = module
         for part in attribute.split("."):
