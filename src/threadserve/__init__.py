@@ -18,7 +18,7 @@ from ._notices import Notices
 from ._server import Handler, Server, ServerStatistics, StopReport, serve
 from ._timeouts import Timeouts
 from ._tls import server_tls_context
-from .handlers import echo
+from .handlers import discard, echo, echo_lines
 
 __version__ = "0.1.0"
 
@@ -43,7 +43,9 @@ __all__ = [
     "Timeouts",
     "WriteTimeout",
     "__version__",
+    "discard",
     "echo",
+    "echo_lines",
     "serve",
     "server_tls_context",
 ]

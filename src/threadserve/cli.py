@@ -115,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: %(default)s)",
     )
     defaults = Timeouts()
-    timeouts = serve.add_argument_group("timeouts (seconds, or 'none' for no limit)")
+    timeouts = serve.add_argument_group("timeouts (seconds; 'none' or 0 for no limit)")
     for name, help_text in (
         ("idle", "longest wait for a client's next bytes"),
         ("read", "longest time for one line or frame once it started (stops slowloris)"),
