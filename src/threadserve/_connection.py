@@ -1,8 +1,9 @@
 """What a handler holds: one client connection, read and written with blocking calls.
 
 The socket underneath is non-blocking. Every wait for data is a ``poll`` on two
-descriptors: the client socket and the server's stop pipe, which the server
-makes readable once, for everyone, when it starts stopping. That is how a
+descriptors: the client socket and a stop descriptor (an eventfd shared by a
+group of connections, see _broadcast.py), which the server makes readable
+for good when it starts stopping. That is how a
 handler blocked in ``recv`` wakes up at stop time *without* touching the
 client socket: ``shutdown(SHUT_RD)`` would wake it too, but on Linux a socket
 that has shut its read side answers every later byte from the client with a
@@ -11,7 +12,7 @@ itself pays the same poll-then-recv on any socket with a timeout, and we need
 timeouts anyway.
 
 Writes try ``send`` first (the socket buffer is usually free) and only poll
-when the client is not reading. The stop pipe is deliberately *not* part of a
+when the client is not reading. The stop descriptor is deliberately *not* part of a
 write's wait: data a handler has read must still be answered while the server
 drains. A forced stop ``shutdown(SHUT_RDWR)``s the socket, which wakes both.
 """
@@ -155,7 +156,7 @@ class Connection:
             return b""  # As socket.recv(0): nothing asked, nothing read, not the end.
         if self._plain_reads and self._stop_budget is None and not self._reading_done:
             # The hot path, for plain TCP without read deadlines: one poll, one
-            # recv. Anything unusual (the stop pipe fired, spurious readiness)
+            # recv. Anything unusual (the stop fired, spurious readiness)
             # falls through to the general path below.
             events = self._poll_readable()
             if len(events) == 1 and events[0][0] == self._fd:
@@ -336,7 +337,7 @@ class Connection:
         socket_ready = any(fd == self._fd for fd, _mask in events)
         if socket_ready and len(events) == 1:
             return True
-        # The stop pipe fired. What the client had sent by now is still read
+        # The stop descriptor fired. What the client had sent by now is still read
         # and answered; what it sends later is not, or a client that keeps
         # sending would hold the stop open until the grace period runs out.
         self._stop_budget = max(1, queued_bytes(self._fd)) if socket_ready else 0

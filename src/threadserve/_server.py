@@ -17,14 +17,17 @@ that may have interrupted code holding one.
 
 Stopping (``stop()``, SIGINT, SIGTERM) runs in the serving thread:
 
-1. The listeners close: a new connect is refused.
-2. One byte goes into the *stop pipe*. Every connection polls that pipe next
-   to its socket, so every blocked reader wakes at once; each then gets
-   what had already arrived, then end-of-stream. Every cancel token is set
-   (handlers doing non-socket work can see it or run a hook).
+1. Clients still in the listen queue are accepted and told (notice, FIN);
+   then the listeners close: a new connect is refused.
+2. The *stop descriptors* become readable (eventfds, one per group of
+   connections, woken a group at a time: see _broadcast.py). Every
+   connection polls its group's descriptor next to its socket, so a blocked
+   reader wakes; it then gets what had already arrived, then end-of-stream.
+   Every cancel token is set (handlers doing non-socket work can see it or
+   run a hook).
 3. Handlers finish the work they had read and return; the connection thread
    writes the goodbye notice, sends FIN and lingers until the client's EOF.
-4. The serving thread waits, in ``select`` on the control pipe, until the
+4. The serving thread waits, in ``poll`` on the control pipe, until the
    registry is empty or the grace deadline passes or a second signal
    arrives. Whatever is left is forced: ``shutdown(SHUT_RDWR)`` wakes any
    socket call. Threads that still do not end (stuck in a call that ignores
@@ -753,9 +756,9 @@ class Server:
         with self._lock:
             abandoned = bool(self._connections) or any(t.is_alive() for t in self._finishing)
         if abandoned:
-            # A stuck thread may still wake up and poll the stop pipe or write
+            # A stuck thread may still wake up and poll a stop descriptor or write
             # to the control pipe; closing them would let those fd numbers be
-            # reused under its feet. Four descriptors are a small price.
+            # reused under its feet. A few descriptors are a small price.
             return
         control = (self._control_r, self._control_w)
         self._control_r = self._control_w = -1
