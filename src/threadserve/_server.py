@@ -379,9 +379,7 @@ class Server:
                 with self._lock:
                     # Under the lock, so a connection ending right now sees the
                     # flag and wakes us (see _unregister): no lost wake-up.
-                    self._accept_paused = (
-                        self._admission.policy is OverloadPolicy.WAIT and self._admission.full
-                    )
+                    self._update_accept_paused()
                 if listening == self._accept_paused:
                     listening = not listening
                     for listener in self._listeners:
@@ -403,6 +401,10 @@ class Server:
                     self._wait_control(backoff)
         finally:
             selector.close()
+
+    def _update_accept_paused(self) -> None:
+        """Pause accepting at max_connections under the wait policy; the caller holds the lock."""
+        self._accept_paused = self._admission.policy is OverloadPolicy.WAIT and self._admission.full
 
     def _accept_batch(self, listener: Listener) -> bool:
         """Accept what is waiting; False if accept failed for lack of a resource."""
@@ -438,9 +440,7 @@ class Server:
                 self._accepted += 1
             else:
                 self._rejected += 1
-            self._accept_paused = (
-                self._admission.policy is OverloadPolicy.WAIT and self._admission.full
-            )
+            self._update_accept_paused()
         if refusal is None:
             self._start_connection(sock, peer, ip)
         else:
