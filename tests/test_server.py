@@ -400,3 +400,45 @@ def test_an_idle_server_with_idle_connections_uses_no_cpu(serve: ServerFactory) 
     finally:
         for client in clients:
             client.close()
+
+
+def test_a_reset_from_the_handlers_own_work_is_a_handler_error(
+    serve: ServerFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The same exception means "client gone" only when the connection's own I/O raised it."""
+
+    def database_goes_away(conn: threadserve.Connection) -> None:
+        conn.recv(10)
+        raise ConnectionResetError(104, "the database connection was reset")
+
+    server = serve(database_goes_away)
+    with connect(server.tcp_address) as client:
+        client.sendall(b"x")
+        assert recv_until_eof(client) == b""
+    wait_until(lambda: server.statistics().connections_closed == 1)
+    assert server.statistics().handler_errors == 1
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1
+    assert "handler failed" in errors[0].getMessage()
+
+
+def test_a_client_reset_during_a_write_is_not_a_handler_error(
+    serve: ServerFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    wrote = threading.Event()
+
+    def flood_the_client(conn: threadserve.Connection) -> None:
+        conn.recv(10)
+        wrote.set()
+        while True:  # Ends when the client's reset breaks the pipe.
+            conn.sendall(b"x" * 65536)
+
+    server = serve(flood_the_client)
+    client = connect(server.tcp_address)
+    client.sendall(b"x")
+    assert wrote.wait(10)
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    client.close()  # Unread data and linger 0: a reset.
+    wait_until(lambda: server.statistics().connections_closed == 1)
+    assert server.statistics().handler_errors == 0
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]

@@ -58,6 +58,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
+from . import _connection as _connection_module
 from ._admission import Admission, OverloadPolicy
 from ._broadcast import MAX_GROUPS, StopBroadcast
 from ._connection import DEFAULT_CHUNK_SIZE, PEER_GONE_ERRNOS, Connection, queued_bytes
@@ -516,9 +517,14 @@ class Server:
             outcome = str(exc)
         except ssl.SSLError as exc:
             outcome = f"TLS error: {exc.reason or exc}"
+            if not _raised_by_connection(exc):  # The handler's own TLS (a backend, say).
+                self._count_handler_error(conn)
         except OSError as exc:
             outcome = exc.strerror or str(exc)
-            if exc.errno not in PEER_GONE_ERRNOS and not self._stopping:
+            # The client going away is expected; the same error from the
+            # handler's own sockets (a database connection, say) is a bug to see.
+            expected = exc.errno in PEER_GONE_ERRNOS or self._stopping
+            if not (expected and _raised_by_connection(exc)):
                 self._count_handler_error(conn)
         except Exception:
             outcome = "handler error"
@@ -787,6 +793,28 @@ def serve(
     """
     with Server(handler, bind, **settings) as server:
         return server.serve_forever()
+
+
+def _raised_by_connection(exc: BaseException) -> bool:
+    """Whether ``exc`` came out of this connection's own I/O (a Connection method).
+
+    The innermost frame of such an error is a Connection method, or the
+    standard library's socket/ssl wrappers it called. Errors from anything
+    else the handler does (its database driver, say) end elsewhere.
+    """
+    frames = []
+    tb = exc.__traceback__
+    while tb is not None:
+        frames.append(tb.tb_frame.f_code.co_filename)
+        tb = tb.tb_next
+    for filename in reversed(frames):
+        if filename not in _IO_WRAPPER_FILES:
+            return filename == _connection_module.__file__
+    return False
+
+
+#: Library modules between a Connection method and the system call.
+_IO_WRAPPER_FILES = frozenset({ssl.__file__, socket.__file__})
 
 
 def _tell_and_close(sock: socket.socket, notice: bytes | None) -> None:
