@@ -207,7 +207,12 @@ def _remove_stale_unix_socket(path: str) -> None:
     try:
         probe.connect(path)
     except ConnectionRefusedError:
-        os.unlink(path)  # Nobody listens: a leftover from an earlier run.
+        try:
+            os.unlink(path)  # Nobody listens: a leftover from an earlier run.
+        except OSError as exc:
+            raise BindError(
+                f"cannot listen on {UNIX_PREFIX}{path}: stale socket file: {_describe(exc)}"
+            ) from exc
         return
     except OSError:
         return  # Let bind() report the real problem.

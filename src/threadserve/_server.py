@@ -192,14 +192,22 @@ class Server:
 
         specs = [bind] if isinstance(bind, str) else list(bind)
         self._listeners: list[Listener] = open_listeners([parse_bind_address(s) for s in specs])
-        for listener in self._listeners:
-            _tune_listener(listener.socket, keepalive)
+        try:
+            for listener in self._listeners:
+                _tune_listener(listener.socket, keepalive)
+            self._control_r, self._control_w = _nonblocking_pipe()
+            self._broadcast = StopBroadcast()
+        except BaseException:
+            for listener in self._listeners:
+                listener.close()
+            for fd in getattr(self, "_control_r", -1), getattr(self, "_control_w", -1):
+                if fd >= 0:
+                    os.close(fd)
+            raise
         self.addresses: list[str] = [listener.address for listener in self._listeners]
 
         self._lock = threading.Lock()
         self._connections: dict[Connection, threading.Thread] = {}
-        self._control_r, self._control_w = _nonblocking_pipe()
-        self._broadcast = StopBroadcast()
         self._group_live = [0] * MAX_GROUPS  # Live connections per stop group.
         # During a stop, a connection thread wakes the serving thread once the
         # live count falls to this (-1: only when the last one ends).

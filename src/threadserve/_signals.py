@@ -48,4 +48,6 @@ def stop_on_signals(
         yield
     finally:
         for signum, handler in previous.items():
-            signal.signal(signum, handler)
+            # None: the old handler was installed from C and cannot be put
+            # back from Python; the default is the closest we can do.
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
