@@ -20,7 +20,7 @@ import pytest
 import trustme
 from conftest import ServerFactory
 from hostile import ATTACKER_ADDRESS, connect_from, ms, percentile, report
-from support import NOTICE, ServerProcess, server_process, wait_until
+from support import NOTICE, ServerProcess, recv_exactly, server_process, wait_until
 
 from threadserve import Connection, StopReport, echo, server_tls_context
 
@@ -65,16 +65,6 @@ def tls_connect(
     except BaseException:
         sock.close()
         raise
-
-
-def recv_exactly_tls(sock: ssl.SSLSocket, n: int) -> bytes:
-    data = bytearray()
-    while len(data) < n:
-        chunk = sock.recv(n - len(data))
-        if not chunk:
-            raise EOFError(f"EOF after {bytes(data)!r}")
-        data += chunk
-    return bytes(data)
 
 
 def half_a_client_hello(context: ssl.SSLContext) -> bytes:
@@ -133,7 +123,7 @@ def _attack_with_stalled_handshakes(
             with tls_connect(context, address) as sock:
                 elapsed = time.monotonic() - started
                 sock.sendall(line)
-                assert recv_exactly_tls(sock, len(line)) == line
+                assert recv_exactly(sock, len(line)) == line
             with lock:
                 handshakes.append(elapsed)
         except (OSError, EOFError, AssertionError) as exc:
@@ -221,7 +211,7 @@ def test_stop_over_tls_echoes_then_notice_then_close_notify(
             for frame in range(3):
                 line = f"{index}:{frame}\n".encode()
                 client.sendall(line)
-                assert recv_exactly_tls(client, len(line)) == line
+                assert recv_exactly(client, len(line)) == line
                 expected_in += len(line)
         wait_until(lambda: server.statistics().bytes_sent == expected_in, what="echoes counted")
 
@@ -256,7 +246,7 @@ def knock(context: ssl.SSLContext, address: tuple[str, int], line: bytes) -> byt
     """Connect, say one line, return the echo."""
     with tls_connect(context, address) as sock:
         sock.sendall(line)
-        return recv_exactly_tls(sock, len(line))
+        return recv_exactly(sock, len(line))
 
 
 def test_client_certificate_required_when_a_client_ca_is_set(
