@@ -45,10 +45,6 @@ class StopBroadcast:
                 group = len(self._fds) - 1  # Out of descriptors: join the last group.
         return group, self._fds[group]
 
-    @property
-    def groups(self) -> int:
-        return len(self._fds)
-
     def release(self, group: int) -> None:
         """Wake every reader of ``group``; it stays woken for good."""
         os.eventfd_write(self._fds[group], 1)

@@ -79,10 +79,12 @@ class Connection:
         timeouts: Timeouts,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         clock: Callable[[], float] = time.monotonic,
+        client_ip: str | None = None,
+        stop_group: int = 0,
     ) -> None:
         self.peer = peer
-        self._client_ip: str | None = None  # For per-address admission counts.
-        self._stop_group = 0  # Which stop broadcast group wakes this connection.
+        self._client_ip = client_ip  # For per-address admission counts.
+        self._stop_group = stop_group  # Which stop broadcast group wakes this connection.
         self.cancel_token = CancelToken()
         self.bytes_received = 0
         self.bytes_sent = 0
@@ -269,10 +271,7 @@ class Connection:
         ``write`` timeout, and the builtin connection errors if it is gone.
         """
         total = len(data) if type(data) is bytes else memoryview(data).nbytes
-        try:
-            sent = self._sock.send(data)
-        except _WOULD_BLOCK:
-            sent = 0
+        sent = self._send_some(data)  # Usually all of it: the send buffer is free.
         if sent < total:
             view = memoryview(data).cast("B")
             while sent < total:

@@ -468,9 +468,9 @@ class Server:
             stop_fd=stop_fd,
             timeouts=self.timeouts,
             chunk_size=self.chunk_size,
+            client_ip=ip,
+            stop_group=group,
         )
-        conn._client_ip = ip
-        conn._stop_group = group
         thread = threading.Thread(
             target=self._run_connection, args=(conn,), name=f"threadserve {peer}", daemon=True
         )
