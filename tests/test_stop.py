@@ -11,6 +11,7 @@ import pytest
 from conftest import ServerFactory
 from support import NOTICE, StopInBackground, connect, recv_exactly, recv_until_eof, wait_until
 
+import threadserve._server
 from threadserve import Connection, Server, echo
 
 
@@ -221,3 +222,30 @@ def test_stop_while_connections_are_still_arriving(serve: ServerFactory) -> None
     assert stats.connections_accepted + stats.connections_rejected == len(served) + sum(
         1 for words in last_words if words in (b"ping" + NOTICE, NOTICE)
     )
+
+
+def test_client_in_the_listen_queue_is_told_even_if_its_bytes_arrive_late(
+    serve: ServerFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # One connection slot, held; under the wait policy the next client stays
+    # in the kernel's listen queue, never accepted, until the stop.
+    server = serve(echo, grace=3.0, max_connections=1, overload="wait")
+    held = connect(server.tcp_address)
+    held.sendall(b"x")
+    assert recv_exactly(held, 1) == b"x"
+    queued = connect(server.tcp_address)
+    queued.sendall(b"late")
+    # The race this guards against: the client's bytes land just after the
+    # server looked for unread input and just before it closes. Closing a
+    # socket with unread input sends a reset, which destroys the notice in
+    # the client's buffer. Hiding the bytes from that look recreates the race
+    # every time; the server must then linger for the client's EOF instead.
+    monkeypatch.setattr(threadserve._server, "queued_bytes", lambda fd: 0)
+    stopping = StopInBackground(server)
+    assert recv_until_eof(queued) == NOTICE
+    queued.close()
+    assert recv_until_eof(held) == NOTICE
+    held.close()
+    report = stopping.join()
+    assert report.clean
+    assert server.statistics().connections_rejected == 1

@@ -238,6 +238,10 @@ class Server:
         self._handler_errors = 0
         self._accept_errors = 0
         self._rejected = 0
+        # Listen-queue clients told of the stop, their FIN sent, waiting for
+        # their EOF (by descriptor), and when to stop waiting for them.
+        self._dismissed: dict[int, socket.socket] = {}
+        self._dismissed_until = 0.0
 
     # ------------------------------------------------------------------ public API
 
@@ -614,6 +618,7 @@ class Server:
     def _stop_sequence(self) -> StopReport:
         started = time.monotonic()
         self._stop_deadline = started + self.grace
+        self._dismissed_until = min(started + self.linger, self._stop_deadline - FORCE_MARGIN / 2)
         queued = sum(self._dismiss_listen_queue(listener) for listener in self._listeners)
         for listener in self._listeners:
             listener.close()
@@ -628,6 +633,7 @@ class Server:
             connections = dict(self._connections)
         self._wake_in_waves(connections)
         self._wait_for_connections(self._stop_deadline)
+        self._close_dismissed()
         with self._lock:
             # A connection still in its lingering close has had its notice and
             # FIN: cutting the linger short is not forcing it.
@@ -709,7 +715,10 @@ class Server:
 
         Closing a listener resets every connection the kernel had completed
         but we had not accepted yet. They were never served, so nothing they
-        sent was read; they only need to know. Bounded by the backlog size.
+        sent was read; they only need to know. Each gets the notice and a FIN,
+        then a lingering close like a served connection's (see _wait_control):
+        a client that sends just after being told must not turn our close
+        into a reset that destroys the notice. Bounded by the backlog size.
         """
         dismissed = 0
         for _ in range(LISTEN_BACKLOG):
@@ -718,30 +727,64 @@ class Server:
             except OSError:
                 break  # Empty (EAGAIN), or out of descriptors: the rest get the reset.
             # A TLS client cannot read a plain-text notice: it gets a clean EOF.
-            _tell_and_close(sock, None if self.tls else self.goodbye)
+            _tell(sock, None if self.tls else self.goodbye)
+            try:
+                sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                sock.close()  # Already gone: nothing to linger for.
+            else:
+                self._dismissed[sock.fileno()] = sock
             dismissed += 1
         with self._lock:
             self._rejected += dismissed
         return dismissed
 
+    def _discard_from_dismissed(self, fd: int) -> None:
+        sock = self._dismissed[fd]
+        try:
+            if sock.recv(DEFAULT_CHUNK_SIZE, socket.MSG_DONTWAIT):
+                return  # Input dropped (never served); its EOF is still to come.
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            pass  # Reset: the client is gone.
+        del self._dismissed[fd]
+        sock.close()
+
+    def _close_dismissed(self) -> None:
+        for sock in self._dismissed.values():
+            sock.close()
+        self._dismissed.clear()
+
     def _wait_for_connections(self, deadline: float, until_forced: bool = True) -> None:
         while True:
+            if self._dismissed and time.monotonic() >= self._dismissed_until:
+                self._close_dismissed()
             with self._lock:
-                if not self._connections:
+                if not self._connections and not self._dismissed:
                     return
             remaining = deadline - time.monotonic()
             if remaining <= 0 or (until_forced and self._force_requested):
                 return
-            self._wait_control(remaining)
+            if self._dismissed:
+                remaining = min(remaining, self._dismissed_until - time.monotonic())
+            self._wait_control(max(0.0, remaining))
 
     def _wait_control(self, timeout: float) -> None:
         # Signal handlers write to the control pipe, so a second Ctrl-C ends
         # this wait at once. poll(), not select(): the pipe's descriptor may
-        # be above 1023 in a process that already has many files open.
+        # be above 1023 in a process that already has many files open. The
+        # dismissed listen-queue clients are watched here too: the stop's
+        # waits are the only time they need.
         poller = select.poll()
         poller.register(self._control_r, select.POLLIN)
-        if poller.poll(int(timeout * 1000) + 1):
-            _drain(self._control_r)
+        for fd in self._dismissed:
+            poller.register(fd, select.POLLIN)
+        for fd, _events in poller.poll(int(timeout * 1000) + 1):
+            if fd == self._control_r:
+                _drain(self._control_r)
+            else:
+                self._discard_from_dismissed(fd)
 
     def _report_stuck_threads(self, leftover: dict[Connection, threading.Thread]) -> list[str]:
         frames = sys._current_frames()
@@ -825,15 +868,15 @@ def _raised_by_connection(exc: BaseException) -> bool:
 _IO_WRAPPER_FILES = frozenset({ssl.__file__, socket.__file__})
 
 
-def _tell_and_close(sock: socket.socket, notice: bytes | None) -> None:
-    """One line to a client that gets no thread, then close without a reset.
+def _tell(sock: socket.socket, notice: bytes | None) -> None:
+    """One line to a client that gets no thread.
 
     Unread input would turn the close into a reset that can destroy the
     notice in flight, so what the client already sent is read and dropped
     first (it was never served, so nothing read is lost). The notice is tiny
     and fits the empty send buffer: no waiting. This runs on the accept
     loop, where every system call counts (each one hands the GIL to a busy
-    connection thread): usually one ioctl, one send and the close.
+    connection thread): usually one ioctl and one send.
     """
     try:
         for _ in range(16):  # Bounded: a client streaming at us gets the reset.
@@ -845,8 +888,19 @@ def _tell_and_close(sock: socket.socket, notice: bytes | None) -> None:
             sock.send(notice, socket.MSG_DONTWAIT)
     except OSError:
         pass  # The client already left, or its buffer is full: nothing more to tell it.
+
+
+def _tell_and_close(sock: socket.socket, notice: bytes | None) -> None:
+    """Tell, then close at once: FIN after the notice, as no input is left unread.
+
+    A client that sends after this close still gets a reset; while serving,
+    a lingering close per turned-away client would cost the accept loop more
+    than the flood it defends against.
+    """
+    try:
+        _tell(sock, notice)
     finally:
-        sock.close()  # Sends FIN after the notice: no input is left unread.
+        sock.close()
 
 
 def _tune_listener(sock: socket.socket, keepalive: bool) -> None:
