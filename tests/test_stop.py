@@ -164,6 +164,40 @@ def test_cancel_hooks_run_at_stop(serve: ServerFactory) -> None:
     assert stopping.join().clean
 
 
+def test_a_cancel_hook_that_blocks_does_not_hold_the_stop(
+    serve: ServerFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    unblock = threading.Event()
+    hook_entered = threading.Event()
+
+    def blocking_hook() -> None:
+        hook_entered.set()
+        unblock.wait(30)  # Bounded, and released below once the stop is measured.
+
+    def handler(conn: Connection) -> None:
+        conn.on_cancel(blocking_hook)
+        for chunk in conn:  # The stop wakes this read on its own.
+            conn.sendall(chunk)
+
+    server = serve(handler, grace=2.0)
+    try:
+        with connect(server.tcp_address) as client:
+            client.sendall(b"x")
+            assert recv_exactly(client, 1) == b"x"
+            stopping = StopInBackground(server)
+            assert recv_until_eof(client) == NOTICE
+        report = stopping.join()
+        assert hook_entered.is_set()
+        assert report.clean
+        # Grace plus the joining margin at most, not the 30 s the hook blocks for.
+        assert report.duration < 2.0
+        assert report.stuck_threads == ("threadserve cancel hooks",)
+        assert "did not return" in caplog.text
+    finally:
+        unblock.set()
+    wait_until(lambda: not any(t.name.startswith("threadserve") for t in threading.enumerate()))
+
+
 def test_stop_while_connections_are_still_arriving(serve: ServerFactory) -> None:
     server = serve(echo, grace=3.0)
     address = server.tcp_address

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import queue
 import threading
 from collections.abc import Callable
 
@@ -22,9 +23,9 @@ CancelCallback = Callable[[], object]
 class CancelToken:
     """A one-shot, thread-safe flag with callbacks.
 
-    Callbacks must be quick and must not block: at stop they run in the
-    server's stopping thread, before it can enforce the grace period.
-    Callbacks run in the thread that cancels, once, in registration order; a
+    Callbacks run once, in registration order: in the thread that cancels,
+    or on a ``CallbackRunner`` when one is given (the server's stop does so,
+    so a callback that blocks cannot hold the stop past its grace period). A
     callback registered after the token was cancelled runs at once in the
     registering thread. Exceptions from callbacks are logged, never raised to
     the canceller (one bad hook must not stop the server from stopping).
@@ -60,8 +61,11 @@ class CancelToken:
         _run_callback(callback)
         return lambda: None
 
-    def cancel(self, reason: str = "cancelled") -> bool:
-        """Set the token and run its callbacks; return False if it was already set."""
+    def cancel(self, reason: str = "cancelled", runner: CallbackRunner | None = None) -> bool:
+        """Set the token and run its callbacks (here, or on ``runner``).
+
+        Returns False if the token was already set.
+        """
         with self._lock:
             if self._event.is_set():
                 return False
@@ -70,7 +74,10 @@ class CancelToken:
             callbacks, self._callbacks = self._callbacks, []
         # Run outside the lock: a callback may register or remove other callbacks.
         for callback in callbacks:
-            _run_callback(callback)
+            if runner is None:
+                _run_callback(callback)
+            else:
+                runner.submit(callback)
         return True
 
     def _remove(self, callback: CancelCallback) -> None:
@@ -81,6 +88,47 @@ class CancelToken:
     def __repr__(self) -> str:
         state = f"cancelled ({self._reason})" if self.cancelled else "active"
         return f"<CancelToken {state}>"
+
+
+class CallbackRunner:
+    """Runs cancel callbacks in order on a thread of its own, started on first use.
+
+    A callback that blocks delays the callbacks queued behind it, never the
+    thread that cancelled. ``close`` says which callback, if any, did not return.
+    """
+
+    def __init__(self, thread_name: str) -> None:
+        self.thread_name = thread_name
+        self._queue: queue.SimpleQueue[CancelCallback | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._running: CancelCallback | None = None
+
+    def submit(self, callback: CancelCallback) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name=self.thread_name, daemon=True)
+            self._thread.start()
+        self._queue.put(callback)
+
+    def close(self, timeout: float) -> tuple[threading.Thread, CancelCallback | None] | None:
+        """Let queued callbacks finish for up to ``timeout`` seconds.
+
+        Returns None when all returned, else the runner's thread (left to
+        run as a daemon) and the callback it is stuck in.
+        """
+        if self._thread is None:
+            return None
+        self._queue.put(None)
+        self._thread.join(timeout)
+        if not self._thread.is_alive():
+            return None
+        return self._thread, self._running
+
+    def _run(self) -> None:
+        while (callback := self._queue.get()) is not None:
+            self._running = callback
+            _run_callback(callback)
+            self._running = None
+            del callback  # Do not keep its closure alive while waiting.
 
 
 def _run_callback(callback: CancelCallback) -> None:

@@ -127,7 +127,10 @@ class Connection:
         """Run ``callback`` when the connection is cancelled; returns an unregister function.
 
         Use it to interrupt blocking work that is not a read on this
-        connection (close a database cursor, put a sentinel on a queue).
+        connection (close a database cursor, put a sentinel on a queue). At
+        stop, callbacks run one after another on the server's hook thread:
+        keep them short; one that blocks delays the callbacks after it (and
+        is reported when the stop ends), never the stop itself.
         """
         return self.cancel_token.on_cancel(callback)
 

@@ -24,7 +24,8 @@ Stopping (``stop()``, SIGINT, SIGTERM) runs in the serving thread:
    connection polls its group's descriptor next to its socket, so a blocked
    reader wakes; it then gets what had already arrived, then end-of-stream.
    Every cancel token is set (handlers doing non-socket work can see it or
-   run a hook).
+   run a hook; hooks run on a thread of their own, so one that blocks cannot
+   hold up the stop).
 3. Handlers finish the work they had read and return; the connection thread
    writes the goodbye notice, sends FIN and lingers until the client's EOF.
 4. The serving thread waits, in ``poll`` on the control pipe, until the
@@ -61,6 +62,7 @@ from typing import Any
 from . import _connection as _connection_module
 from ._admission import Admission, OverloadPolicy
 from ._broadcast import MAX_GROUPS, StopBroadcast
+from ._cancel import CallbackRunner, CancelCallback
 from ._connection import DEFAULT_CHUNK_SIZE, PEER_GONE_ERRNOS, Connection, queued_bytes
 from ._exceptions import (
     ConfigurationError,
@@ -242,6 +244,8 @@ class Server:
         # their EOF (by descriptor), and when to stop waiting for them.
         self._dismissed: dict[int, socket.socket] = {}
         self._dismissed_until = 0.0
+        # Cancel hooks run here at stop, off the stopping thread (see _cancel.py).
+        self._hook_runner = CallbackRunner("threadserve cancel hooks")
 
     # ------------------------------------------------------------------ public API
 
@@ -661,6 +665,9 @@ class Server:
             finishing = list(self._finishing)
         for thread in finishing:
             thread.join(max(0.0, join_deadline - time.monotonic()))
+        stuck_hook = self._hook_runner.close(max(0.0, join_deadline - time.monotonic()))
+        if stuck_hook is not None:
+            stuck.append(_report_stuck_hook(*stuck_hook))
         duration = time.monotonic() - started
         report = StopReport(
             clean=not leftover,
@@ -685,12 +692,12 @@ class Server:
             group = unreleased.pop(0)
             self._broadcast.release(group)
             for conn in by_group[group]:
-                conn.cancel_token.cancel("server stopping")
+                conn.cancel_token.cancel("server stopping", self._hook_runner)
             if unreleased and not self._wait_for_wave_room(unreleased):
                 break  # Deadline or a forced stop: wake the rest at once.
         for group in unreleased:
             for conn in by_group[group]:
-                conn.cancel_token.cancel("server stopping")
+                conn.cancel_token.cancel("server stopping", self._hook_runner)
         self._broadcast.release_all()
 
     def _wait_for_wave_room(self, unreleased: list[int]) -> bool:
@@ -787,7 +794,6 @@ class Server:
                 self._discard_from_dismissed(fd)
 
     def _report_stuck_threads(self, leftover: dict[Connection, threading.Thread]) -> list[str]:
-        frames = sys._current_frames()
         stuck = []
         with self._lock:
             # Still registered: a thread that unregistered is only finishing.
@@ -796,12 +802,10 @@ class Server:
             if not thread.is_alive():
                 continue
             stuck.append(thread.name)
-            frame = frames.get(thread.ident or -1)
-            stack = "".join(traceback.format_stack(frame)) if frame else "(no stack)\n"
             logger.error(
                 "thread %r did not stop (it ignores its cancel token); abandoning it. Stack:\n%s",
                 thread.name,
-                stack.rstrip(),
+                _stack_of(thread),
             )
             # Its socket is already shut down; closing it here would free the
             # descriptor number while that thread may still use it.
@@ -866,6 +870,18 @@ def _raised_by_connection(exc: BaseException) -> bool:
 
 #: Library modules between a Connection method and the system call.
 _IO_WRAPPER_FILES = frozenset({ssl.__file__, socket.__file__})
+
+
+def _report_stuck_hook(thread: threading.Thread, callback: CancelCallback | None) -> str:
+    logger.error(
+        "cancel callback %r did not return; abandoning it. Stack:\n%s", callback, _stack_of(thread)
+    )
+    return thread.name
+
+
+def _stack_of(thread: threading.Thread) -> str:
+    frame = sys._current_frames().get(thread.ident or -1)
+    return "".join(traceback.format_stack(frame)).rstrip() if frame else "(no stack)"
 
 
 def _tell(sock: socket.socket, notice: bytes | None) -> None:
