@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import resource
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -102,6 +103,15 @@ def schedule(cases: list[Case], peers: list[Peer], repeats: int) -> list[tuple[i
                 if case.workload in peer.workloads:
                     runs.append((repeat, case, peer))
     return runs
+
+
+def thread_floor(out: Path, threads: int, repeats: int, cpu: int | None) -> Any:
+    """Python threads alone, on the server's core (bench/thread_floor.py), in a fresh process."""
+    path = out / "thread_floor.json"
+    argv = [sys.executable, "-m", "bench.thread_floor", "--threads", str(threads)]
+    argv += ["--repeats", str(repeats), "--cpu", str(-1 if cpu is None else cpu)]
+    subprocess.run([*argv, "--out", str(path)], check=True, stdout=subprocess.DEVNULL, timeout=600)
+    return json.loads(path.read_text())
 
 
 def save(path: Path, results: dict[str, Any]) -> None:
@@ -195,6 +205,9 @@ def main(argv: list[str] | None = None) -> int:
                 if not record["ok"]:
                     progress.write(f"  {peer.name} {case.label}: {record['error']}")
                 save(results_path, results)
+        floor_threads = max((c.conns for c in cases if c.workload in ("idle", "stop")), default=0)
+        if floor_threads:
+            results["thread_floor"] = thread_floor(out, floor_threads, repeats, server_cpu)
     except KeyboardInterrupt:
         interrupted = True
         print("\nbench: interrupted; writing what was measured", file=sys.stderr)

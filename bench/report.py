@@ -21,6 +21,8 @@ matplotlib.use("Agg")  # files only, no display; must precede pyplot
 import matplotlib.pyplot as plt
 from matplotlib.ticker import FuncFormatter, NullFormatter
 
+from bench.thread_floor import markdown_table
+
 Run = dict[str, Any]
 CaseKey = tuple[str, int, int, str]  # workload, conns, size, variant
 
@@ -321,6 +323,21 @@ def _fmt_seconds(value: float) -> str:
     return f"{value * 1000:.0f} ms" if value < 1 else f"{value:.2f} s"
 
 
+def _floor_section(floor: dict[str, Any] | None) -> list[str]:
+    if not floor:
+        return []
+    return [
+        "## Floor: Python threads alone",
+        "",
+        "No sockets: start N threads that each block on a lock, wake each once, then wake",
+        "and end each (waves of 1 and of 128), on the server's core. A thread-per-connection",
+        "server cannot accept or stop N connections faster than this (bench/thread_floor.py).",
+        "",
+        markdown_table(floor["rows"]),
+        "",
+    ]
+
+
 def _generator_section(runs: list[Run], peers: list[str]) -> list[str]:
     load = [r for r in runs if r["workload"] in ("echo", "blocking") and r["ok"]]
     if not load:
@@ -427,6 +444,7 @@ def render_markdown(results: dict[str, Any]) -> str:
         )
     lines += _idle_section(grouped, peers)
     lines += _stop_section(grouped, peers)
+    lines += _floor_section(results.get("thread_floor"))
     lines += _generator_section(runs, peers)
     lines += _environment_section(results)
     failures = [r for r in runs if not r["ok"]]
