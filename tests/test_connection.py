@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import select
 import socket
 import struct
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import pytest
 from conftest import ServerFactory
@@ -26,6 +27,7 @@ from threadserve import (
     WriteTimeout,
     echo,
 )
+from threadserve._connection import queued_bytes
 
 TIMED_OUT = b"Timed out\n"
 TOO_LARGE = b"Line too long\n"
@@ -142,6 +144,42 @@ def test_iteration_ends_at_stop_after_yielding_what_had_arrived(serve: ServerFac
         assert recv_until_eof(client) == NOTICE
     assert probe.result() == ([b"abc"], True)
     assert stopping.join().clean
+
+
+@pytest.mark.parametrize(
+    "read",
+    [lambda conn: conn.recv(100), lambda conn: conn.readline()],
+    ids=["recv (fast path)", "readline (general path)"],
+)
+def test_a_busy_connection_sees_the_stop_begin_without_its_stop_descriptor(
+    read: Callable[[Connection], bytes],
+) -> None:
+    # The stop wakes idle connections a group at a time through their stop
+    # descriptors. A busy connection finds its socket readable and never waits
+    # on its descriptor, so the server-wide "stop begun" flag is how it learns
+    # of the stop at its next read, instead of serving on until its group's turn.
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        client = socket.create_connection(listener.getsockname())
+        sock, _address = listener.accept()
+    sock.setblocking(False)
+    never_fired = os.eventfd(0)
+    stop_begun = threading.Event()
+    conn = Connection(
+        sock, "client", stop_fd=never_fired, timeouts=Timeouts(), stop_begun=stop_begun
+    )
+    try:
+        client.sendall(b"before\n")
+        assert read(conn) == b"before\n"
+        client.sendall(b"arrived\n")
+        wait_until(lambda: queued_bytes(sock.fileno()) == len(b"arrived\n"))
+        stop_begun.set()
+        assert read(conn) == b"arrived\n"  # Had arrived when the stop began: answered.
+        client.sendall(b"later\n")
+        assert read(conn) == b""  # Then end of stream, though "later" is readable.
+    finally:
+        client.close()
+        conn._close_socket()
+        os.close(never_fired)
 
 
 # ---------------------------------------------------------------- readline

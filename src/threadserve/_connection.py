@@ -27,6 +27,7 @@ import select
 import socket
 import ssl
 import termios
+import threading
 import time
 from collections.abc import Callable, Iterator
 
@@ -81,6 +82,7 @@ class Connection:
         clock: Callable[[], float] = time.monotonic,
         client_ip: str | None = None,
         stop_group: int = 0,
+        stop_begun: threading.Event | None = None,
     ) -> None:
         self.peer = peer
         self._client_ip = client_ip  # For per-address admission counts.
@@ -93,6 +95,11 @@ class Connection:
         self._tls_established = False
         self._fd = sock.fileno()
         self._stop_fd = stop_fd
+        # Set once the server begins to stop, before any stop descriptor is.
+        # A busy connection finds its socket readable and never waits for its
+        # descriptor: this flag makes it wind down at its next read instead of
+        # serving on until its group's wave comes.
+        self._stop_begun = stop_begun if stop_begun is not None else threading.Event()
         self._timeouts = timeouts
         self._chunk_size = chunk_size
         self._clock = clock
@@ -164,7 +171,7 @@ class Connection:
             # recv. Anything unusual (the stop fired, spurious readiness)
             # falls through to the general path below.
             events = self._poll_readable()
-            if len(events) == 1 and events[0][0] == self._fd:
+            if len(events) == 1 and events[0][0] == self._fd and not self._stop_begun.is_set():
                 try:
                     data = self._sock.recv(bufsize)
                 except _WOULD_BLOCK:
@@ -337,9 +344,9 @@ class Connection:
         if not events:
             raise ReadTimeout(f"no data from {self.peer} in time")
         socket_ready = any(fd == self._fd for fd, _mask in events)
-        if socket_ready and len(events) == 1:
+        if socket_ready and len(events) == 1 and not self._stop_begun.is_set():
             return True
-        # The stop descriptor fired. What the client had sent by now is still read
+        # The server is stopping. What the client had sent by now is still read
         # and answered; what it sends later is not, or a client that keeps
         # sending would hold the stop open until the grace period runs out.
         self._stop_budget = max(1, queued_bytes(self._fd)) if socket_ready else 0

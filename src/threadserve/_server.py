@@ -218,6 +218,8 @@ class Server:
         self._stop_requested = False
         self._force_requested = False
         self._stopping = False
+        # Busy connections watch this; idle ones wait for their wave (_connection.py).
+        self._stop_begun = threading.Event()
         self._stop_deadline = 0.0
         self._serving_started = False
         self._serving_thread: threading.Thread | None = None
@@ -478,6 +480,7 @@ class Server:
             chunk_size=self.chunk_size,
             client_ip=ip,
             stop_group=group,
+            stop_begun=self._stop_begun,
         )
         thread = threading.Thread(
             target=self._run_connection, args=(conn,), name=f"threadserve {peer}", daemon=True
@@ -635,6 +638,9 @@ class Server:
         with self._lock:
             self._stopping = True
             connections = dict(self._connections)
+        # Only now: a connection that sees this must also see _stopping, or it
+        # would close without the goodbye notice (_finish_connection).
+        self._stop_begun.set()
         self._wake_in_waves(connections)
         self._wait_for_connections(self._stop_deadline)
         self._close_dismissed()
