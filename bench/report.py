@@ -393,6 +393,8 @@ def _environment_section(results: dict[str, Any]) -> list[str]:
         f"{config.get('warmup')} s warm-up + {config.get('duration')} s measured per run, "
         "a fresh server per run, peers interleaved",
         f"- seed server: print {config.get('seed_print')}",
+        # Workloads re-run later (after a change) and merged in place of the first runs.
+        *(f"- {note}" for note in config.get("replaced", [])),
     ]
     foreign = [float(r["foreign_cpu"]) for r in results.get("runs", []) if "foreign_cpu" in r]
     if foreign:
