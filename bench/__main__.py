@@ -1,6 +1,6 @@
 """`python -m bench`: build, run every peer on every workload, write results.
 
-    python -m bench                    full run (about an hour)
+    python -m bench                    full run (about 90 minutes)
     python -m bench --quick            smoke run (a few minutes)
     python -m bench --peers threadserve,uvloop --workloads echo --repeats 5
     python -m bench --report-only      redraw tables and charts from results.json
