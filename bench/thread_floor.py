@@ -30,6 +30,7 @@ import statistics
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from threading import Lock
@@ -63,19 +64,20 @@ def measure(threads: int, wave: int) -> Floor:
     for worker in workers:
         worker.start()
     started = time.perf_counter()
-    for first in range(0, threads, wave):
-        for gate in wake_gates[first : first + wave]:
-            gate.release()
-        for woke in woken[first : first + wave]:
-            woke.acquire()
+    _in_waves(wake_gates, [woke.acquire for woke in woken], wave)
     all_woken = time.perf_counter()
-    for first in range(0, threads, wave):
-        for gate in end_gates[first : first + wave]:
-            gate.release()
-        for worker in workers[first : first + wave]:
-            worker.join()
+    _in_waves(end_gates, [worker.join for worker in workers], wave)
     ended = time.perf_counter()
     return Floor(started - began, all_woken - started, ended - all_woken)
+
+
+def _in_waves(gates: list[Lock], waits: list[Callable[[], object]], wave: int) -> None:
+    """Open ``wave`` gates, then wait for each of those threads; repeat until all are done."""
+    for first in range(0, len(gates), wave):
+        for gate in gates[first : first + wave]:
+            gate.release()
+        for wait in waits[first : first + wave]:
+            wait()
 
 
 def _locked() -> Lock:

@@ -18,6 +18,7 @@ from conftest import ServerFactory
 from support import wait_until
 
 from threadserve import Connection, Server, Timeouts, echo
+from threadserve.testing import RunningServer
 
 #: Clients connecting at the same time during churn.
 CONCURRENCY = 50
@@ -107,6 +108,18 @@ def settle(server: Server, expected_closed: int) -> None:
     wait_until(lambda: not connection_threads(), timeout=30, what="connection threads to end")
 
 
+def churn_and_settle(
+    server: RunningServer, total: int, concurrency: int = CONCURRENCY
+) -> tuple[Churn, Footprint]:
+    """``churn`` with no error, then wait until all closed and their threads ended; measure."""
+    closed_before = server.statistics().connections_closed
+    run = churn(server.tcp_address, total, concurrency)
+    assert run.errors == []
+    assert run.connections == total
+    settle(server, closed_before + total)
+    return run, Footprint.of(server)
+
+
 @dataclass(frozen=True)
 class Footprint:
     threads: int
@@ -139,16 +152,8 @@ def test_churn_of_5000_connections_returns_threads_fds_and_memory_to_baseline(
     server = serve(echo)
     # Warm-up: first-time allocations (caches, code paths, glibc's thread
     # stack cache) are not leaks; measure from a warm state.
-    warm_up = churn(server.tcp_address, 1000)
-    assert warm_up.errors == []
-    settle(server, 1000)
-    baseline = Footprint.of(server)
-
-    run = churn(server.tcp_address, 5000)
-    assert run.errors == []
-    assert run.connections == 5000
-    settle(server, 6000)
-    after = Footprint.of(server)
+    _warm_up, baseline = churn_and_settle(server, 1000)
+    run, after = churn_and_settle(server, 5000)
 
     stats = server.statistics()
     assert (stats.connections_accepted, stats.connections_active) == (6000, 0)
@@ -291,16 +296,8 @@ def test_registry_prunes_itself_after_20000_connections(serve: ServerFactory) ->
     # over 70 s. The registry either prunes per connection or it does not;
     # 20,000 is far past any batch or cache size that could hide it.
     server = serve(echo)
-    first = churn(server.tcp_address, 10, concurrency=10)
-    assert first.errors == []
-    settle(server, 10)
-    after_ten = Footprint.of(server)
-
-    run = churn(server.tcp_address, 20_000)
-    assert run.errors == []
-    assert run.connections == 20_000
-    settle(server, 20_010)
-    after_many = Footprint.of(server)
+    _first, after_ten = churn_and_settle(server, 10, concurrency=10)
+    run, after_many = churn_and_settle(server, 20_000)
 
     assert server.statistics().connections_accepted == 20_010
     assert after_many.registered == after_ten.registered == 0

@@ -23,6 +23,7 @@ import array
 import contextlib
 import errno
 import fcntl
+import functools
 import select
 import socket
 import ssl
@@ -30,6 +31,7 @@ import termios
 import threading
 import time
 from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 from ._cancel import CancelCallback, CancelToken
 from ._exceptions import (
@@ -49,6 +51,9 @@ _WOULD_BLOCK = (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSL
 
 _READABLE = select.POLLIN | select.POLLPRI | select.POLLHUP | select.POLLERR | select.POLLNVAL
 _WRITABLE = select.POLLOUT | select.POLLHUP | select.POLLERR | select.POLLNVAL
+
+#: What one read returns: bytes from recv, a count from recv_into.
+_Read = TypeVar("_Read", bytes, int)
 
 #: Errors that mean "the other side is gone"; they end a connection quietly.
 PEER_GONE_ERRNOS = frozenset(
@@ -166,19 +171,22 @@ class Connection:
             return data
         if bufsize <= 0:
             return b""  # As socket.recv(0): nothing asked, nothing read, not the end.
-        if self._plain_reads and self._stop_budget is None and not self._reading_done:
-            # The hot path, for plain TCP without read deadlines: one poll, one
-            # recv. Anything unusual (the stop fired, spurious readiness)
-            # falls through to the general path below.
-            events = self._poll_readable()
-            if len(events) == 1 and events[0][0] == self._fd and not self._stop_begun.is_set():
-                try:
-                    data = self._sock.recv(bufsize)
-                except _WOULD_BLOCK:
-                    pass
-                else:
-                    self._count_received(len(data))
-                    return data
+        # The hot path, for plain TCP without read deadlines: one poll, one
+        # recv. Anything unusual (the stop, spurious readiness) falls through
+        # to the general path below.
+        if (
+            self._plain_reads
+            and self._stop_budget is None
+            and not self._reading_done
+            and self._only_socket_ready(self._poll_readable())
+        ):
+            try:
+                data = self._sock.recv(bufsize)
+            except _WOULD_BLOCK:
+                pass
+            else:
+                self._count_received(len(data))
+                return data
         return self._recv_from_socket(bufsize, self._idle_deadline())
 
     def recv_into(self, buffer: bytearray | memoryview, nbytes: int = 0) -> int:
@@ -192,18 +200,8 @@ class Connection:
             view[:count] = self._buffer[:count]
             del self._buffer[:count]
             return count
-        deadline = self._idle_deadline()
-        while self._ready_to_read(deadline):
-            try:
-                count = self._sock.recv_into(view, wanted)
-            except _WOULD_BLOCK:
-                if self._stop_budget is not None:
-                    self._end_reading_for_stop()  # Nothing left of what had arrived.
-                    return 0
-                continue  # Spurious readiness, as in _recv_from_socket.
-            self._count_received(count)
-            return count
-        return 0
+        read = functools.partial(self._sock.recv_into, view, wanted)
+        return self._read_when_ready(self._idle_deadline(), read, int) or 0
 
     def __iter__(self) -> Iterator[bytes]:
         """Yield chunks as they arrive, until end of stream (client EOF or server stop)."""
@@ -307,22 +305,29 @@ class Connection:
     # ------------------------------------------------------------------ internals
 
     def _recv_from_socket(self, bufsize: int, deadline: float | None) -> bytes:
+        data = self._read_when_ready(deadline, functools.partial(self._sock.recv, bufsize), len)
+        return b"" if data is None else data
+
+    def _read_when_ready(
+        self, deadline: float | None, read: Callable[[], _Read], size: Callable[[_Read], int]
+    ) -> _Read | None:
+        """Wait for input, then ``read()`` it once; None once reading has ended (EOF or stop)."""
         while self._ready_to_read(deadline):
             try:
-                data = self._sock.recv(bufsize)
+                result = read()
             except _WOULD_BLOCK:
                 if self._stop_budget is not None:
                     # Stopping, and what had arrived is read. (With TLS the
                     # budget counts encrypted bytes, so it may never reach 0.)
                     self._end_reading_for_stop()
-                    return b""
+                    return None
                 # poll() can report readiness that recv() then disagrees with
                 # (a bad checksum dropped the segment, or a TLS record is not
                 # complete yet); wait again.
                 continue
-            self._count_received(len(data))
-            return data
-        return b""
+            self._count_received(size(result))
+            return result
+        return None
 
     def _ready_to_read(self, deadline: float | None) -> bool:
         if self._reading_done:
@@ -343,14 +348,18 @@ class Connection:
         events = self._read_poller.poll(self._poll_timeout_ms(deadline))
         if not events:
             raise ReadTimeout(f"no data from {self.peer} in time")
-        socket_ready = any(fd == self._fd for fd, _mask in events)
-        if socket_ready and len(events) == 1 and not self._stop_begun.is_set():
+        if self._only_socket_ready(events):
             return True
+        socket_ready = any(fd == self._fd for fd, _mask in events)
         # The server is stopping. What the client had sent by now is still read
         # and answered; what it sends later is not, or a client that keeps
         # sending would hold the stop open until the grace period runs out.
         self._stop_budget = max(1, queued_bytes(self._fd)) if socket_ready else 0
         return self._stop_budget > 0 or self._end_reading_for_stop()
+
+    def _only_socket_ready(self, events: list[tuple[int, int]]) -> bool:
+        """Input to read and no stop: the usual case, served without further checks."""
+        return len(events) == 1 and events[0][0] == self._fd and not self._stop_begun.is_set()
 
     def _end_reading_for_stop(self) -> bool:
         self._reading_done = True

@@ -708,20 +708,20 @@ class Server:
 
     def _wait_for_wave_room(self, unreleased: list[int]) -> bool:
         """Wait until fewer than STOP_WAVE woken connections are still finishing."""
-        while True:
+
+        def room_for_a_wave() -> bool:
+            waiting = sum(self._group_live[group] for group in unreleased)
+            if len(self._connections) - waiting < STOP_WAVE:
+                return True
+            # Not yet: have the connection threads wake us when there is.
+            self._wake_at_live = waiting + STOP_WAVE // 2
+            return False
+
+        try:
+            return self._wait_until(room_for_a_wave, self._stop_deadline)
+        finally:
             with self._lock:
-                waiting = sum(self._group_live[group] for group in unreleased)
-                finishing = len(self._connections) - waiting
-                if finishing < STOP_WAVE:
-                    self._wake_at_live = -1
-                    return True
-                self._wake_at_live = waiting + STOP_WAVE // 2
-            remaining = self._stop_deadline - time.monotonic()
-            if remaining <= 0 or self._force_requested:
-                with self._lock:
-                    self._wake_at_live = -1
-                return False
-            self._wait_control(remaining)
+                self._wake_at_live = -1
 
     def _dismiss_listen_queue(self, listener: Listener) -> int:
         """Tell the clients still waiting in the listen queue, instead of resetting them.
@@ -770,15 +770,27 @@ class Server:
         self._dismissed.clear()
 
     def _wait_for_connections(self, deadline: float, until_forced: bool = True) -> None:
+        self._wait_until(
+            lambda: not self._connections and not self._dismissed, deadline, until_forced
+        )
+
+    def _wait_until(
+        self, done: Callable[[], bool], deadline: float, until_forced: bool = True
+    ) -> bool:
+        """Wait on the control pipe until ``done()`` holds; it is called under the lock.
+
+        Returns True when it holds, False at the deadline or, with
+        ``until_forced``, once the stop is forced.
+        """
         while True:
             if self._dismissed and time.monotonic() >= self._dismissed_until:
                 self._close_dismissed()
             with self._lock:
-                if not self._connections and not self._dismissed:
-                    return
+                if done():
+                    return True
             remaining = deadline - time.monotonic()
             if remaining <= 0 or (until_forced and self._force_requested):
-                return
+                return False
             if self._dismissed:
                 remaining = min(remaining, self._dismissed_until - time.monotonic())
             self._wait_control(max(0.0, remaining))
