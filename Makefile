@@ -22,6 +22,7 @@ run: $(STAMP)
 
 ## test: the whole suite, then strict type checking and lint
 test: $(STAMP)
+	bash scripts/system-packages
 	$(BIN)/python -m pytest
 	$(BIN)/python -m mypy
 	$(BIN)/python -m ruff check .
