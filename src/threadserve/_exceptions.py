@@ -55,3 +55,7 @@ class FrameTooLarge(ThreadserveError, ValueError):
     def __init__(self, limit: int) -> None:
         self.limit = limit
         super().__init__(f"frame exceeds the limit of {limit} bytes")
+
+
+class ProxyProtocolError(ThreadserveError, ValueError):
+    """A PROXY protocol header is malformed, incomplete in time, or from a proxy not allowed."""
