@@ -5,9 +5,17 @@ Bind addresses are strings a user types on a command line:
 * ``HOST:PORT`` - ``127.0.0.1:8000``, ``0.0.0.0:0``, ``localhost:9000``
 * ``[IPV6]:PORT`` - ``[::1]:8000``, ``[::]:0``
 * ``unix:PATH`` - a Unix domain stream socket
+* ``fd://N`` - a listening socket this process inherited as descriptor N
+  (from a supervisor, or from systemd: see _systemd.py)
 
 Port 0 asks the kernel for a free port; ``Listener.address`` reports the one
 it chose, which is what tests and embedding code connect to.
+
+Ownership decides two things at stop. Only the process that bound a Unix
+socket removes its file. And only a listener whose queue nobody else will
+serve has its waiting clients told goodbye (``Listener.owns_queue``): a
+worker of a supervisor shares one queue with the other workers, so clients
+waiting in it are theirs to serve, not this worker's to dismiss.
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ import errno
 import os
 import socket
 import stat
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ._exceptions import BindError, ConfigurationError
@@ -27,21 +36,25 @@ from ._exceptions import BindError, ConfigurationError
 LISTEN_BACKLOG = 0xFFFF
 
 UNIX_PREFIX = "unix:"
+FD_PREFIX = "fd://"
 
 
 @dataclass(frozen=True)
 class BindAddress:
-    """A parsed bind address: a TCP host and port, or a Unix socket path."""
+    """A parsed bind address: a TCP host and port, a Unix socket path, or an inherited fd."""
 
     host: str | None
     port: int | None
     path: str | None = None
+    fd: int | None = None
 
     @property
     def is_unix(self) -> bool:
         return self.path is not None
 
     def __str__(self) -> str:
+        if self.fd is not None:
+            return f"{FD_PREFIX}{self.fd}"
         if self.path is not None:
             return UNIX_PREFIX + self.path
         assert self.host is not None
@@ -51,8 +64,15 @@ class BindAddress:
 
 def parse_bind_address(text: str) -> BindAddress:
     """Parse one bind address, raising ConfigurationError with a fix-it message."""
-    usage = "expected HOST:PORT, [IPV6]:PORT or unix:PATH"
+    usage = "expected HOST:PORT, [IPV6]:PORT, unix:PATH or fd://N"
     text = text.strip()
+    if text.startswith(FD_PREFIX):
+        number = text[len(FD_PREFIX) :]
+        if not (number.isascii() and number.isdigit()) or int(number) < 3:
+            raise ConfigurationError(
+                f"bad bind address {text!r}: fd://N needs a descriptor number of 3 or more"
+            )
+        return BindAddress(host=None, port=None, fd=int(number))
     if text.startswith(UNIX_PREFIX):
         path = text[len(UNIX_PREFIX) :]
         if not path:
@@ -92,15 +112,59 @@ def format_address(family: int, address: object) -> str:
 
 
 class Listener:
-    """One bound, listening, non-blocking socket."""
+    """One bound, listening, non-blocking socket.
 
-    def __init__(self, sock: socket.socket, bind_address: BindAddress) -> None:
+    ``owns_queue``: at stop, the clients still waiting in its listen queue
+    are this server's to tell (True for what it bound itself); False for a
+    queue that other processes go on serving (see the module docstring).
+    ``reuse_port``: bound with ``SO_REUSEPORT``, one of a group of listeners
+    on the same address, each with a queue of its own.
+    """
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        bind_address: BindAddress,
+        *,
+        owns_queue: bool = True,
+        reuse_port: bool = False,
+    ) -> None:
         self.socket = sock
         self.bind_address = bind_address
+        self.owns_queue = owns_queue
+        self.reuse_port = reuse_port
         self.address: str = format_address(sock.family, sock.getsockname())
         # Remember who created a Unix socket file, so only its owner removes it.
         self._unix_path = bind_address.path
         self._unix_inode = os.stat(bind_address.path).st_ino if bind_address.path else None
+
+    @classmethod
+    def inherit(cls, fd: int, *, owns_queue: bool = False) -> Listener:
+        """A listener on descriptor ``fd``, inherited already bound and listening.
+
+        The Listener takes the descriptor (closing it closes ``fd``) but not
+        the socket's file: an inherited Unix socket's path is never removed
+        here, since this process did not create it.
+        """
+        try:
+            sock = socket.socket(fileno=fd)
+        except OSError as exc:
+            raise BindError(f"cannot listen on {FD_PREFIX}{fd}: {_describe(exc)}") from exc
+        problem = None
+        try:
+            if sock.type != socket.SOCK_STREAM:
+                problem = "not a stream socket"
+            elif not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+                problem = "not a listening socket"
+            else:
+                reuse_port = bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT))
+                sock.setblocking(False)
+                address = BindAddress(host=None, port=None, fd=fd)
+                return cls(sock, address, owns_queue=owns_queue, reuse_port=reuse_port)
+        except OSError as exc:
+            problem = _describe(exc)
+        sock.detach()  # Not ours to close: the caller named the wrong descriptor.
+        raise BindError(f"cannot listen on {FD_PREFIX}{fd}: {problem}")
 
     def fileno(self) -> int:
         return self.socket.fileno()
@@ -116,15 +180,29 @@ class Listener:
         return f"<Listener {self.address}>"
 
 
-def open_listeners(addresses: list[BindAddress]) -> list[Listener]:
-    """Bind and listen on every address, or on none: a failure closes what was opened."""
+def open_listeners(
+    addresses: Sequence[BindAddress | Listener], *, reuse_port: bool = False
+) -> list[Listener]:
+    """Bind and listen on every address, or on none: a failure closes what was opened.
+
+    A Listener given in ``addresses`` (one made by a supervisor, say) is
+    taken as it is. ``fd://N`` addresses are inherited (Listener.inherit).
+    With ``reuse_port``, TCP listeners set ``SO_REUSEPORT`` before binding,
+    so that several sockets (one per worker process) can listen on one
+    address; Unix sockets cannot, and are opened as usual.
+    """
     if not addresses:
         raise ConfigurationError("no bind address given")
     opened: list[Listener] = []
     try:
         for address in addresses:
-            for sock in _bind(address):
-                opened.append(Listener(sock, address))
+            if isinstance(address, Listener):
+                opened.append(address)
+            elif address.fd is not None:
+                opened.append(Listener.inherit(address.fd))
+            else:
+                for sock in _bind(address, reuse_port):
+                    opened.append(Listener(sock, address, reuse_port=reuse_port))
     except BaseException:
         for listener in opened:
             listener.close()
@@ -132,7 +210,7 @@ def open_listeners(addresses: list[BindAddress]) -> list[Listener]:
     return opened
 
 
-def _bind(address: BindAddress) -> list[socket.socket]:
+def _bind(address: BindAddress, reuse_port: bool = False) -> list[socket.socket]:
     if address.path is not None:
         return [_bind_unix(address.path)]
     assert address.host is not None
@@ -155,7 +233,7 @@ def _bind(address: BindAddress) -> list[socket.socket]:
     socks: list[socket.socket] = []
     try:
         for family, sockaddr in seen:
-            socks.append(_bind_inet(address, family, sockaddr))
+            socks.append(_bind_inet(address, family, sockaddr, reuse_port))
     except BaseException:
         for sock in socks:
             sock.close()
@@ -163,11 +241,15 @@ def _bind(address: BindAddress) -> list[socket.socket]:
     return socks
 
 
-def _bind_inet(address: BindAddress, family: int, sockaddr: object) -> socket.socket:
+def _bind_inet(
+    address: BindAddress, family: int, sockaddr: object, reuse_port: bool = False
+) -> socket.socket:
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         # Rebind at once after a restart even while old connections sit in TIME_WAIT.
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:
             # Let [::]:P and 0.0.0.0:P be bound side by side, as two listeners.
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)

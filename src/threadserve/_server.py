@@ -160,7 +160,7 @@ class Server:
     def __init__(
         self,
         handler: Handler,
-        bind: str | Sequence[str] = DEFAULT_BIND,
+        bind: str | Sequence[str | Listener] = DEFAULT_BIND,
         *,
         grace: float = DEFAULT_GRACE,
         goodbye: bytes | str | None = DEFAULT_GOODBYE,
@@ -174,6 +174,7 @@ class Server:
         tls: ssl.SSLContext | None = None,
         keepalive: bool = True,
         handle_signals: bool = True,
+        on_stop_accepting: Callable[[], object] | None = None,
     ) -> None:
         if not callable(handler):
             raise ConfigurationError(f"handler {handler!r} is not callable")
@@ -190,10 +191,15 @@ class Server:
         self.notices = notices if notices is not None else Notices()
         self.tls = tls
         self.handle_signals = handle_signals
+        # Called in the serving thread once the stop has closed the listeners
+        # (a worker tells its supervisor, systemd is told STOPPING=1).
+        self.on_stop_accepting = on_stop_accepting
         self._admission = Admission(max_connections, max_connections_per_ip, overload)
 
         specs = [bind] if isinstance(bind, str) else list(bind)
-        self._listeners: list[Listener] = open_listeners([parse_bind_address(s) for s in specs])
+        self._listeners: list[Listener] = open_listeners(
+            [s if isinstance(s, Listener) else parse_bind_address(s) for s in specs]
+        )
         try:
             for listener in self._listeners:
                 _tune_listener(listener.socket, keepalive)
@@ -626,9 +632,20 @@ class Server:
         started = time.monotonic()
         self._stop_deadline = started + self.grace
         self._dismissed_until = min(started + self.linger, self._stop_deadline - FORCE_MARGIN / 2)
-        queued = sum(self._dismiss_listen_queue(listener) for listener in self._listeners)
+        # A queue that other processes go on serving (a supervisor's shared
+        # listener) is not ours to dismiss: its clients are theirs.
+        queued = sum(
+            self._dismiss_listen_queue(listener)
+            for listener in self._listeners
+            if listener.owns_queue
+        )
         for listener in self._listeners:
             listener.close()
+        if self.on_stop_accepting is not None:
+            try:
+                self.on_stop_accepting()
+            except Exception:
+                logger.exception("on_stop_accepting callback failed")
         logger.info(
             "stopping: %d connections, grace %.1f s; %d waiting in the listen queue were told",
             len(self._connections),
@@ -734,6 +751,14 @@ class Server:
         into a reset that destroys the notice. Bounded by the backlog size.
         """
         dismissed = 0
+        if listener.reuse_port:
+            # Other sockets in its SO_REUSEPORT group stay open, and the
+            # kernel goes on hashing new clients to this one until it closes:
+            # those landing after our last accept would be reset. A backlog
+            # of 0 leaves them waiting on their SYN instead; their retry
+            # reaches a listener that is still open.
+            with contextlib.suppress(OSError):
+                listener.socket.listen(0)
         for _ in range(LISTEN_BACKLOG):
             try:
                 sock, _address = listener.socket.accept()
