@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: run test lint typecheck bench bench-quick clean
+.PHONY: run test lint typecheck bench bench-quick fuzz clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,14 @@ bench: $(BENCH_STAMP)
 ## bench-quick: a smoke run of every peer and workload, a few seconds each
 bench-quick: $(BENCH_STAMP)
 	$(BIN)/python -m bench --quick
+
+FUZZ_SECONDS ?= 180
+
+## fuzz: fuzz the PROXY protocol parser with atheris for FUZZ_SECONDS (not part of make test)
+fuzz: $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[test,fuzz]'
+	mkdir -p .fuzz/proxy
+	$(BIN)/python tests/fuzz_proxy.py .fuzz/proxy -max_total_time=$(FUZZ_SECONDS)
 
 lint: $(STAMP)
 	$(BIN)/python -m ruff check .
