@@ -235,6 +235,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--grace", type=float, default=5.0, help="stop grace period (default: 5 s)")
     parser.add_argument("--demo-rows", type=int, default=0, help="create and fill table items")
     parser.add_argument(
+        "--application-name",
+        default=APPLICATION_NAME,
+        help="how the pool's connections show in pg_stat_activity (default: pg_gateway)",
+    )
+    parser.add_argument(
         "--log-level", default="info", choices=["debug", "info", "warning", "error"]
     )
     return parser
@@ -271,8 +276,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         min_size=args.pool_min,
         max_size=args.max_connections,
         timeout=args.pool_timeout,
-        kwargs={"autocommit": True, "application_name": APPLICATION_NAME},
-        name=APPLICATION_NAME,
+        kwargs={"autocommit": True, "application_name": args.application_name},
+        name=args.application_name,
         open=False,
     )
     try:
