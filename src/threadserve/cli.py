@@ -5,16 +5,24 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from ._admission import OverloadPolicy, default_max_connections
 from ._exceptions import ConfigurationError, ThreadserveError
+from ._listeners import Listener, open_listeners, parse_bind_address
 from ._notices import Notices
 from ._server import DEFAULT_BIND, DEFAULT_GOODBYE, DEFAULT_GRACE, Handler, Server
+from ._supervisor import DEFAULT_WORKER_TIMEOUT, Supervisor, cpu_count
+from ._systemd import Notifier, activated_sockets, resolve_binds
 from ._timeouts import Timeouts
 from ._tls import server_tls_context
+from ._worker import run_worker
 from .handlers import BUILTIN_HANDLERS
+
+logger = logging.getLogger("threadserve")
 
 EXIT_OK = 0
 EXIT_ERROR = 1  # Could not start: bad address, port in use, handler not found.
@@ -150,7 +158,57 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["debug", "info", "warning", "error"],
         help="info logs one line per connection opened and closed (default: info)",
     )
+    _add_worker_options(serve)
     return parser
+
+
+def _add_worker_options(serve: argparse.ArgumentParser) -> None:
+    workers = serve.add_argument_group(
+        "worker processes (SIGHUP reloads with no client lost; SIGTTIN/SIGTTOU add or "
+        "remove one; SIGUSR2 upgrades the supervisor itself)"
+    )
+    workers.add_argument(
+        "--workers",
+        type=_worker_count,
+        metavar="N|auto",
+        help="serve from N processes under a supervisor ('auto': one per CPU this process "
+        "may use); without it, one process serves",
+    )
+    workers.add_argument(
+        "--worker-timeout",
+        type=float,
+        default=DEFAULT_WORKER_TIMEOUT,
+        metavar="S",
+        help="a worker silent this long is killed (its stacks logged first) and replaced "
+        "(default: %(default)g)",
+    )
+    workers.add_argument(
+        "--max-worker-connections",
+        type=int,
+        metavar="N",
+        help="replace a worker after about N connections (plus up to 10%% jitter), its "
+        "replacement ready first; for handlers using leaky libraries",
+    )
+    workers.add_argument(
+        "--reuse-port",
+        action="store_true",
+        help="give each worker its own SO_REUSEPORT listener instead of one shared queue",
+    )
+    # Set by the supervisor on its workers' command lines only.
+    serve.add_argument("--worker-control", type=int, help=argparse.SUPPRESS)
+    serve.add_argument("--worker-listen", action="append", default=[], help=argparse.SUPPRESS)
+
+
+def _worker_count(text: str) -> int:
+    if text.strip().lower() == "auto":
+        return cpu_count()
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of workers or 'auto'") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: at least 1 worker")
+    return value
 
 
 def _seconds_or_none(text: str) -> float | None:
@@ -198,6 +256,7 @@ def load_handler(spec: str) -> Handler:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=args.log_level.upper(),
@@ -208,43 +267,111 @@ def main(argv: Sequence[str] | None = None) -> int:
     # too, as `python -m` would, even when started through the console script.
     if "" not in sys.path:
         sys.path.insert(0, "")
+    if args.worker_control is not None:
+        return _run_worker(args)
     try:
-        handler = load_handler(args.handler)
-        goodbye = None if args.no_goodbye else args.goodbye + "\n"
-        if args.tls_key and not args.tls_cert:
-            raise ConfigurationError("--tls-key needs --tls-cert")
-        if args.tls_client_ca and not args.tls_cert:
-            raise ConfigurationError("--tls-client-ca needs --tls-cert")
-        tls = (
-            server_tls_context(args.tls_cert, args.tls_key, args.tls_client_ca)
-            if args.tls_cert
-            else None
-        )
-        server = Server(
-            handler,
-            args.bind or [DEFAULT_BIND],
-            grace=args.grace,
-            goodbye=goodbye,
-            timeouts=Timeouts(
-                idle=args.idle_timeout,
-                read=args.read_timeout,
-                write=args.write_timeout,
-                handshake=args.handshake_timeout,
-                lifetime=args.lifetime_timeout,
-            ),
-            max_connections=args.max_connections,
-            max_connections_per_ip=args.max_connections_per_ip,
-            overload=args.overload,
-            notices=Notices.none() if args.no_notices else None,
-            tls=tls,
-            keepalive=not args.no_keepalive,
-        )
+        # systemd socket activation: --bind fd://N, --bind systemd:NAME, or no
+        # --bind at all; the variables are cleared so children do not take them.
+        bind = resolve_binds(args.bind, activated_sockets()) or [DEFAULT_BIND]
+        if args.workers is not None:
+            return _run_supervisor(args, argv, bind)
+        notifier = Notifier()
+        server = build_server(args, bind, on_stop_accepting=lambda: notifier.stopping("stopping"))
     except ThreadserveError as exc:
         print(f"threadserve: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
     with server:
-        report = server.serve_forever()
+        notifier.ready(f"serving on {', '.join(server.addresses)}")
+        notifier.start_watchdog()
+        try:
+            report = server.serve_forever()
+        finally:
+            notifier.close()
     return EXIT_OK if report.clean else EXIT_FORCED
+
+
+def build_server(args: argparse.Namespace, bind: Sequence[str | Listener], **extra: Any) -> Server:
+    """The Server the command line describes (handler loaded, TLS set up), listening on ``bind``.
+
+    ``extra`` are further Server arguments (a worker's, say).
+    """
+    handler = load_handler(args.handler)
+    goodbye = None if args.no_goodbye else args.goodbye + "\n"
+    if args.tls_key and not args.tls_cert:
+        raise ConfigurationError("--tls-key needs --tls-cert")
+    if args.tls_client_ca and not args.tls_cert:
+        raise ConfigurationError("--tls-client-ca needs --tls-cert")
+    tls = (
+        server_tls_context(args.tls_cert, args.tls_key, args.tls_client_ca)
+        if args.tls_cert
+        else None
+    )
+    return Server(
+        handler,
+        bind,
+        grace=args.grace,
+        goodbye=goodbye,
+        timeouts=Timeouts(
+            idle=args.idle_timeout,
+            read=args.read_timeout,
+            write=args.write_timeout,
+            handshake=args.handshake_timeout,
+            lifetime=args.lifetime_timeout,
+        ),
+        max_connections=args.max_connections,
+        max_connections_per_ip=args.max_connections_per_ip,
+        overload=args.overload,
+        notices=Notices.none() if args.no_notices else None,
+        tls=tls,
+        keepalive=not args.no_keepalive,
+        **extra,
+    )
+
+
+def _run_supervisor(args: argparse.Namespace, argv: list[str], bind: list[str]) -> int:
+    """Bind here, then serve from ``args.workers`` processes (see _supervisor.py)."""
+    listeners = open_listeners(
+        [parse_bind_address(spec) for spec in bind], reuse_port=args.reuse_port
+    )
+    supervisor = Supervisor(
+        # The workers run this same command line; the options that make a
+        # supervisor are ignored there (--worker-control wins).
+        [sys.executable, "-m", "threadserve", *argv],
+        listeners,
+        args.workers,
+        reuse_port=args.reuse_port,
+        worker_timeout=args.worker_timeout,
+        grace=args.grace,
+        goodbye=None if args.no_goodbye or args.tls_cert else (args.goodbye + "\n").encode(),
+        notifier=Notifier(),
+    )
+    logger.info(
+        "supervisor %d: %d workers on %s",
+        os.getpid(),
+        args.workers,
+        ", ".join(supervisor.addresses),
+    )
+    return supervisor.run()
+
+
+def _run_worker(args: argparse.Namespace) -> int:
+    """This process is one of a supervisor's workers (see _worker.py)."""
+    listeners: list[str | Listener] = []
+    try:
+        for spec in args.worker_listen:
+            fd, _sep, own = spec.partition(":")
+            listeners.append(Listener.inherit(int(fd), owns_queue=own == "own"))
+    except ThreadserveError as exc:
+        print(f"threadserve: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    return run_worker(
+        args.worker_control,
+        lambda on_stop_accepting: build_server(
+            args, listeners, on_stop_accepting=on_stop_accepting
+        ),
+        beat_interval=min(1.0, args.worker_timeout / 4),
+        max_connections=args.max_worker_connections,
+    )
 
 
 if __name__ == "__main__":

@@ -1,0 +1,585 @@
+"""N worker processes under one supervisor: start, watch, reload, upgrade, stop.
+
+Theory of operation
+===================
+
+The supervisor binds every address (all or none, as one process would),
+then starts N workers (see _worker.py): fresh interpreters, each running an
+ordinary ``Server`` on the inherited listening sockets. It runs no handler
+code. Its main thread waits in ``poll`` on a self-pipe and on each worker's
+control channel; nothing polls on a timer except the deadlines it knows of
+(heartbeats, kills, the systemd watchdog).
+
+Signal handlers only queue the signal and write a byte to the self-pipe;
+the main loop handles them in order (gunicorn's arbiter has this shape):
+
+* SIGINT, SIGTERM: stop. Every worker gets SIGTERM at once and stops
+  gracefully in parallel, keeping the stop contract. Once they have all
+  closed their listeners, the supervisor tells the clients still waiting in
+  the shared listen queue (notice, FIN, lingering close) and closes it. A
+  second signal is passed on, which forces each worker. Exit 0 when every
+  worker drained, 3 when any was forced.
+* SIGHUP: reload. N new workers start (importing the handler afresh); once
+  every one has said ``ready``, the old ones stop gracefully. A new worker
+  that cannot start aborts the reload and the old ones keep serving.
+* SIGTTIN, SIGTTOU: one worker more, one fewer (never fewer than one).
+* SIGUSR2: upgrade. The supervisor re-executes itself (a new threadserve or
+  Python), keeping its pid, its listening sockets and its workers: the new
+  image starts N workers, and once they are ready stops the old ones.
+* SIGCHLD: reap. A worker that died unasked is logged with its status and
+  replaced at once.
+
+Listening sockets: by default one socket per address, shared by every
+worker, so nothing in its queue is lost when a worker stops: the others
+accept it. A worker that stops for a reload therefore leaves the queue
+alone (its listeners do not own the queue), and only the final stop
+dismisses it. With ``reuse_port`` each worker gets TCP listeners of its own
+in a ``SO_REUSEPORT`` group; the kernel would reset what sits in a closed
+one's queue, so a stopping worker takes its queue first (see Server).
+
+Boot failure: a worker that exits before ``ready`` at the first start makes
+the supervisor stop the others and exit 1 with the worker's message. Later
+(replacing a dead worker, recycling, scaling) the failure is logged and not
+retried, so a broken handler on disk never becomes a restart loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from ._connection import DEFAULT_CHUNK_SIZE
+from ._listeners import LISTEN_BACKLOG, BindAddress, Listener, open_listeners
+from ._server import _tell
+from ._systemd import Notifier
+from ._worker import BEAT, CLOSED, DUMP_SIGNAL, FATAL, READY, RECYCLE
+
+logger = logging.getLogger("threadserve")
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_FORCED = 3
+
+DEFAULT_WORKER_TIMEOUT = 30.0
+#: After the grace period, how long a stopping worker has to report and exit
+#: before it is killed (its own stop forces at the grace period).
+STOP_MARGIN = 2.0
+#: How long a worker asked for its stacks gets to write them before SIGKILL.
+DUMP_WAIT = 2.0
+#: Variables that carry a re-executed supervisor's state over the exec.
+UPGRADE_VARIABLE = "THREADSERVE_UPGRADE"
+SIGNALS = (
+    signal.SIGINT,
+    signal.SIGTERM,
+    signal.SIGHUP,
+    signal.SIGTTIN,
+    signal.SIGTTOU,
+    signal.SIGUSR2,
+    signal.SIGCHLD,
+)
+
+
+@dataclass(eq=False)
+class Worker:
+    """What the supervisor knows of one worker process."""
+
+    process: subprocess.Popen[bytes]
+    channel: socket.socket
+    generation: int
+    started_at: float
+    last_beat: float
+    ready: bool = False
+    stopping: bool = False
+    accepting: bool = True
+    fatal: str | None = None
+    #: Stop this worker once ``replacement`` is ready (recycling).
+    replaced_by: Worker | None = None
+    #: When to SIGKILL it: after a stacks dump, or past its stop deadline.
+    kill_at: float | None = None
+    exit_status: int | None = field(default=None)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+
+class Supervisor:
+    """Run ``command`` as N worker processes on ``listeners`` (see the module docstring).
+
+    ``command`` is the worker's command line without the inherited
+    descriptors, which are appended per worker. ``reuse_port`` gives each
+    worker TCP listeners of its own, bound like the ones given.
+    """
+
+    def __init__(
+        self,
+        command: Sequence[str],
+        listeners: list[Listener],
+        workers: int,
+        *,
+        reuse_port: bool = False,
+        worker_timeout: float = DEFAULT_WORKER_TIMEOUT,
+        grace: float = 5.0,
+        goodbye: bytes | None = None,
+        linger: float = 2.0,
+        notifier: Notifier | None = None,
+        environ: dict[str, str] | None = None,
+    ) -> None:
+        self.command = list(command)
+        self.listeners = listeners
+        self.wanted = workers
+        self.reuse_port = reuse_port
+        self.worker_timeout = worker_timeout
+        self.grace = grace
+        self.goodbye = goodbye
+        self.linger = linger
+        self.notifier = notifier or Notifier({})
+        self.environ = dict(os.environ if environ is None else environ)
+        self.addresses = [listener.address for listener in listeners]
+        # reuse_port: each worker binds these afresh; the first set goes to the first worker.
+        self._per_worker: list[BindAddress] = []
+        self._spare: list[Listener] = []
+        if reuse_port:
+            for listener in listeners:
+                if listener.reuse_port and listener.owns_queue:
+                    host, port = listener.socket.getsockname()[:2]
+                    self._per_worker.append(BindAddress(host=host, port=port))
+                    self._spare.append(listener)
+            self.listeners = [item for item in listeners if item not in self._spare]
+        self.workers: list[Worker] = []
+        self._generation = 0
+        self._signals: list[int] = []
+        self._wake_r, self._wake_w = os.pipe()
+        for fd in self._wake_r, self._wake_w:
+            os.set_blocking(fd, False)
+        self._stopping = False
+        self._forced = False
+        self._dismissed: dict[int, socket.socket] = {}
+        self._dismiss_until = 0.0
+        self._reload: list[Worker] | None = None  # New workers of a reload in progress.
+        self._boot_error: str | None = None
+        self._booted = False
+        self._next_watchdog = 0.0
+
+    # ------------------------------------------------------------------ running
+
+    def run(self) -> int:
+        """Start the workers and supervise them until stopped; return the exit status."""
+        previous = {signum: signal.signal(signum, self._on_signal) for signum in SIGNALS}
+        try:
+            self._adopt_upgrade_workers()
+            self._start_generation()
+            self._loop()
+        except BaseException:
+            for worker in self.workers:
+                _kill(worker)
+            raise
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+            self._close()
+        if self._boot_error is not None:
+            print(f"threadserve: error: {self._boot_error}", file=sys.stderr)
+            return EXIT_ERROR
+        return EXIT_FORCED if self._forced else EXIT_OK
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        # Runs between two bytecodes of the main loop: only queue and wake.
+        self._signals.append(signum)
+        with contextlib.suppress(BlockingIOError, OSError):
+            os.write(self._wake_w, b"\0")
+
+    def _loop(self) -> None:
+        while self.workers or self._dismissed:
+            self._wait(self._next_deadline())
+            while self._signals:
+                self._handle_signal(self._signals.pop(0))
+            self._reap()
+            self._check_deadlines()
+            self._advance()
+
+    def _wait(self, deadline: float | None) -> None:
+        poller = select.poll()
+        poller.register(self._wake_r, select.POLLIN)
+        channels = {w.channel.fileno(): w for w in self.workers if w.channel.fileno() >= 0}
+        for fd in channels:
+            poller.register(fd, select.POLLIN)
+        for fd in self._dismissed:
+            poller.register(fd, select.POLLIN)
+        timeout = (
+            None if deadline is None else max(0, int((deadline - time.monotonic()) * 1000) + 1)
+        )
+        for fd, _events in poller.poll(timeout):
+            if fd == self._wake_r:
+                with contextlib.suppress(BlockingIOError, OSError):
+                    while os.read(self._wake_r, 4096):
+                        pass
+            elif fd in channels:
+                self._read_channel(channels[fd])
+            elif fd in self._dismissed:
+                self._discard_dismissed(fd)
+
+    def _next_deadline(self) -> float | None:
+        now = time.monotonic()
+        deadlines = []
+        for worker in self.workers:
+            if worker.kill_at is not None:
+                deadlines.append(worker.kill_at)
+            elif worker.exit_status is None:
+                deadlines.append(worker.last_beat + self.worker_timeout)
+        if self._dismissed:
+            deadlines.append(self._dismiss_until)
+        if self.notifier.watchdog_interval is not None:
+            if self._next_watchdog <= now:
+                self.notifier.notify(watchdog=1)
+                self._next_watchdog = now + self.notifier.watchdog_interval
+            deadlines.append(self._next_watchdog)
+        # A child may exit without a message (SIGCHLD wakes us, but a signal
+        # that arrived between the reap and the poll is only seen here).
+        deadlines.append(now + 1.0)
+        return min(deadlines)
+
+    # ------------------------------------------------------------------ workers
+
+    def _start_generation(self) -> None:
+        self._generation += 1
+        self._reload = [self._spawn() for _ in range(self.wanted)]
+
+    def _spawn(self, replacing: Worker | None = None) -> Worker:
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        own: list[Listener] = []
+        try:
+            if self._per_worker:
+                own = self._spare or open_listeners(self._per_worker, reuse_port=True)
+                self._spare = []
+            args = [*self.command, "--worker-control", str(child.fileno())]
+            for listener in self.listeners:
+                args += ["--worker-listen", str(listener.fileno())]
+            for listener in own:
+                args += ["--worker-listen", f"{listener.fileno()}:own"]
+            fds = [
+                child.fileno(),
+                *(x.fileno() for x in self.listeners),
+                *(x.fileno() for x in own),
+            ]
+            process = subprocess.Popen(
+                args,
+                stdin=subprocess.DEVNULL,
+                pass_fds=fds,
+                env=self.environ,
+                # Its own session: a Ctrl-C at the terminal reaches the
+                # supervisor only, which passes it on once, not twice.
+                start_new_session=True,
+            )
+        except BaseException:
+            parent.close()
+            raise
+        finally:
+            child.close()
+            # reuse_port: the worker alone holds its listeners now, so its
+            # queue closes with it (after it took what waited there).
+            for listener in own:
+                listener.socket.close()
+        now = time.monotonic()
+        worker = Worker(process, parent, self._generation, now, now)
+        if replacing is not None:
+            replacing.replaced_by = worker
+        self.workers.append(worker)
+        logger.info("worker %d started (generation %d)", worker.pid, self._generation)
+        return worker
+
+    def _read_channel(self, worker: Worker) -> None:
+        while True:
+            try:
+                message = worker.channel.recv(65536, socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                message = b""
+            if not message:
+                worker.channel.close()  # Exiting: SIGCHLD and the reap do the rest.
+                return
+            worker.last_beat = time.monotonic()
+            if message == READY:
+                worker.ready = True
+                logger.info("worker %d ready", worker.pid)
+            elif message == CLOSED:
+                worker.accepting = False
+            elif message == RECYCLE and not worker.stopping and worker.replaced_by is None:
+                logger.info("worker %d reached its connection limit: replacing it", worker.pid)
+                self._spawn(replacing=worker)
+            elif message.startswith(FATAL):
+                worker.fatal = message[len(FATAL) :].decode(errors="replace")
+            elif message != BEAT:
+                logger.debug("worker %d sent %r", worker.pid, message)
+
+    def _reap(self) -> None:
+        for worker in list(self.workers):
+            status = worker.process.poll()
+            if status is None:
+                continue
+            worker.exit_status = status
+            self.workers.remove(worker)
+            worker.channel.close()
+            self._on_exit(worker, status)
+
+    def _on_exit(self, worker: Worker, status: int) -> None:
+        how = f"was killed by {_signal_name(-status)}" if status < 0 else f"exited with {status}"
+        if worker.stopping:
+            logger.info("worker %d stopped: %s", worker.pid, how)
+            if status != 0 and self._stopping:
+                self._forced = True
+            return
+        if not worker.ready:
+            reason = worker.fatal or f"worker {worker.pid} {how} before it was ready"
+            if not self._booted:
+                self._boot_error = reason
+                self._begin_stop(quiet=True)
+                return
+            logger.error("a new worker could not start: %s", reason)
+            if self._reload is not None and worker in self._reload:
+                logger.error("reload aborted: the old workers go on serving")
+                for other in self._reload:
+                    self._stop_worker(other)
+                self._reload = None
+                self.notifier.ready(self._status("reload failed"))
+            for old in self.workers:
+                if old.replaced_by is worker:
+                    old.replaced_by = None  # Not retried: it keeps serving.
+            if not any(w.ready and not w.stopping for w in self.workers):
+                self._boot_error = f"no worker left serving: {reason}"
+                self._begin_stop()
+            return
+        logger.error("worker %d %s unexpectedly: replacing it", worker.pid, how)
+        if not self._stopping:
+            self._spawn()
+
+    def _stop_worker(self, worker: Worker, *, force: bool = False) -> None:
+        if worker.stopping and not force:
+            return
+        worker.stopping = True
+        worker.kill_at = worker.kill_at or time.monotonic() + self.grace + STOP_MARGIN
+        with contextlib.suppress(ProcessLookupError):
+            worker.process.send_signal(signal.SIGTERM)
+
+    def _check_deadlines(self) -> None:
+        now = time.monotonic()
+        if self._dismissed and now >= self._dismiss_until:
+            for sock in self._dismissed.values():
+                sock.close()
+            self._dismissed.clear()
+        for worker in self.workers:
+            if worker.kill_at is not None and now >= worker.kill_at:
+                logger.error("worker %d did not exit in time: killing it", worker.pid)
+                _kill(worker)
+                worker.kill_at = now + self.worker_timeout  # Wait for the reap.
+                if self._stopping:
+                    self._forced = True
+            elif worker.kill_at is None and now - worker.last_beat > self.worker_timeout:
+                what = "answered" if worker.ready else "became ready"
+                logger.error(
+                    "worker %d has not %s for %.1f s: logging its stacks, then killing it",
+                    worker.pid,
+                    what,
+                    now - worker.last_beat,
+                )
+                with contextlib.suppress(ProcessLookupError):
+                    worker.process.send_signal(DUMP_SIGNAL)
+                worker.kill_at = now + DUMP_WAIT
+
+    def _advance(self) -> None:
+        """Move a reload, a recycle or a stop forward once workers are ready or gone."""
+        if self._reload is not None and all(w.ready for w in self._reload):
+            new = self._reload
+            self._reload = None
+            old = [w for w in self.workers if w not in new and not w.stopping]
+            for worker in old:
+                self._stop_worker(worker)
+            if not self._booted:
+                self._booted = True
+                logger.info(
+                    "%d workers ready, serving on %s", len(new), ", ".join(self._all_addresses())
+                )
+            else:
+                logger.info(
+                    "reloaded: %d new workers ready, %d old ones stopping", len(new), len(old)
+                )
+            self.notifier.ready(self._status("serving"))
+        for worker in self.workers:
+            if worker.replaced_by is not None and worker.replaced_by.ready and not worker.stopping:
+                self._stop_worker(worker)
+        if self._stopping and self.listeners and all(not w.accepting for w in self.workers):
+            self._dismiss_queues()
+
+    def _adjust(self, change: int) -> None:
+        if self._stopping:
+            return
+        serving = [w for w in self.workers if not w.stopping and w.replaced_by is None]
+        if change > 0:
+            self.wanted += 1
+            self._spawn()
+        elif len(serving) > 1:
+            self.wanted -= 1
+            self._stop_worker(serving[0])  # The oldest.
+        logger.info("now %d workers", self.wanted)
+        self.notifier.status(self._status("serving"))
+
+    # ------------------------------------------------------------------ signals
+
+    def _handle_signal(self, signum: int) -> None:
+        if signum == signal.SIGCHLD:
+            return  # The reap after every wake-up handles it.
+        name = _signal_name(signum)
+        if signum in (signal.SIGINT, signal.SIGTERM):
+            if self._stopping and self._boot_error is None:
+                logger.warning("%s received again: forcing every worker", name)
+                self._forced = True
+                for worker in self.workers:
+                    _forward(worker, signal.SIGTERM)
+            else:
+                logger.warning(
+                    "%s received: stopping %d workers gracefully (grace %.1f s); send it "
+                    "again to force",
+                    name,
+                    len(self.workers),
+                    self.grace,
+                )
+                self._begin_stop()
+        elif self._stopping:
+            logger.info("%s ignored: stopping", name)
+        elif signum == signal.SIGHUP:
+            if self._reload is not None:
+                logger.info("SIGHUP ignored: a reload is already in progress")
+                return
+            logger.info("SIGHUP received: starting %d new workers", self.wanted)
+            self.notifier.reloading(self._status("reloading"))
+            self._start_generation()
+        elif signum == signal.SIGTTIN:
+            self._adjust(+1)
+        elif signum == signal.SIGTTOU:
+            self._adjust(-1)
+        elif signum == signal.SIGUSR2:
+            self._upgrade()
+
+    def _begin_stop(self, quiet: bool = False) -> None:
+        if self._stopping:
+            return
+        self._stopping = True
+        self._reload = None
+        if not quiet:
+            self.notifier.stopping(self._status("stopping"))
+        for worker in self.workers:
+            self._stop_worker(worker)
+
+    # ------------------------------------------------------------------ the shared queue
+
+    def _dismiss_queues(self) -> None:
+        """Tell the clients left in the shared listen queues, then close the listeners.
+
+        The same as one server's stop step 1 (Server._dismiss_listen_queue),
+        done here because only once every worker has stopped accepting is
+        what waits in a shared queue nobody's to serve.
+        """
+        told = 0
+        now = time.monotonic()
+        self._dismiss_until = now + min(self.linger, self.grace)
+        for listener in self.listeners:
+            if not listener.owns_queue:
+                continue
+            for _ in range(LISTEN_BACKLOG):
+                try:
+                    sock, _address = listener.socket.accept()
+                except OSError:
+                    break
+                _tell(sock, self.goodbye)
+                try:
+                    sock.shutdown(socket.SHUT_WR)
+                except OSError:
+                    sock.close()
+                    continue
+                sock.setblocking(False)
+                self._dismissed[sock.fileno()] = sock
+                told += 1
+        for listener in self.listeners:
+            listener.close()
+        self.listeners = []
+        if told:
+            logger.info("%d clients waiting in the listen queue were told", told)
+
+    def _discard_dismissed(self, fd: int) -> None:
+        sock = self._dismissed[fd]
+        try:
+            if sock.recv(DEFAULT_CHUNK_SIZE):
+                return  # Dropped: never served. Its EOF is still to come.
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            pass
+        del self._dismissed[fd]
+        sock.close()
+
+    # ------------------------------------------------------------------ upgrade
+
+    def _upgrade(self) -> None:
+        """Re-execute this program, handing over listeners and workers (see module docstring)."""
+        logger.error("SIGUSR2: upgrading is not available in this version")
+
+    def _adopt_upgrade_workers(self) -> None:
+        os.environ.pop(UPGRADE_VARIABLE, None)
+
+    # ------------------------------------------------------------------ helpers
+
+    def _all_addresses(self) -> list[str]:
+        return self.addresses
+
+    def _status(self, state: str) -> str:
+        serving = sum(1 for w in self.workers if w.ready and not w.stopping)
+        return f"{state}: {serving} of {self.wanted} workers on {', '.join(self.addresses)}"
+
+    def _close(self) -> None:
+        if self._stopping and self.listeners:
+            self._dismiss_queues()
+        for sock in self._dismissed.values():
+            sock.close()
+        self._dismissed.clear()
+        for listener in [*self.listeners, *self._spare]:
+            listener.close()
+        for worker in self.workers:
+            worker.channel.close()
+        for fd in self._wake_r, self._wake_w:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+def _forward(worker: Worker, signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        worker.process.send_signal(signum)
+
+
+def _kill(worker: Worker) -> None:
+    with contextlib.suppress(ProcessLookupError, OSError):
+        worker.process.kill()
+
+
+def _signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
+def cpu_count() -> int:
+    """The CPUs this process may run on (its affinity mask, not the whole machine)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1

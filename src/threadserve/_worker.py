@@ -1,0 +1,149 @@
+"""One worker process of a supervisor (see _supervisor.py): the worker's side.
+
+A worker is a fresh interpreter, started by the supervisor with
+``python -m threadserve serve ARGS --worker-control FD --worker-listen FD...``:
+the same command line as the supervisor's, plus the descriptors it inherited.
+It imports the handler itself (so a reload picks up new code), builds an
+ordinary ``Server`` on the inherited listening sockets and serves in its main
+thread, where that Server handles SIGINT and SIGTERM as always: the first
+stops gracefully, a second forces. Nothing of the supervisor's threads,
+pipes or eventfds exists here, since nothing was forked.
+
+The control channel is a ``SOCK_SEQPACKET`` socket pair, one message per
+packet, worker to supervisor only:
+
+* ``ready``: the handler imported and the server is built; send clients.
+* ``beat``: sent every ``beat_interval`` by a thread that first takes the
+  server's lock (``statistics()``), so a worker whose server is wedged stops
+  beating, and so does one whose interpreter is stuck holding the GIL.
+* ``closed``: the stop has closed this worker's listeners.
+* ``recycle``: ``--max-worker-connections`` reached; the supervisor starts a
+  replacement and stops this worker once the replacement is ready.
+* ``fatal MESSAGE``: the worker could not start; it exits 1.
+
+The same thread watches the channel for end-of-file: the supervisor is gone,
+so the worker stops gracefully instead of living on as an orphan.
+
+SIGUSR1 dumps every thread's stack to stderr and then ends the process. The
+dump runs in C (faulthandler), so it works even while Python code holds the
+GIL forever; the supervisor sends it to a worker that stopped beating, which
+leaves the stacks in the log and the exit status says the dump is complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import faulthandler
+import logging
+import random
+import select
+import signal
+import socket
+import sys
+import threading
+from collections.abc import Callable
+
+from ._exceptions import ThreadserveError
+from ._server import Server
+
+logger = logging.getLogger("threadserve")
+
+READY = b"ready"
+BEAT = b"beat"
+CLOSED = b"closed"
+RECYCLE = b"recycle"
+FATAL = b"fatal "
+
+#: Asks a worker for its stacks (then it ends): see the module docstring.
+DUMP_SIGNAL = signal.SIGUSR1
+#: Recycling thresholds are spread by up to this fraction, so workers started
+#: together do not all restart together.
+RECYCLE_JITTER = 0.1
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_FORCED = 3
+
+BuildServer = Callable[[Callable[[], object]], Server]
+
+
+def run_worker(
+    control_fd: int,
+    build_server: BuildServer,
+    *,
+    beat_interval: float,
+    max_connections: int | None = None,
+) -> int:
+    """Serve as a worker until stopped; return the exit status.
+
+    ``build_server(on_stop_accepting)`` builds the Server on the inherited
+    listeners; a ThreadserveError from it (the handler does not import, say)
+    goes to the supervisor as ``fatal`` and the exit status is 1.
+    """
+    channel = socket.socket(fileno=control_fd)
+    faulthandler.register(DUMP_SIGNAL, file=sys.stderr, all_threads=True, chain=True)
+    try:
+        try:
+            server = build_server(lambda: _send(channel, CLOSED))
+        except ThreadserveError as exc:
+            if not _send(channel, FATAL + str(exc).encode(errors="replace")):
+                print(f"threadserve: error: {exc}", file=sys.stderr)
+            return EXIT_ERROR
+        limit = None
+        if max_connections:
+            limit = max_connections + random.randint(0, int(max_connections * RECYCLE_JITTER))
+        finished = threading.Event()
+        watcher = threading.Thread(
+            target=_watch,
+            args=(channel, server, finished, beat_interval, limit),
+            name="threadserve worker heartbeat",
+            daemon=True,
+        )
+        with server:
+            watcher.start()
+            _send(channel, READY)
+            try:
+                report = server.serve_forever()
+            finally:
+                finished.set()
+                watcher.join(beat_interval + 1.0)
+        return EXIT_OK if report.clean else EXIT_FORCED
+    finally:
+        channel.close()
+
+
+def _watch(
+    channel: socket.socket,
+    server: Server,
+    finished: threading.Event,
+    beat_interval: float,
+    limit: int | None,
+) -> None:
+    """Beat, ask to be recycled at the connection limit, and stop if the supervisor dies."""
+    poller = select.poll()
+    poller.register(channel, select.POLLIN)
+    recycle_sent = False
+    while not finished.is_set():
+        if poller.poll(int(beat_interval * 1000)):
+            with contextlib.suppress(BlockingIOError, InterruptedError):
+                if channel.recv(64, socket.MSG_DONTWAIT):
+                    continue  # Nothing is sent this way today; ignore it.
+            if not finished.is_set():
+                logger.warning("the supervisor is gone: stopping this worker")
+                server.stop()
+            return
+        # Taking the server's lock is the point: a wedged server stops beating.
+        accepted = server.statistics().connections_accepted
+        if not _send(channel, BEAT):
+            continue  # The supervisor is gone: the poll above sees the EOF next.
+        if limit is not None and accepted >= limit and not recycle_sent:
+            logger.info("served %d connections (limit %d): asking to be recycled", accepted, limit)
+            recycle_sent = _send(channel, RECYCLE)
+
+
+def _send(channel: socket.socket, message: bytes) -> bool:
+    try:
+        channel.send(message)
+    except OSError:
+        return False
+    return True
