@@ -8,7 +8,7 @@ Every client gets a thread of its own, and that thread opens its own
 Redis's own tools (``redis-cli``, ``redis-benchmark``) and client libraries
 (``redis-py``) work against it unchanged, RESP2 or RESP3, plain or pipelined.
 
-Commands: PING ECHO GET SET (EX PX NX XX) DEL EXISTS INCR INCRBY DECR MGET MSET
+Commands: PING ECHO GET SET (EX PX NX XX) DEL EXISTS INCR INCRBY DECR DECRBY MGET MSET
 EXPIRE TTL DBSIZE FLUSHDB QUIT, and what clients send on connecting: HELLO,
 SELECT 0, CLIENT SETNAME/GETNAME/SETINFO/ID, CONFIG GET, COMMAND, INFO.
 
@@ -415,6 +415,9 @@ class Session:
     def incrby(self, args: list[bytes]) -> bytes:
         return self._increment(args[0], parse_int(args[1]))
 
+    def decrby(self, args: list[bytes]) -> bytes:  # redis-py sends it for DECR.
+        return self._increment(args[0], -parse_int(args[1]))
+
     def _increment(self, key: bytes, by: int) -> bytes:
         def increment(db: sqlite3.Connection) -> int:
             row = db.execute(
@@ -502,6 +505,7 @@ COMMANDS: dict[bytes, tuple[Callable[[Session, list[bytes]], bytes], int]] = {
     b"INCR": (Session.incr, 2),
     b"INCRBY": (Session.incrby, 3),
     b"DECR": (Session.decr, 2),
+    b"DECRBY": (Session.decrby, 3),
     b"MGET": (Session.mget, -2),
     b"MSET": (Session.mset, -3),
     b"EXPIRE": (Session.expire, -3),
