@@ -6,24 +6,17 @@ import json
 import select
 import signal
 import socket
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 import psycopg
 import pytest
+from example_process import example_process
 from pg_cluster import Cluster, throwaway_cluster
-from support import NOTICE, ServerProcess, recv_until_eof, subprocess_env, wait_until
+from support import NOTICE, ServerProcess, recv_until_eof, wait_until
 
 pytestmark = pytest.mark.timeout(90)
 
-EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "pg_gateway.py"
 ROWS = 100
-#: ServerProcess runs COMMAND serve ARGS; this runs the example with ARGS, dropping "serve".
-RUN_EXAMPLE = (
-    "import runpy, sys; path = sys.argv[1]; sys.argv[:3] = [path];"
-    " runpy.run_path(path, run_name='__main__')"
-)
 SLEEPING = (
     "SELECT pid FROM pg_stat_activity WHERE application_name = %s"
     " AND state = 'active' AND query LIKE 'SELECT pg_sleep%%'"
@@ -39,13 +32,10 @@ def cluster() -> Iterator[Cluster]:
 
 def gateway(cluster: Cluster, name: str, *args: str) -> ServerProcess:
     """The example in a process; its database connections are named ``name`` in the database."""
-    return ServerProcess(
-        [
-            *("--bind", "127.0.0.1:0", "--dsn", cluster.dsn, "--demo-rows", str(ROWS)),
-            *("--application-name", name, *args),
-        ],
-        command=[sys.executable, "-c", RUN_EXAMPLE, str(EXAMPLE)],
-        env=subprocess_env(),
+    return example_process(
+        "pg_gateway",
+        *("--bind", "127.0.0.1:0", "--dsn", cluster.dsn, "--demo-rows", str(ROWS)),
+        *("--application-name", name, *args),
     )
 
 
