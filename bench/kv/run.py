@@ -1,0 +1,281 @@
+"""redis-benchmark against examples/kv.py, its asyncio twins and redis-server, in one run.
+
+    python -m bench.kv.run [--repeats 3] [--requests 20000] [--clients 50]
+
+Every server is started on a free loopback port, pinned to core 0; redis-benchmark
+runs pinned to core 1 (``taskset``). Each server is warmed up first (a fresh
+CPython server runs slower for its first seconds). Then, ``--repeats`` times,
+each server in turn gets the same four runs: SET and GET (one redis-benchmark
+call runs both), plain and with ``-P 16``, same ``-c``, ``-n`` and ``-r``.
+The medians go to bench/kv/RESULTS.md, every figure to bench/kv/results.json.
+
+The peers:
+
+* ``threadserve``: examples/kv.py, a thread and a ``sqlite3`` connection per client;
+* ``asyncio + to_thread``: bench/kv/asyncio_kv.py, SQLite on the default executor;
+* ``asyncio, SQLite in the loop``: the same, calling SQLite on the loop's thread;
+* ``redis-server``: the C reference, with its append-only file on and
+  ``appendfsync no``, the same durability as the SQLite servers'
+  ``synchronous=NORMAL`` (each write reaches the OS before its reply: it
+  survives the process, not a power loss).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import platform
+import shutil
+import socket
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+SERVER_CPU, CLIENT_CPU = "0", "1"
+TESTS = ("SET", "GET")
+PIPELINES = (1, 16)
+
+
+@dataclass(frozen=True)
+class Peer:
+    name: str
+    command: tuple[str, ...]  # {port} and {dir} are filled in.
+
+
+PEERS = (
+    Peer(
+        "threadserve",
+        (
+            *(sys.executable, str(ROOT / "examples" / "kv.py"), "--bind", "127.0.0.1:{port}"),
+            *("--db", "{dir}/threadserve.sqlite3", "--log-level", "warning"),
+        ),
+    ),
+    Peer(
+        "asyncio + to_thread",
+        (
+            *(sys.executable, "-m", "bench.kv.asyncio_kv", "--bind", "127.0.0.1:{port}"),
+            *("--db", "{dir}/to_thread.sqlite3", "--sqlite-in", "thread"),
+        ),
+    ),
+    Peer(
+        "asyncio, SQLite in the loop",
+        (
+            *(sys.executable, "-m", "bench.kv.asyncio_kv", "--bind", "127.0.0.1:{port}"),
+            *("--db", "{dir}/in_loop.sqlite3", "--sqlite-in", "loop"),
+        ),
+    ),
+    Peer(
+        "redis-server",
+        (
+            *("redis-server", "--port", "{port}", "--bind", "127.0.0.1", "--dir", "{dir}"),
+            *("--save", "", "--appendonly", "yes", "--appendfsync", "no", "--daemonize", "no"),
+        ),
+    ),
+)
+
+
+def check_tools() -> None:
+    missing = [
+        tool for tool in ("redis-server", "redis-benchmark", "taskset") if not shutil.which(tool)
+    ]
+    if missing:
+        sys.exit(
+            f"bench/kv needs {', '.join(missing)}: install the Debian packages with\n"
+            "    apt-get install redis-server redis-tools util-linux\n"
+            "(redis-server is only needed here, not by the tests)"
+        )
+    if (os.cpu_count() or 1) < 2:
+        sys.exit(
+            "bench/kv pins the server and redis-benchmark to two different cores;"
+            " this machine has one"
+        )
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@contextlib.contextmanager
+def running(peer: Peer, workdir: Path) -> Iterator[int]:
+    """Start the server pinned to the server core; yield its port once it answers PING."""
+    port = free_port()
+    command = [part.format(port=port, dir=workdir) for part in peer.command]
+    log = (workdir / f"{peer.name.split()[0].strip(',')}.log").open("ab")
+    process = subprocess.Popen(
+        ["taskset", "-c", SERVER_CPU, *command],
+        cwd=ROOT,
+        stdin=subprocess.DEVNULL,
+        stdout=log,
+        stderr=log,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"{peer.name} exited with {process.returncode}; see {log.name}")
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection(("127.0.0.1", port), 1) as sock,
+            ):
+                sock.sendall(b"PING\r\n")
+                if sock.recv(16) == b"+PONG\r\n":
+                    break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{peer.name} did not answer PING in 30 s")
+            time.sleep(0.05)
+        yield port
+    finally:
+        process.terminate()
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        log.close()
+
+
+def redis_benchmark(
+    port: int, args: argparse.Namespace, pipeline: int, requests: int
+) -> dict[str, float]:
+    """One redis-benchmark run of SET then GET; requests per second for each."""
+    command = ["taskset", "-c", CLIENT_CPU, "redis-benchmark", "-h", "127.0.0.1", "-p", str(port)]
+    command += ["-c", str(args.clients), "-n", str(requests), "-r", str(args.keyspace)]
+    command += ["-P", str(pipeline), "-t", ",".join(TESTS).lower(), "--csv"]
+    done = subprocess.run(command, capture_output=True, timeout=600, check=True)
+    output = done.stdout.decode()
+    if "error" in (output + done.stderr.decode()).lower():
+        raise RuntimeError(f"redis-benchmark reported errors:\n{output}{done.stderr.decode()}")
+    rates = {}
+    for line in output.splitlines()[1:]:
+        fields = [field.strip('"') for field in line.split(",")]
+        rates[fields[0]] = float(fields[1])
+    if set(rates) != set(TESTS):
+        raise RuntimeError(f"unexpected redis-benchmark output:\n{output}")
+    return rates
+
+
+def version(command: Sequence[str]) -> str:
+    done = subprocess.run(command, capture_output=True, timeout=30, check=False)
+    return done.stdout.decode().strip().splitlines()[0] if done.stdout else "?"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--requests", type=int, default=20000, help="redis-benchmark -n")
+    parser.add_argument("--clients", type=int, default=50, help="redis-benchmark -c")
+    parser.add_argument("--keyspace", type=int, default=100000, help="redis-benchmark -r")
+    parser.add_argument("--output", type=Path, default=HERE)
+    args = parser.parse_args()
+    check_tools()
+    started = time.time()
+    # runs[peer][f"{test} -P {pipeline}"] = one rate per repeat
+    runs: dict[str, dict[str, list[float]]] = {peer.name: {} for peer in PEERS}
+    with tempfile.TemporaryDirectory(prefix="bench-kv-") as tmp, contextlib.ExitStack() as stack:
+        workdir = Path(tmp)
+        ports = {peer.name: stack.enter_context(running(peer, workdir)) for peer in PEERS}
+        for peer in PEERS:
+            print(f"warming up {peer.name}", flush=True)
+            for pipeline in PIPELINES:
+                redis_benchmark(ports[peer.name], args, pipeline, args.requests // 2)
+        # Interleaved: each repeat runs every peer once, so a burst of load
+        # from elsewhere on the machine does not land on one peer only.
+        for repeat in range(args.repeats):
+            for peer in PEERS:
+                for pipeline in PIPELINES:
+                    rates = redis_benchmark(ports[peer.name], args, pipeline, args.requests)
+                    for test, rate in rates.items():
+                        runs[peer.name].setdefault(f"{test} -P {pipeline}", []).append(rate)
+                    print(f"repeat {repeat + 1}: {peer.name} -P {pipeline}: {rates}", flush=True)
+    environment = {
+        "date": datetime.datetime.fromtimestamp(started, datetime.timezone.utc).isoformat(
+            timespec="seconds"
+        ),
+        "duration_s": round(time.time() - started),
+        "python": platform.python_version(),
+        "sqlite": sqlite3.sqlite_version,
+        # "Redis server v=7.0.15 sha=... malloc=...": the version is enough.
+        "redis_server": version(["redis-server", "--version"]).split(" sha=")[0],
+        "redis_benchmark": version(["redis-benchmark", "--version"]),
+        "cpus": os.cpu_count(),
+        "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
+        "clients": args.clients,
+        "requests": args.requests,
+        "keyspace": args.keyspace,
+        "repeats": args.repeats,
+    }
+    args.output.mkdir(parents=True, exist_ok=True)
+    (args.output / "results.json").write_text(
+        json.dumps({"environment": environment, "runs": runs}, indent=2) + "\n"
+    )
+    (args.output / "RESULTS.md").write_text(report(runs, environment))
+    print(report(runs, environment))
+
+
+def report(runs: dict[str, dict[str, list[float]]], env: dict[str, object]) -> str:
+    names = [peer.name for peer in PEERS]
+    lines = [
+        "# examples/kv.py under redis-benchmark",
+        "",
+        f"Written by `python -m bench.kv.run` on {env['date']} ({env['duration_s']} s). "
+        f"redis-benchmark `-c {env['clients']} -n {env['requests']} -r {env['keyspace']}`, "
+        "SET then GET, plain and `-P 16`; server pinned to core 0, redis-benchmark to "
+        f"core 1; every server warmed up first; {env['repeats']} interleaved repeats. "
+        "Requests per second, median (min-max); in brackets, the ratio to threadserve's median.",
+        "",
+        "| requests/s | " + " | ".join(names) + " |",
+        "|---|" + "---|" * len(names),
+    ]
+    base = runs[names[0]]
+    for pipeline in PIPELINES:
+        for test in TESTS:
+            key = f"{test} -P {pipeline}"
+            label = test if pipeline == 1 else f"{test}, -P {pipeline}"
+            cells = []
+            for name in names:
+                rates = runs[name][key]
+                median = statistics.median(rates)
+                ratio = median / statistics.median(base[key])
+                spread = f"{_k(min(rates))}-{_k(max(rates))}"
+                cells.append(
+                    f"{_k(median)} ({spread})" + ("" if name == names[0] else f" [{ratio:.2f}x]")
+                )
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        f"Python {env['python']}, SQLite {env['sqlite']}, {env['redis_server']}; "
+        f"{env['cpus']} CPUs; load average at the end {env['load_average_at_end']}.",
+        "",
+        "The machine was shared with other work during the run (other test suites "
+        "and benchmarks), so absolute figures are noisy; the interleaved repeats "
+        "and the min-max spread show how much. Compare within a row.",
+        "",
+        "What the peers are: see the docstring of bench/kv/run.py. All three Python "
+        "servers use the same RESP parser, commands and SQLite schema "
+        "(examples/resp.py, examples/kv.py); SQLite runs in WAL mode with "
+        "`synchronous=NORMAL`, one commit per write, before its reply.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _k(rate: float) -> str:
+    return f"{rate / 1000:.1f}k"
+
+
+if __name__ == "__main__":
+    main()
