@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: run test lint typecheck bench bench-quick fuzz clean
+.PHONY: run test test-all-pythons check-package lint typecheck bench bench-quick fuzz clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,22 @@ test: $(STAMP)
 	$(BIN)/python -m mypy
 	$(BIN)/python -m ruff check .
 	$(BIN)/python -m ruff format --check .
+
+DEV_STAMP := $(VENV)/.dev-installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
+
+$(DEV_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[test,dev]'
+	rm -f $(VENV)/.dev-installed-*
+	touch $@
+
+## test-all-pythons: the whole suite on every declared Python, 3.10 to 3.13 (nox, venvs in .nox/)
+test-all-pythons: $(DEV_STAMP)
+	bash scripts/system-packages
+	$(BIN)/nox
+
+## check-package: build the sdist and wheel, install the wheel in a clean venv, serve from it
+check-package: $(DEV_STAMP)
+	$(BIN)/python scripts/check_package.py
 
 BENCH_STAMP := $(VENV)/.bench-installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 
 class RateLimitedLog:
@@ -30,8 +30,11 @@ class RateLimitedLog:
         self._next_allowed = float("-inf")
         self._suppressed = 0
 
-    def emit(self, message: str, *args: object) -> bool:
-        """Log now if allowed (and say how many were held back); return whether it logged."""
+    def emit(self, message: str, *args: object, extra: Mapping[str, object] | None = None) -> bool:
+        """Log now if allowed (and say how many were held back); return whether it logged.
+
+        ``extra`` goes to the log call: the fields of ``--log-format json``.
+        """
         now = self._clock()
         with self._lock:
             if now < self._next_allowed:
@@ -42,5 +45,5 @@ class RateLimitedLog:
         if suppressed:
             message += " (%d more like this in the last %.0f s)"
             args = (*args, suppressed, self._interval)
-        self._logger.log(self._level, message, *args)
+        self._logger.log(self._level, message, *args, extra=extra)
         return True

@@ -55,7 +55,7 @@ import time
 import traceback
 import weakref
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
@@ -64,6 +64,7 @@ from ._admission import Admission, OverloadPolicy
 from ._broadcast import MAX_GROUPS, StopBroadcast
 from ._cancel import CallbackRunner, CancelCallback
 from ._connection import DEFAULT_CHUNK_SIZE, PEER_GONE_ERRNOS, Connection, queued_bytes
+from ._events import CloseReason, Counters, RejectReason, StopOutcome
 from ._exceptions import (
     ConfigurationError,
     ConnectionTimeout,
@@ -137,6 +138,8 @@ class ServerStatistics:
     connections_rejected: int
     handler_errors: int
     accept_errors: int
+    #: Counts per closing reason, refusal and stop outcome, and the duration histograms.
+    counters: Counters = field(default_factory=Counters)
 
 
 class Server:
@@ -248,6 +251,7 @@ class Server:
         self._handler_errors = 0
         self._accept_errors = 0
         self._rejected = 0
+        self._counters = Counters()  # Per reason, and histograms (see _events.py).
         # Listen-queue clients told of the stop, their FIN sent, waiting for
         # their EOF (by descriptor), and when to stop waiting for them.
         self._dismissed: dict[int, socket.socket] = {}
@@ -289,7 +293,7 @@ class Server:
         spawner.start()
         try:
             with self._signal_handling():
-                logger.info("serving on %s", ", ".join(self.addresses))
+                logger.info("serving on %s", ", ".join(self.addresses), extra={"event": "serving"})
                 try:
                     self._accept_until_stop_requested()
                 except BaseException:
@@ -353,6 +357,7 @@ class Server:
                 bytes_sent=bytes_out,
                 handler_errors=self._handler_errors,
                 accept_errors=self._accept_errors,
+                counters=self._counters.copy(),
             )
 
     @property
@@ -465,14 +470,32 @@ class Server:
                 self._accepted += 1
             else:
                 self._rejected += 1
+                # Admission checks the total before the per-address limit.
+                why = (
+                    RejectReason.MAX_CONNECTIONS
+                    if self._admission.full
+                    else RejectReason.MAX_CONNECTIONS_PER_IP
+                )
+                self._counters.rejected[why] += 1
             self._update_accept_paused()
         if refusal is None:
             self._start_connection(sock, peer, ip)
         else:
-            self._turn_away(sock, peer, refusal)
+            self._turn_away(sock, peer, refusal, why)
 
-    def _turn_away(self, sock: socket.socket, peer: str, reason: str) -> None:
-        self._rejections_log.emit("turning away %s: %s", peer, reason)
+    def _turn_away(
+        self,
+        sock: socket.socket,
+        peer: str,
+        reason: str,
+        why: RejectReason = RejectReason.MAX_CONNECTIONS,
+    ) -> None:
+        self._rejections_log.emit(
+            "turning away %s: %s",
+            peer,
+            reason,
+            extra={"event": "connection_rejected", "peer": peer, "reason": why.value},
+        )
         _tell_and_close(sock, None if self.tls else self.notices.busy)
 
     def _start_connection(self, sock: socket.socket, peer: str, ip: str | None) -> None:
@@ -516,14 +539,19 @@ class Server:
             with self._lock:
                 self._accept_errors += 1
             conn._close_socket()
-            self._unregister(conn, "no thread")
+            self._unregister(conn, "no thread", CloseReason.NO_THREAD)
 
     # ------------------------------------------------------------------ one connection
 
     def _run_connection(self, conn: Connection) -> None:
         _current.server = self
-        logger.info("connection opened: %s", conn.peer)
+        logger.info(
+            "connection opened: %s",
+            conn.peer,
+            extra={"event": "connection_opened", "peer": conn.peer},
+        )
         outcome = "closed"
+        reason = CloseReason.COMPLETED
         cutoff_notice: bytes | None = None
         abandon = False
         try:
@@ -532,36 +560,52 @@ class Server:
             self.handler(conn)
         except FrameTooLarge as exc:
             outcome, cutoff_notice = str(exc), self.notices.too_large
+            reason = CloseReason.TOO_LARGE
         except ReadTimeout as exc:
             outcome, cutoff_notice = str(exc), self.notices.timed_out
+            reason = CloseReason.READ_TIMEOUT
         except (WriteTimeout, HandshakeTimeout) as exc:
             # The client reads nothing (or says nothing): a notice or a
             # lingering close would only hold the thread longer. Close at once.
             outcome, abandon = str(exc), True
+            reason = (
+                CloseReason.WRITE_TIMEOUT
+                if isinstance(exc, WriteTimeout)
+                else CloseReason.HANDSHAKE_TIMEOUT
+            )
         except (ConnectionTimeout, IncompleteRead) as exc:
             outcome = str(exc)
+            reason = (
+                CloseReason.INCOMPLETE if isinstance(exc, IncompleteRead) else CloseReason.TIMEOUT
+            )
         except ssl.SSLError as exc:
             outcome = f"TLS error: {exc.reason or exc}"
+            reason = CloseReason.TLS_ERROR
             if not _raised_by_connection(exc):  # The handler's own TLS (a backend, say).
                 self._count_handler_error(conn)
         except OSError as exc:
             outcome = exc.strerror or str(exc)
+            reason = CloseReason.RESET
             # The client going away is expected; the same error from the
             # handler's own sockets (a database connection, say) is a bug to see.
             expected = exc.errno in PEER_GONE_ERRNOS or self._stopping
             if not (expected and _raised_by_connection(exc)):
+                reason = CloseReason.HANDLER_ERROR
                 self._count_handler_error(conn)
         except Exception:
             outcome = "handler error"
+            reason = CloseReason.HANDLER_ERROR
             self._count_handler_error(conn)
         finally:
+            if reason is CloseReason.COMPLETED and self._stopping:
+                reason = CloseReason.STOPPED
             try:
                 if abandon:
                     conn._close_socket()
                 else:
                     self._finish_connection(conn, cutoff_notice)
             finally:
-                self._unregister(conn, outcome)
+                self._unregister(conn, outcome, reason)
 
     def _count_handler_error(self, conn: Connection) -> None:
         with self._lock:
@@ -580,16 +624,27 @@ class Server:
             linger_until = min(linger_until, self._stop_deadline - FORCE_MARGIN / 2)
         conn._close_gracefully(notice, linger_until)
 
-    def _unregister(self, conn: Connection, outcome: str) -> None:
+    def _unregister(
+        self, conn: Connection, outcome: str, reason: CloseReason = CloseReason.COMPLETED
+    ) -> None:
         # Log first: the admission slot is freed below, and a thread still
         # busy after that is one more than max_connections allows.
+        duration = time.monotonic() - conn.opened_at
         logger.info(
             "connection closed: %s after %.3f s, %d bytes in, %d bytes out (%s)",
             conn.peer,
-            time.monotonic() - conn.opened_at,
+            duration,
             conn.bytes_received,
             conn.bytes_sent,
             outcome,
+            extra={
+                "event": "connection_closed",
+                "peer": conn.peer,
+                "duration": duration,
+                "bytes_in": conn.bytes_received,
+                "bytes_out": conn.bytes_sent,
+                "reason": reason.value,
+            },
         )
         with self._lock:
             if getattr(_current, "server", None) is self:  # A connection thread, about to end.
@@ -600,6 +655,8 @@ class Server:
             self._closed += 1
             self._closed_bytes_in += conn.bytes_received
             self._closed_bytes_out += conn.bytes_sent
+            self._counters.closed[reason] += 1
+            self._counters.connection_durations.observe(duration)
             wake = self._accept_paused
             if self._stopping:
                 if len(self._connections) <= self._wake_at_live:
@@ -651,6 +708,7 @@ class Server:
             len(self._connections),
             self.grace,
             queued,
+            extra={"event": "stopping"},
         )
         with self._lock:
             self._stopping = True
@@ -700,8 +758,16 @@ class Server:
             duration=duration,
         )
         self._report = report
+        outcome = StopOutcome.CLEAN if report.clean else StopOutcome.FORCED
+        with self._lock:
+            self._counters.stops[outcome] += 1
+            self._counters.stop_durations.observe(duration)
         logger.info(
-            "stopped in %.3f s: %d drained, %d forced", duration, report.drained, report.forced
+            "stopped in %.3f s: %d drained, %d forced",
+            duration,
+            report.drained,
+            report.forced,
+            extra={"event": "stopped", "duration": duration, "reason": outcome.value},
         )
         return report
 
@@ -775,6 +841,7 @@ class Server:
             dismissed += 1
         with self._lock:
             self._rejected += dismissed
+            self._counters.rejected[RejectReason.STOPPING] += dismissed
         return dismissed
 
     def _discard_from_dismissed(self, fd: int) -> None:

@@ -10,9 +10,13 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from . import __version__
 from ._admission import OverloadPolicy, default_max_connections
+from ._environ import HELP as ENVIRONMENT_HELP
+from ._environ import parse_args
 from ._exceptions import ConfigurationError, ThreadserveError
 from ._listeners import Listener, open_listeners, parse_bind_address
+from ._logging import LOG_FORMATS, LOG_LEVELS, configure_logging
 from ._notices import Notices
 from ._server import DEFAULT_BIND, DEFAULT_GOODBYE, DEFAULT_GRACE, Handler, Server
 from ._supervisor import DEFAULT_WORKER_TIMEOUT, Supervisor, cpu_count
@@ -50,6 +54,7 @@ exit status:
   {EXIT_USAGE}  bad command line
   {EXIT_FORCED}  stopped, but connections had to be forced after the grace period
 
+{ENVIRONMENT_HELP}
 example:
   threadserve serve echo --bind 127.0.0.1:8000 --bind [::1]:8000 --grace 10
 """
@@ -61,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
         description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     serve = commands.add_parser(
         "serve",
@@ -155,8 +161,16 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--log-level",
         default="info",
-        choices=["debug", "info", "warning", "error"],
-        help="info logs one line per connection opened and closed (default: info)",
+        type=str.lower,  # WARNING, as Python's logging spells it, or warning.
+        choices=LOG_LEVELS,
+        help="info logs one line per connection opened and closed; any case (default: info)",
+    )
+    serve.add_argument(
+        "--log-format",
+        default="text",
+        choices=LOG_FORMATS,
+        help="json: one JSON object per line, with event, peer, duration, bytes_in, "
+        "bytes_out and reason as keys (default: text)",
     )
     _add_worker_options(serve)
     return parser
@@ -257,11 +271,10 @@ def load_handler(spec: str) -> Handler:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
+    args = parse_args(build_parser(), argv, os.environ)
+    worker_control = getattr(args, "worker_control", None)
+    configure_logging(
+        args.log_level, args.log_format, worker=None if worker_control is None else os.getpid()
     )
     # A handler given as MODULE:CALLABLE is looked up from the current directory
     # too, as `python -m` would, even when started through the console script.
