@@ -241,6 +241,7 @@ class Server:
             queue.SimpleQueue()
         )
         self._accept_paused = False  # At max_connections under the wait policy.
+        self._accept_handed_over = False  # pause_accepting() was called.
         self._rejections_log = RateLimitedLog(logger, logging.WARNING)
         self._accept_errors_log = RateLimitedLog(logger, logging.ERROR)
         # Counters; closed-connection totals are folded in under the lock.
@@ -373,6 +374,17 @@ class Server:
     def stopping(self) -> bool:
         return self._stop_requested
 
+    def pause_accepting(self) -> None:
+        """Take no more clients from the listeners, but go on serving the connections there are.
+
+        For a worker about to hand its shared listening socket over to the
+        others (see _supervisor.py): clients it accepted a moment ago still
+        get their request answered before the stop, and new ones wait in
+        the kernel's queue for the other workers. Safe from any thread.
+        """
+        self._accept_handed_over = True
+        self._wake()
+
     def __enter__(self) -> Server:
         return self
 
@@ -434,7 +446,9 @@ class Server:
 
     def _update_accept_paused(self) -> None:
         """Pause accepting at max_connections under the wait policy; the caller holds the lock."""
-        self._accept_paused = self._admission.policy is OverloadPolicy.WAIT and self._admission.full
+        self._accept_paused = self._accept_handed_over or (
+            self._admission.policy is OverloadPolicy.WAIT and self._admission.full
+        )
 
     def _accept_batch(self, listener: Listener) -> bool:
         """Accept what is waiting; False if accept failed for lack of a resource."""

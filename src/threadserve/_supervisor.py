@@ -61,7 +61,7 @@ from ._connection import DEFAULT_CHUNK_SIZE
 from ._listeners import LISTEN_BACKLOG, BindAddress, Listener, open_listeners
 from ._server import _tell
 from ._systemd import Notifier
-from ._worker import BEAT, CLOSED, DUMP_SIGNAL, FATAL, READY, RECYCLE
+from ._worker import BEAT, CLOSED, DUMP_SIGNAL, FATAL, PAUSE, READY, RECYCLE
 
 logger = logging.getLogger("threadserve")
 
@@ -75,6 +75,11 @@ DEFAULT_WORKER_TIMEOUT = 30.0
 STOP_MARGIN = 2.0
 #: How long a worker asked for its stacks gets to write them before SIGKILL.
 DUMP_WAIT = 2.0
+#: A worker handing its shared listeners over (reload, recycling, one fewer)
+#: first stops accepting, and is stopped only this much later: a client it
+#: accepted just before has time for its request to arrive and be answered,
+#: instead of meeting the stop with nothing read yet and being told goodbye.
+HANDOVER_SETTLE = 0.25
 #: Variables that carry a re-executed supervisor's state over the exec.
 UPGRADE_VARIABLE = "THREADSERVE_UPGRADE"
 SIGNALS = (
@@ -105,6 +110,10 @@ class Worker:
     replaced_by: Worker | None = None
     #: When to SIGKILL it: after a stacks dump, or past its stop deadline.
     kill_at: float | None = None
+    #: When to send SIGTERM to a worker handing over (see HANDOVER_SETTLE).
+    terminate_at: float | None = None
+    #: Killed for missing its heartbeat (its stacks were asked for).
+    hung: bool = False
     exit_status: int | None = field(default=None)
 
     @property
@@ -232,6 +241,8 @@ class Supervisor:
         now = time.monotonic()
         deadlines = []
         for worker in self.workers:
+            if worker.terminate_at is not None:
+                deadlines.append(worker.terminate_at)
             if worker.kill_at is not None:
                 deadlines.append(worker.kill_at)
             elif worker.exit_status is None:
@@ -359,20 +370,36 @@ class Supervisor:
                 self._boot_error = f"no worker left serving: {reason}"
                 self._begin_stop()
             return
-        logger.error("worker %d %s unexpectedly: replacing it", worker.pid, how)
+        if worker.hung:
+            logger.error(
+                "hung worker %d ended (%s) after its stacks: replacing it", worker.pid, how
+            )
+        else:
+            logger.error("worker %d %s unexpectedly: replacing it", worker.pid, how)
         if not self._stopping:
             self._spawn()
 
-    def _stop_worker(self, worker: Worker, *, force: bool = False) -> None:
-        if worker.stopping and not force:
+    def _stop_worker(self, worker: Worker, *, handover: bool = False) -> None:
+        """Stop one worker gracefully; ``handover``: the others go on serving its queue."""
+        if worker.stopping:
             return
         worker.stopping = True
-        worker.kill_at = worker.kill_at or time.monotonic() + self.grace + STOP_MARGIN
-        with contextlib.suppress(ProcessLookupError):
-            worker.process.send_signal(signal.SIGTERM)
+        now = time.monotonic()
+        settle = HANDOVER_SETTLE if handover and self.listeners and worker.ready else 0.0
+        worker.kill_at = now + settle + self.grace + STOP_MARGIN
+        if settle:
+            with contextlib.suppress(OSError):
+                worker.channel.send(PAUSE)
+            worker.terminate_at = now + settle
+        else:
+            _forward(worker, signal.SIGTERM)
 
     def _check_deadlines(self) -> None:
         now = time.monotonic()
+        for worker in self.workers:
+            if worker.terminate_at is not None and now >= worker.terminate_at:
+                worker.terminate_at = None
+                _forward(worker, signal.SIGTERM)
         if self._dismissed and now >= self._dismiss_until:
             for sock in self._dismissed.values():
                 sock.close()
@@ -392,9 +419,9 @@ class Supervisor:
                     what,
                     now - worker.last_beat,
                 )
-                with contextlib.suppress(ProcessLookupError):
-                    worker.process.send_signal(DUMP_SIGNAL)
+                _forward(worker, DUMP_SIGNAL)
                 worker.kill_at = now + DUMP_WAIT
+                worker.hung = True
 
     def _advance(self) -> None:
         """Move a reload, a recycle or a stop forward once workers are ready or gone."""
@@ -403,7 +430,7 @@ class Supervisor:
             self._reload = None
             old = [w for w in self.workers if w not in new and not w.stopping]
             for worker in old:
-                self._stop_worker(worker)
+                self._stop_worker(worker, handover=True)
             if not self._booted:
                 self._booted = True
                 logger.info(
@@ -416,7 +443,7 @@ class Supervisor:
             self.notifier.ready(self._status("serving"))
         for worker in self.workers:
             if worker.replaced_by is not None and worker.replaced_by.ready and not worker.stopping:
-                self._stop_worker(worker)
+                self._stop_worker(worker, handover=True)
         if self._stopping and self.listeners and all(not w.accepting for w in self.workers):
             self._dismiss_queues()
 
@@ -429,7 +456,10 @@ class Supervisor:
             self._spawn()
         elif len(serving) > 1:
             self.wanted -= 1
-            self._stop_worker(serving[0])  # The oldest.
+            self._stop_worker(serving[0], handover=True)  # The oldest.
+        else:
+            logger.info("SIGTTOU ignored: one worker is the fewest")
+            return
         logger.info("now %d workers", self.wanted)
         self.notifier.status(self._status("serving"))
 

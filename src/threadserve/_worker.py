@@ -10,7 +10,9 @@ stops gracefully, a second forces. Nothing of the supervisor's threads,
 pipes or eventfds exists here, since nothing was forked.
 
 The control channel is a ``SOCK_SEQPACKET`` socket pair, one message per
-packet, worker to supervisor only:
+packet. The supervisor sends one message, ``pause``: stop accepting (the
+other workers take over the shared queue) but go on serving; SIGTERM
+follows a moment later. The worker sends:
 
 * ``ready``: the handler imported and the server is built; send clients.
 * ``beat``: sent every ``beat_interval`` by a thread that first takes the
@@ -53,6 +55,7 @@ BEAT = b"beat"
 CLOSED = b"closed"
 RECYCLE = b"recycle"
 FATAL = b"fatal "
+PAUSE = b"pause"
 
 #: Asks a worker for its stacks (then it ends): see the module docstring.
 DUMP_SIGNAL = signal.SIGUSR1
@@ -126,8 +129,11 @@ def _watch(
     while not finished.is_set():
         if poller.poll(int(beat_interval * 1000)):
             with contextlib.suppress(BlockingIOError, InterruptedError):
-                if channel.recv(64, socket.MSG_DONTWAIT):
-                    continue  # Nothing is sent this way today; ignore it.
+                message = channel.recv(64, socket.MSG_DONTWAIT)
+                if message == PAUSE:
+                    server.pause_accepting()
+                if message:
+                    continue
             if not finished.is_set():
                 logger.warning("the supervisor is gone: stopping this worker")
                 server.stop()
