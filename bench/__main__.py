@@ -1,13 +1,24 @@
 """`python -m bench`: build, run every peer on every workload, write results.
 
-    python -m bench                    full run (about 90 minutes)
-    python -m bench --quick            smoke run (a few minutes)
-    python -m bench --peers threadserve,uvloop --workloads echo --repeats 5
+    python -m bench                    full run, 3 repeats (about 35 minutes),
+                                       into bench/results/
+    python -m bench --quick            smoke run (a few minutes), into
+                                       bench/scratch/ (never over the results)
+    python -m bench --peers threadserve,threads-bare,asyncio-protocol \
+        --workloads short --repeats 1  one workload, three peers
     python -m bench --report-only      redraw tables and charts from results.json
 
+Each run starts a fresh server, warms it with a throwaway run of the same load
+(--throwaway seconds), then measures it (--warmup + --duration seconds) and
+checks that the throughput was steady across the window's 1-second slices.
 Runs are interleaved: for each repeat, each case is run against every peer in
 turn (the order rotates between repeats), so a drift in the machine's speed
 hits all peers alike and ratios are taken between runs made minutes apart.
+
+After the runs: the cold-start experiment (why a fresh asyncio server is slow,
+bench/coldstart.py), the cross-check of one cell with wrk
+(bench/crosscheck.py) and the thread floor (bench/thread_floor.py); skip them
+with --skip. RESULTS.md opens with the goals of issue 7, each with its ratio.
 """
 
 from __future__ import annotations
@@ -18,12 +29,13 @@ import os
 import resource
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
-from bench import report
+from bench import coldstart, crosscheck, report
 from bench.build import BENCH_DIR, BuildError, build_all
 from bench.environment import collect
 from bench.peerlist import PEERS, Peer
@@ -31,6 +43,9 @@ from bench.server import REPO_ROOT, SCRUBBED_ENV
 from bench.workloads import WORKLOADS, Case, Settings, plan, run_case
 
 DEFAULT_OUT = BENCH_DIR / "results"
+# Quick runs and experiments go here (git-ignored), never over the results.
+SCRATCH_OUT = BENCH_DIR / "scratch"
+EXTRAS = ("coldstart", "crosscheck", "floor")
 
 
 def _csv(value: str) -> list[str]:
@@ -60,9 +75,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, help="runs of each case (default 3, quick 1)")
     parser.add_argument("--conns", type=_ints, help="echo connection counts, e.g. 10,100")
     parser.add_argument("--sizes", type=_ints, help="echo message sizes in bytes, e.g. 64,1024")
-    parser.add_argument("--duration", type=float, help="measured seconds per run (5, quick 1)")
-    parser.add_argument("--warmup", type=float, help="unmeasured seconds first (1, quick 0.3)")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results directory")
+    parser.add_argument("--duration", type=float, help="measured seconds per run (4, quick 1.5)")
+    parser.add_argument(
+        "--warmup", type=float, help="unmeasured seconds within the measured run (0.5, quick 0.3)"
+    )
+    parser.add_argument(
+        "--throwaway",
+        type=float,
+        help="seconds of the unmeasured run against each fresh server before the measured "
+        "one (2, quick 1; 0 measures cold servers)",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help=f"results directory (default {DEFAULT_OUT.relative_to(BENCH_DIR.parent)}/, "
+        f"with --quick {SCRATCH_OUT.relative_to(BENCH_DIR.parent)}/)",
+    )
+    parser.add_argument(
+        "--skip",
+        type=_csv,
+        default=[],
+        help=f"steps after the runs to leave out, comma list from: {','.join(EXTRAS)}",
+    )
     parser.add_argument("--no-pin", action="store_true", help="do not pin server and client")
     parser.add_argument(
         "--report-only", action="store_true", help="only redraw the report from results.json"
@@ -74,6 +108,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for name in args.workloads:
         if name not in WORKLOADS:
             parser.error(f"unknown workload {name!r}; known: {', '.join(WORKLOADS)}")
+    for name in args.skip:
+        if name not in EXTRAS:
+            parser.error(f"unknown step {name!r}; known: {', '.join(EXTRAS)}")
+    if args.out is None:
+        args.out = SCRATCH_OUT if args.quick else DEFAULT_OUT
     return args
 
 
@@ -100,7 +139,7 @@ def schedule(cases: list[Case], peers: list[Peer], repeats: int) -> list[tuple[i
         for case in cases:
             shift = repeat % len(peers)
             for peer in peers[shift:] + peers[:shift]:
-                if case.workload in peer.workloads:
+                if case.workload in peer.workloads and case.runs_on(peer.name):
                     runs.append((repeat, case, peer))
     return runs
 
@@ -112,6 +151,41 @@ def thread_floor(out: Path, threads: int, repeats: int, cpu: int | None) -> Any:
     argv += ["--repeats", str(repeats), "--cpu", str(-1 if cpu is None else cpu)]
     subprocess.run([*argv, "--out", str(path)], check=True, stdout=subprocess.DEVNULL, timeout=600)
     return json.loads(path.read_text())
+
+
+def run_extras(
+    args: argparse.Namespace, settings: Settings, cases: list[Case], repeats: int, out: Path
+) -> dict[str, Any]:
+    """The steps after the runs; each failure is recorded, not raised."""
+    extras: dict[str, Any] = {}
+    server_cpu, client_cpu = settings.server_cpu, settings.client_cpu
+    steps: list[tuple[str, Any]] = [
+        (
+            "coldstart",
+            lambda: coldstart.experiment(1.0 if args.quick else 2.0, server_cpu, client_cpu),
+        ),
+        (
+            "crosscheck",
+            lambda: crosscheck.crosscheck(
+                repeats, settings.duration, settings.throwaway, server_cpu, client_cpu
+            ),
+        ),
+    ]
+    floor_threads = max((c.conns for c in cases if c.workload in ("idle", "stop")), default=0)
+    if floor_threads:
+        steps.append(("floor", lambda: thread_floor(out, floor_threads, repeats, server_cpu)))
+    for name, step in steps:
+        if name in args.skip:
+            continue
+        if name == "crosscheck" and crosscheck.wrk_available() is not None:
+            extras[name] = {"error": crosscheck.wrk_available()}
+            continue
+        print(f"bench: {name}", file=sys.stderr)
+        try:
+            extras[name] = step()
+        except Exception as exc:  # recorded in the results; the run goes on
+            extras[name] = {"error": f"{type(exc).__name__}: {exc}"}
+    return extras
 
 
 def save(path: Path, results: dict[str, Any]) -> None:
@@ -143,8 +217,9 @@ def main(argv: list[str] | None = None) -> int:
     server_cpu, client_cpu = pinning(args.no_pin)
     settings = Settings(
         binaries=binaries,
-        warmup=args.warmup if args.warmup is not None else (0.3 if quick else 1.0),
-        duration=args.duration if args.duration is not None else (1.0 if quick else 5.0),
+        throwaway=args.throwaway if args.throwaway is not None else (1.0 if quick else 2.0),
+        warmup=args.warmup if args.warmup is not None else (0.3 if quick else 0.5),
+        duration=args.duration if args.duration is not None else (1.5 if quick else 4.0),
         connect_timeout=10.0 if quick else 60.0,
         settle=0.3 if quick else 1.0,
         stop_timeout=20.0 if quick else 30.0,
@@ -184,6 +259,7 @@ def main(argv: list[str] | None = None) -> int:
             "peer_notes": {peer.name: peer.note for peer in peers},
             "skipped_peers": skipped,
             "workloads": args.workloads,
+            "throwaway": settings.throwaway,
             "warmup": settings.warmup,
             "duration": settings.duration,
             "connect_timeout": settings.connect_timeout,
@@ -196,6 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         "runs": [],
     }
     interrupted = False
+    started = time.monotonic()
     try:
         with tqdm(runs, unit="run", dynamic_ncols=True) as progress:
             for repeat, case, peer in progress:
@@ -205,12 +282,11 @@ def main(argv: list[str] | None = None) -> int:
                 if not record["ok"]:
                     progress.write(f"  {peer.name} {case.label}: {record['error']}")
                 save(results_path, results)
-        floor_threads = max((c.conns for c in cases if c.workload in ("idle", "stop")), default=0)
-        if floor_threads:
-            results["thread_floor"] = thread_floor(out, floor_threads, repeats, server_cpu)
+        results["extras"] = run_extras(args, settings, cases, repeats, out)
     except KeyboardInterrupt:
         interrupted = True
         print("\nbench: interrupted; writing what was measured", file=sys.stderr)
+    results["config"]["wall_seconds"] = round(time.monotonic() - started, 1)
     save(results_path, results)
     report.write_all(results, out)
     print(f"results in {out}: results.json, RESULTS.md, *.png")

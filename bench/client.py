@@ -39,7 +39,11 @@ def run_echo(
     connect_timeout: float,
     server_pid: int,
     cpu: int | None,
+    short: int = 0,
+    short_size: int = 64,
 ) -> JsonDict:
+    """One closed-loop run: `conns` busy connections and `short` clients
+    opening short connections, `warmup` then `duration` seconds."""
     argv = [
         *pin_prefix(cpu),
         str(binary),
@@ -51,6 +55,8 @@ def run_echo(
         "--duration", str(duration),
         "--connect-timeout", str(connect_timeout),
         "--server-pid", str(server_pid),
+        "--short", str(short),
+        "--short-size", str(short_size),
     ]  # fmt: skip
     # Its own bounds end it well before this; the margin covers closing
     # 10,000 sockets on a loaded machine.

@@ -21,6 +21,19 @@
  * until all have ended or OBSERVE seconds have passed. "quit" or EOF on stdin
  * closes everything. Either way one final JSON object is printed on stdout.
  *
+ * Short connections (echo mode, --short N): N more client slots, each in a
+ * loop of connect, one SHORT_SIZE echo (checked byte for byte), shutdown of
+ * its write side, and the server's EOF, then close and the next connect. The
+ * time from connect() to that EOF is the connection's latency; connections
+ * that end in the measured window are counted. They start with the warm-up,
+ * after the CONNS busy connections are up, so `--conns 0 --short 10` is the
+ * short-connection workload and `--conns 50 --size 512 --short 50` the mixed
+ * one.
+ *
+ * The measured window is also cut into --slice second slices, and the
+ * requests (and short connections) completed in each are printed, so a run
+ * that was still speeding up or slowing down can be told from a steady one.
+ *
  * Everything is bounded: connecting by --connect-timeout, measuring by
  * --duration and --max-requests, waiting for a command by --hold-timeout, and
  * observing a stop by --observe-timeout.
@@ -55,6 +68,8 @@ enum mode { MODE_ECHO, MODE_HOLD, MODE_ACTIVE };
 enum phase { PH_CONNECT, PH_WARMUP, PH_MEASURE, PH_WAIT, PH_STOP, PH_DONE };
 enum cstate { C_UNUSED, C_CONNECTING, C_OPEN, C_IDLE, C_CLOSED };
 enum end { END_NONE, END_EOF, END_RESET, END_ERROR };
+enum kind { K_BUSY, K_SHORT };
+#define MAX_SLICES 1024
 
 struct conn {
     int fd;
@@ -67,6 +82,10 @@ struct conn {
     int first_done;     /* first round trip completed */
     uint32_t window_done; /* requests completed in the measured window */
     uint64_t t_start;   /* ns, when the current request was first written */
+    enum kind kind;     /* a busy (long-lived) connection or a short-connection slot */
+    uint32_t size;      /* request size of this connection */
+    int half_closed;    /* short: echo checked, our FIN sent, waiting for the server's */
+    uint64_t t_open;    /* short: ns, when connect() was called */
     enum end end;
     int notice_len;
     char notice[NOTICE_MAX];
@@ -76,9 +95,13 @@ struct conn {
  * power of two (under 1.6% error), so p99.9 stays meaningful at any rate
  * without storing every sample. */
 #define HIST_BUCKETS (64 * 64 + 128)
-static uint64_t hist[HIST_BUCKETS];
-static uint64_t hist_count, hist_max;
-static double hist_sum;
+struct hist {
+    uint64_t bucket[HIST_BUCKETS];
+    uint64_t count, max;
+    double sum;
+};
+static struct hist req_hist;   /* busy connections: one request's round trip */
+static struct hist short_hist; /* short connections: connect() to the server's EOF */
 
 static int hist_index(uint64_t v) {
     if (v < 128) return (int)v;
@@ -95,23 +118,32 @@ static double hist_value(int idx) {
     return (double)(m << shift) + (double)(1ULL << shift) / 2.0;
 }
 
-static void hist_add(uint64_t v) {
-    hist[hist_index(v)]++;
-    hist_count++;
-    hist_sum += (double)v;
-    if (v > hist_max) hist_max = v;
+static void hist_add(struct hist *h, uint64_t v) {
+    h->bucket[hist_index(v)]++;
+    h->count++;
+    h->sum += (double)v;
+    if (v > h->max) h->max = v;
 }
 
-static double hist_percentile(double p) {
-    if (hist_count == 0) return 0;
-    uint64_t rank = (uint64_t)(p * (double)hist_count + 0.999999);
+static double hist_percentile(const struct hist *h, double p) {
+    if (h->count == 0) return 0;
+    uint64_t rank = (uint64_t)(p * (double)h->count + 0.999999);
     if (rank < 1) rank = 1;
     uint64_t seen = 0;
     for (int i = 0; i < HIST_BUCKETS; i++) {
-        seen += hist[i];
+        seen += h->bucket[i];
         if (seen >= rank) return hist_value(i);
     }
-    return (double)hist_max;
+    return (double)h->max;
+}
+
+/* One JSON object of latency percentiles, in microseconds. */
+static void hist_print(const struct hist *h) {
+    printf("{\"p50\": %.3f, \"p90\": %.3f, \"p99\": %.3f, \"p999\": %.3f, "
+           "\"max\": %.3f, \"mean\": %.3f}",
+           hist_percentile(h, 0.5) / 1e3, hist_percentile(h, 0.9) / 1e3,
+           hist_percentile(h, 0.99) / 1e3, hist_percentile(h, 0.999) / 1e3,
+           (double)h->max / 1e3, h->count ? h->sum / (double)h->count / 1e3 : 0.0);
 }
 
 static uint64_t now_ns(void) {
@@ -165,8 +197,9 @@ static const char *pattern_for(uint32_t c, uint32_t seq) {
 static enum mode mode = MODE_ECHO;
 static const char *host = "127.0.0.1";
 static int port = 0, nconns = 1, msg_size = 64, server_pid = 0, inflight_max = 128;
+static int nshort = 0, short_size = 64, nslots = 1, stride = 64;
 static double warmup_s = 1, duration_s = 5, connect_timeout_s = 60, hold_timeout_s = 300,
-              observe_timeout_s = 30;
+              observe_timeout_s = 30, slice_s = 1;
 static uint64_t max_requests = 1000000000ULL;
 
 static struct conn *conns;
@@ -181,6 +214,8 @@ static uint64_t window_requests, window_bytes, total_requests;
 static uint64_t stop_echoes, stop_unanswered, stop_partial;
 static uint64_t stop_reset_on_send; /* the reset surfaced on a write, not a read */
 static uint64_t t_begin, t_connected, t_ready, t_window_start, t_window_end, t_stop, t_last_end;
+static uint64_t short_window, short_started, short_connect_failures;
+static uint64_t slice_requests[MAX_SLICES], slice_short[MAX_SLICES];
 static double cpu_client_start, cpu_client_end, cpu_server_start, cpu_server_end;
 
 static void die(const char *what) {
@@ -202,9 +237,46 @@ static void ep_mod(struct conn *c, int idx, int want_out) {
     c->want_out = want_out;
 }
 
+static void open_one(int idx);
+
+static int running(void) { return phase == PH_WARMUP || phase == PH_MEASURE; }
+
+/* Short-connection slots whose connection ended, to be opened again once the
+ * current batch of events is handled: a later event in the same batch may be
+ * for the old socket, and must not be taken for the new one's. */
+static int *reopen_queue;
+static int reopen_count;
+
+static void reopen_later(int idx) {
+    if (running()) reopen_queue[reopen_count++] = idx;
+}
+
+static void reopen_pending(void) {
+    for (int i = 0; i < reopen_count; i++)
+        if (running()) open_one(reopen_queue[i]);
+    reopen_count = 0;
+}
+
+static int slice_of(uint64_t t) {
+    uint64_t i = (t - t_window_start) / (uint64_t)(slice_s * 1e9);
+    return i < MAX_SLICES ? (int)i : MAX_SLICES - 1;
+}
+
 static void conn_end(int idx, enum end how) {
     struct conn *c = &conns[idx];
     if (c->state == C_CLOSED || c->state == C_UNUSED) return;
+    if (c->kind == K_SHORT) {
+        /* A short connection that ends any other way than by the server's
+         * EOF after its echo is an error; the slot goes on with a new one. */
+        if (how == END_EOF) err_eof++;
+        else if (how == END_RESET) err_reset++;
+        else err_other++;
+        close(c->fd);
+        c->fd = -1;
+        c->state = C_CLOSED;
+        reopen_later(idx);
+        return;
+    }
     if (phase == PH_STOP) {
         c->end = how;
         if (c->in_flight) stop_unanswered++;
@@ -226,8 +298,8 @@ static void conn_end(int idx, enum end how) {
 
 static void fill_request(int idx) {
     struct conn *c = &conns[idx];
-    memcpy(sendbuf + (size_t)idx * (size_t)msg_size, pattern_for((uint32_t)idx, c->seq),
-           (size_t)msg_size);
+    memcpy(sendbuf + (size_t)idx * (size_t)stride, pattern_for((uint32_t)idx, c->seq),
+           (size_t)c->size);
 }
 
 static void drain_before_reset(int idx);
@@ -235,9 +307,9 @@ static void drain_before_reset(int idx);
 /* Write as much of the current request as the socket takes. */
 static void pump_send(int idx) {
     struct conn *c = &conns[idx];
-    const char *b = sendbuf + (size_t)idx * (size_t)msg_size;
-    while (c->sent < (uint32_t)msg_size) {
-        ssize_t n = send(c->fd, b + c->sent, (size_t)msg_size - c->sent, MSG_NOSIGNAL);
+    const char *b = sendbuf + (size_t)idx * (size_t)stride;
+    while (c->sent < c->size) {
+        ssize_t n = send(c->fd, b + c->sent, (size_t)c->size - c->sent, MSG_NOSIGNAL);
         if (n > 0) {
             c->sent += (uint32_t)n;
             continue;
@@ -270,14 +342,42 @@ static void start_request(int idx) {
     pump_send(idx);
 }
 
-static void on_echo_complete(int idx, uint64_t t) {
+/* A short connection's echo is checked: send our FIN and wait for the
+ * server's. Its latency is taken when that EOF arrives (short_done). */
+static void short_echoed(int idx) {
     struct conn *c = &conns[idx];
     c->in_flight = 0;
     c->seq++;
+    c->half_closed = 1;
+    if (shutdown(c->fd, SHUT_WR) < 0) conn_end(idx, END_ERROR);
+}
+
+static void short_done(int idx, uint64_t t) {
+    struct conn *c = &conns[idx];
     if (phase == PH_MEASURE) {
-        hist_add(t - c->t_start);
+        hist_add(&short_hist, t - c->t_open);
+        short_window++;
+        slice_short[slice_of(t)]++;
+    }
+    close(c->fd);
+    c->fd = -1;
+    c->state = C_CLOSED;
+    reopen_later(idx);
+}
+
+static void on_echo_complete(int idx, uint64_t t) {
+    struct conn *c = &conns[idx];
+    if (c->kind == K_SHORT) {
+        short_echoed(idx);
+        return;
+    }
+    c->in_flight = 0;
+    c->seq++;
+    if (phase == PH_MEASURE) {
+        hist_add(&req_hist, t - c->t_start);
         window_requests++;
-        window_bytes += (uint64_t)msg_size;
+        window_bytes += (uint64_t)c->size;
+        slice_requests[slice_of(t)]++;
     } else if (phase == PH_STOP) {
         stop_echoes++;
     }
@@ -321,7 +421,7 @@ static void consume(int idx, const char *buf, ssize_t n, uint64_t t) {
             }
             c->verified += (uint32_t)ok;
             i += ok;
-            if (c->verified == (uint32_t)msg_size) on_echo_complete(idx, t);
+            if (c->verified == c->size) on_echo_complete(idx, t);
             if (ok == span) continue;
         }
         if (phase == PH_STOP && buf[i] == 'S') {
@@ -349,7 +449,10 @@ static void on_readable(int idx) {
             continue;
         }
         if (n == 0) {
-            conn_end(idx, END_EOF);
+            if (c->kind == K_SHORT && c->half_closed)
+                short_done(idx, now_ns());
+            else
+                conn_end(idx, END_EOF);
             return;
         }
         if (errno == EAGAIN || errno == EWOULDBLOCK) return;
@@ -377,7 +480,16 @@ static void open_one(int idx) {
     c->fd = fd;
     c->state = C_CONNECTING;
     c->want_out = 1;
-    connecting_or_first++;
+    if (c->kind == K_SHORT) {
+        c->half_closed = 0;
+        c->in_flight = 0;
+        c->sent = 0;
+        c->verified = 0;
+        c->t_open = now_ns();
+        short_started++;
+    } else {
+        connecting_or_first++;
+    }
     int r = connect(fd, (struct sockaddr *)&dest, sizeof dest);
     if (r < 0 && errno != EINPROGRESS) die("connect");
     struct epoll_event ev = {.events = EPOLLOUT | EPOLLIN, .data.u32 = (uint32_t)idx};
@@ -389,6 +501,11 @@ static void on_connected(int idx) {
     int err = 0;
     socklen_t len = sizeof err;
     getsockopt(c->fd, SOL_SOCKET, SO_ERROR, &err, &len);
+    if (err != 0 && c->kind == K_SHORT) {
+        short_connect_failures++;
+        conn_end(idx, END_ERROR);
+        return;
+    }
     if (err != 0 && phase != PH_CONNECT) {
         connect_failures++;
         conn_end(idx, END_ERROR);
@@ -407,7 +524,7 @@ static void on_connected(int idx) {
         return;
     }
     c->state = C_OPEN;
-    connected++;
+    if (c->kind == K_BUSY) connected++;
     ep_mod(c, idx, 0);
     start_request(idx);
 }
@@ -444,7 +561,8 @@ static void usage(void) {
             "usage: loadgen --port P [--host 127.0.0.1] [--mode echo|hold|active] [--conns N]\n"
             "       [--size BYTES] [--warmup S] [--duration S] [--connect-timeout S]\n"
             "       [--hold-timeout S] [--observe-timeout S] [--server-pid PID]\n"
-            "       [--max-requests N] [--inflight N]\n");
+            "       [--max-requests N] [--inflight N] [--short N] [--short-size BYTES]\n"
+            "       [--slice S]\n");
     exit(2);
 }
 
@@ -465,6 +583,9 @@ static void parse_args(int argc, char **argv) {
         else if (!strcmp(a, "--server-pid")) server_pid = atoi(v);
         else if (!strcmp(a, "--max-requests")) max_requests = strtoull(v, NULL, 10);
         else if (!strcmp(a, "--inflight")) inflight_max = atoi(v);
+        else if (!strcmp(a, "--short")) nshort = atoi(v);
+        else if (!strcmp(a, "--short-size")) short_size = atoi(v);
+        else if (!strcmp(a, "--slice")) slice_s = atof(v);
         else if (!strcmp(a, "--mode")) {
             if (!strcmp(v, "echo")) mode = MODE_ECHO;
             else if (!strcmp(v, "hold")) mode = MODE_HOLD;
@@ -472,9 +593,14 @@ static void parse_args(int argc, char **argv) {
             else usage();
         } else usage();
     }
-    if (port <= 0 || port > 65535 || nconns < 1 || msg_size < 1 || msg_size > 65536 ||
-        inflight_max < 1)
+    if (port <= 0 || port > 65535 || nconns < 0 || msg_size < 1 || msg_size > 65536 ||
+        inflight_max < 1 || nshort < 0 || short_size < 1 || short_size > 65536 || slice_s <= 0)
         usage();
+    /* Short connections only make sense under load; hold and active keep
+     * their connections for the stop and idle workloads. */
+    if (nconns + nshort < 1 || (nshort > 0 && mode != MODE_ECHO)) usage();
+    nslots = nconns + nshort;
+    stride = msg_size > short_size ? msg_size : short_size;
     memset(&dest, 0, sizeof dest);
     dest.sin_family = AF_INET;
     dest.sin_port = htons((uint16_t)port);
@@ -509,11 +635,33 @@ static void print_result(void) {
     printf("\"duration\": %.6f, \"requests\": %llu, \"bytes\": %llu, \"throughput_rps\": %.3f, ",
            measured ? window : 0.0, (unsigned long long)window_requests,
            (unsigned long long)window_bytes, measured ? (double)window_requests / window : 0.0);
-    printf("\"latency_us\": {\"p50\": %.3f, \"p90\": %.3f, \"p99\": %.3f, \"p999\": %.3f, "
-           "\"max\": %.3f, \"mean\": %.3f}, ",
-           hist_percentile(0.5) / 1e3, hist_percentile(0.9) / 1e3, hist_percentile(0.99) / 1e3,
-           hist_percentile(0.999) / 1e3, (double)hist_max / 1e3,
-           hist_count ? hist_sum / (double)hist_count / 1e3 : 0.0);
+    printf("\"latency_us\": ");
+    hist_print(&req_hist);
+    printf(", ");
+    if (nshort > 0) {
+        printf("\"short\": {\"slots\": %d, \"size\": %d, \"completed\": %llu, "
+               "\"rate\": %.3f, \"started\": %llu, \"connect_failures\": %llu, \"latency_us\": ",
+               nshort, short_size, (unsigned long long)short_window,
+               measured ? (double)short_window / window : 0.0, (unsigned long long)short_started,
+               (unsigned long long)short_connect_failures);
+        hist_print(&short_hist);
+        printf("}, ");
+    } else {
+        printf("\"short\": null, ");
+    }
+    /* Completions per whole slice of the window (a partial last one is left out). */
+    int nslices = 0;
+    if (measured) {
+        nslices = (int)(window / slice_s + 1e-9);
+        if (nslices > MAX_SLICES) nslices = MAX_SLICES;
+    }
+    printf("\"slices\": {\"seconds\": %.3f, \"requests\": [", slice_s);
+    for (int i = 0; i < nslices; i++)
+        printf("%s%llu", i ? ", " : "", (unsigned long long)slice_requests[i]);
+    printf("], \"short\": [");
+    for (int i = 0; i < nslices && nshort > 0; i++)
+        printf("%s%llu", i ? ", " : "", (unsigned long long)slice_short[i]);
+    printf("]}, ");
     printf("\"errors\": {\"mismatch\": %llu, \"unsolicited\": %llu, \"eof\": %llu, \"reset\": %llu, "
            "\"other\": %llu}, ",
            (unsigned long long)err_mismatch, (unsigned long long)err_unsolicited,
@@ -569,9 +717,15 @@ int main(int argc, char **argv) {
     raise_nofile();
     signal(SIGPIPE, SIG_IGN);
 
-    conns = calloc((size_t)nconns, sizeof *conns);
-    sendbuf = malloc((size_t)nconns * (size_t)msg_size);
-    if (!conns || !sendbuf) die("malloc");
+    conns = calloc((size_t)nslots, sizeof *conns);
+    sendbuf = malloc((size_t)nslots * (size_t)stride);
+    reopen_queue = calloc((size_t)nslots, sizeof *reopen_queue);
+    if (!conns || !sendbuf || !reopen_queue) die("malloc");
+    for (int i = 0; i < nslots; i++) {
+        conns[i].fd = -1;
+        conns[i].kind = i < nconns ? K_BUSY : K_SHORT;
+        conns[i].size = (uint32_t)(i < nconns ? msg_size : short_size);
+    }
     epfd = epoll_create1(EPOLL_CLOEXEC);
     if (epfd < 0) die("epoll_create1");
     if (mode != MODE_ECHO) {
@@ -608,6 +762,7 @@ int main(int argc, char **argv) {
                         conns[i].state = C_OPEN;
                         start_request(i);
                     }
+                    for (int i = nconns; i < nslots; i++) open_one(i);
                 }
             }
         } else if (phase == PH_WARMUP && t >= phase_deadline) {
@@ -664,6 +819,7 @@ int main(int argc, char **argv) {
             if (c->state != C_CLOSED && (events[i].events & EPOLLOUT) && c->in_flight)
                 pump_send((int)idx);
         }
+        reopen_pending();
     }
 
     if (!t_window_end && t_window_start) {
@@ -672,7 +828,7 @@ int main(int argc, char **argv) {
         cpu_server_end = cpu_of(server_pid);
     }
     print_result();
-    for (int i = 0; i < nconns; i++)
+    for (int i = 0; i < nslots; i++)
         if (conns[i].state != C_CLOSED && conns[i].state != C_UNUSED) close(conns[i].fd);
     return 0;
 }

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from bench.build import BUILD_DIR
 
-ECHO_WORKLOADS = frozenset({"echo", "idle", "stop"})
+ECHO_WORKLOADS = frozenset({"echo", "short", "mixed", "idle", "stop"})
 ALL_WORKLOADS = ECHO_WORKLOADS | {"blocking"}
 
 
@@ -19,8 +19,8 @@ class Peer:
     workloads: frozenset[str]
     note: str
 
-    def command(self, port: int, workload: str) -> list[str]:
-        """The argv that serves `workload` on 127.0.0.1:`port`."""
+    def command(self, port: int, workload: str, conns: int = 1000) -> list[str]:
+        """The argv that serves `workload` on 127.0.0.1:`port` for `conns` connections."""
         # idle and stop measure connections held by the echo server.
         served = "blocking" if workload == "blocking" else "echo"
         if self.name == "threadserve":
@@ -32,7 +32,11 @@ class Peer:
             return [sys.executable, "-m", "threadserve", *serve]
         if self.module is None:
             return [str(BUILD_DIR / "refserver"), "--port", str(port)]
-        return [sys.executable, "-m", self.module, "--port", str(port), "--workload", served]
+        argv = [sys.executable, "-m", self.module, "--port", str(port), "--workload", served]
+        if self.name == "asyncio-pool":
+            # one executor thread per connection, as a careful asyncio user sizes it
+            argv += ["--pool", str(max(conns, 1))]
+        return argv
 
     def available(self) -> str | None:
         """None when the peer can run here, else the reason it cannot."""
@@ -62,6 +66,13 @@ PEERS: dict[str, Peer] = {
             "CLI `threadserve serve echo`; blocking via bench.handlers:blocking_echo",
         ),
         Peer(
+            "threads-bare",
+            "bench.peers.threads_bare",
+            ALL_WORKLOADS,
+            "the seed's loop without its print: recv/sendall in a thread per connection, "
+            "nothing else (the thread model's ceiling)",
+        ),
+        Peer(
             "seed",
             "bench.peers.seed",
             ALL_WORKLOADS,
@@ -78,6 +89,13 @@ PEERS: dict[str, Peer] = {
             "bench.peers.asyncio_protocol",
             ALL_WORKLOADS,
             "asyncio Protocol; blocking via asyncio.to_thread (default executor)",
+        ),
+        Peer(
+            "asyncio-pool",
+            "bench.peers.asyncio_pool",
+            frozenset({"blocking"}),
+            "asyncio Protocol; blocking via asyncio.to_thread on a ThreadPoolExecutor "
+            "with one thread per connection",
         ),
         Peer(
             "asyncio-streams",

@@ -21,20 +21,23 @@ matplotlib.use("Agg")  # files only, no display; must precede pyplot
 import matplotlib.pyplot as plt
 from matplotlib.ticker import FuncFormatter, NullFormatter
 
+from bench import coldstart
 from bench.thread_floor import markdown_table
 
 Run = dict[str, Any]
 CaseKey = tuple[str, int, int, str]  # workload, conns, size, variant
 
-BASELINES = ("uvloop", "asyncio-protocol")
+BASELINES = ("threads-bare", "asyncio-protocol", "uvloop")
 # Above this share of the machine's CPU used by other processes during the
 # runs, the results are flagged as noisy.
 BUSY_SHARE = 0.10
 PEER_ORDER = (
     "threadserve",
+    "threads-bare",
     "seed",
     "socketserver",
     "asyncio-protocol",
+    "asyncio-pool",
     "asyncio-streams",
     "uvloop",
     "gevent",
@@ -44,6 +47,10 @@ PEER_ORDER = (
 CLIENT_BOUND_MARK = "\u2021"  # double dagger
 STARVED_MARK = "\u00a7"  # section sign
 FAILED_MARK = "\u2717"  # ballot x
+UNSTEADY_MARK = "~"
+# A run whose 1-second slices stray further than this from their mean was
+# not in a steady state (or the machine was disturbed): marked UNSTEADY_MARK.
+UNSTEADY_SPREAD = 0.25
 # Typographic characters, spelled as escapes so the source stays ASCII.
 DASH = "\u2013"  # en dash, for ranges and empty cells
 TIMES = "\u00d7"  # multiplication sign, for ratios
@@ -146,6 +153,10 @@ def marks(runs: list[Run]) -> str:
         out += CLIENT_BOUND_MARK
     if any(run["ok"] and run["metrics"].get("starved") for run in runs):
         out += STARVED_MARK
+    if any(
+        run["ok"] and (run["metrics"].get("slice_spread") or 0) > UNSTEADY_SPREAD for run in runs
+    ):
+        out += UNSTEADY_MARK
     failed = sum(1 for run in runs if not run["ok"])
     if failed:
         out += f" {FAILED_MARK}{failed}"
@@ -174,6 +185,7 @@ def _load_sections(
     conns = [k[1] for k in keys]
     header = ["peer", *[f"{n:,} conns" for n in conns]]
     lines = [f"## {title}", ""]
+    peers = [peer for peer in peers if any(grouped[key].get(peer) for key in keys)]
 
     lines += [f"Requests per second, median (min{DASH}max) over repeats.", ""]
     rows = []
@@ -197,7 +209,8 @@ def _load_sections(
             rows.append(row)
         lines += table(header, rows)
 
-    for baseline in BASELINES:
+    baselines = ("asyncio-pool", *BASELINES) if workload == "blocking" else BASELINES
+    for baseline in baselines:
         if not any(baseline in grouped[key] for key in keys):
             continue
         lines += [f"Throughput ratio to {baseline}, same repeat, median (min{DASH}max).", ""]
@@ -339,17 +352,17 @@ def _floor_section(floor: dict[str, Any] | None) -> list[str]:
 
 
 def _generator_section(runs: list[Run], peers: list[str]) -> list[str]:
-    load = [r for r in runs if r["workload"] in ("echo", "blocking") and r["ok"]]
+    load = [r for r in runs if r["workload"] in ("echo", "short", "blocking", "mixed") and r["ok"]]
     if not load:
         return []
     lines = [
         "## Load generator check",
         "",
         "CPU use during the measured window, as a fraction of one core, medians over all",
-        "echo and blocking runs. A run where the generator used 90% or more is marked",
-        f"{CLIENT_BOUND_MARK} in the tables: there the generator, not the server, may be the",
-        "limit. A server column near 100% for c-epoll shows the generator saturating the",
-        "compiled server.",
+        "load runs (echo, short, blocking, mixed). A run where the generator used 90% or",
+        f"more is marked {CLIENT_BOUND_MARK} in the tables: there the generator, not the server,",
+        "may be the limit. A server column near 100% for c-epoll shows the generator",
+        "saturating the compiled server.",
         "",
     ]
     rows = []
@@ -389,9 +402,15 @@ def _environment_section(results: dict[str, Any]) -> list[str]:
         f"max_map_count {sysctl.get('max_map_count')}",
         f"- {packages}; load generator and reference server built with {env.get('compiler')} "
         f"{' '.join(env.get('cflags', []))}",
-        f"- {'quick' if config.get('quick') else 'full'} mode: {config.get('repeats')} repeat(s), "
-        f"{config.get('warmup')} s warm-up + {config.get('duration')} s measured per run, "
-        "a fresh server per run, peers interleaved",
+        f"- {'quick' if config.get('quick') else 'full'} mode: {config.get('repeats')} repeat(s); "
+        f"per run a fresh server, a {config.get('throwaway', 0)} s throwaway run of the same "
+        f"load against it, then {config.get('warmup')} s warm-up + {config.get('duration')} s "
+        "measured against the same process; peers interleaved"
+        + (
+            f"; the whole run took {config['wall_seconds'] / 60:.0f} minutes"
+            if config.get("wall_seconds")
+            else ""
+        ),
         f"- seed server: print {config.get('seed_print')}",
         # Workloads re-run later (after a change) and merged in place of the first runs.
         *(f"- {note}" for note in config.get("replaced", [])),
@@ -420,11 +439,477 @@ def _environment_section(results: dict[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
+# ---- goals (issue 7) ----
+
+
+@dataclass(frozen=True)
+class Goal:
+    text: str
+    measured: str
+    met: bool | None  # None: not measured in this run
+
+
+def _case_runs(
+    grouped: dict[CaseKey, dict[str, list[Run]]], workload: str, conns: int, peer: str
+) -> list[Run]:
+    """The runs of `peer` on the case with this workload and connection count (any size)."""
+    runs: list[Run] = []
+    for key, by_peer in grouped.items():
+        if key[0] == workload and key[1] == conns and (workload != "echo" or key[2] == 1024):
+            runs += by_peer.get(peer, [])
+    return runs
+
+
+def _ratio_goal(
+    grouped: dict[CaseKey, dict[str, list[Run]]],
+    text: str,
+    workload: str,
+    conns: int,
+    baseline: str,
+    metric: str,
+    floor: float | None = None,
+    ceiling: float | None = None,
+    worst: bool = False,
+) -> Goal:
+    """threadserve / baseline on `metric`, per repeat; the median (or the worst
+    repeat, with `worst`) must be at least `floor` or at most `ceiling`."""
+    summary = ratio_summary(
+        _case_runs(grouped, workload, conns, "threadserve"),
+        _case_runs(grouped, workload, conns, baseline),
+        metric,
+    )
+    if summary is None:
+        return Goal(text, "not measured", None)
+    if floor is not None:
+        value = summary.low if worst else summary.median
+        met = value >= floor
+    else:
+        assert ceiling is not None
+        value = summary.high if worst else summary.median
+        met = value <= ceiling
+    return Goal(text, fmt_ratio(summary) + (" (worst repeat decides)" if worst else ""), met)
+
+
+def _absolute_goal(
+    grouped: dict[CaseKey, dict[str, list[Run]]],
+    text: str,
+    workload: str,
+    conns: int,
+    metric: str,
+    ceiling: float,
+    variant: str = "",
+) -> Goal:
+    runs = [
+        run
+        for key, by_peer in grouped.items()
+        if key[0] == workload and key[1] == conns and key[3] == variant
+        for run in by_peer.get("threadserve", [])
+    ]
+    summary = summarize(
+        float(run["metrics"][metric]) for run in runs if run["metrics"].get(metric) is not None
+    )
+    if summary is None:
+        return Goal(text, "not measured", None)
+    measured = fmt_range(summary, _fmt_seconds)
+    met = summary.median <= ceiling and all(run["ok"] for run in runs)
+    if workload == "stop":
+        told = [int(run["metrics"].get("notice", 0)) for run in runs]
+        measured += f"; clients told: {', '.join(f'{t:,}' for t in told)} of {conns:,}"
+        met = met and all(t == conns for t in told)
+    return Goal(text, measured, met)
+
+
+def goals(grouped: dict[CaseKey, dict[str, list[Run]]]) -> list[Goal]:
+    """The goals of issue 7, each from the runs of this results file."""
+    out: list[Goal] = []
+    for n in (10, 100, 1_000):
+        out.append(
+            _ratio_goal(
+                grouped,
+                f"echo 1 KiB x{n:,}: throughput >= 1.0{TIMES} threads-bare",
+                "echo",
+                n,
+                "threads-bare",
+                "throughput_rps",
+                floor=1.0,
+            )
+        )
+    for n in (10, 100):
+        out.append(
+            _ratio_goal(
+                grouped,
+                f"echo 1 KiB x{n:,}: throughput >= 1.0{TIMES} asyncio-protocol",
+                "echo",
+                n,
+                "asyncio-protocol",
+                "throughput_rps",
+                floor=1.0,
+            )
+        )
+    for n in (10, 100):
+        out.append(
+            _ratio_goal(
+                grouped,
+                f"short x{n}: connections/s >= 1.0{TIMES} asyncio-protocol",
+                "short",
+                n,
+                "asyncio-protocol",
+                "conns_per_s",
+                floor=1.0,
+            )
+        )
+    out.append(
+        _ratio_goal(
+            grouped,
+            f"blocking 10 ms x1,000: throughput >= 1.0{TIMES} asyncio-pool",
+            "blocking",
+            1_000,
+            "asyncio-pool",
+            "throughput_rps",
+            floor=1.0,
+        )
+    )
+    out.append(
+        _ratio_goal(
+            grouped,
+            f"blocking 10 ms x1,000: p99 <= 2{TIMES} asyncio-pool's, every repeat",
+            "blocking",
+            1_000,
+            "asyncio-pool",
+            "p99_us",
+            ceiling=2.0,
+            worst=True,
+        )
+    )
+    mixed = ("mixed", 50, "asyncio-protocol")
+    out += [
+        _ratio_goal(
+            grouped,
+            f"mixed 50+50: short connections/s >= 0.5{TIMES} asyncio-protocol",
+            *mixed,
+            "conns_per_s",
+            floor=0.5,
+        ),
+        _ratio_goal(
+            grouped,
+            f"mixed 50+50: short-connection p99 <= 3{TIMES} asyncio-protocol's",
+            *mixed,
+            "short_p99_us",
+            ceiling=3.0,
+        ),
+        _ratio_goal(
+            grouped,
+            f"mixed 50+50: busy throughput >= 1.0{TIMES} asyncio-protocol",
+            *mixed,
+            "throughput_rps",
+            floor=1.0,
+        ),
+        _absolute_goal(
+            grouped,
+            "10,000 connections: all accepted and echoed once within 1.5 s",
+            "idle",
+            10_000,
+            "accept_seconds",
+            1.5,
+        ),
+        _absolute_goal(
+            grouped,
+            "10,000 connections: SIGTERM to exit within 1.0 s, every client told",
+            "stop",
+            10_000,
+            "exit_seconds",
+            1.0,
+            variant="idle",
+        ),
+    ]
+    return out
+
+
+def _goals_section(grouped: dict[CaseKey, dict[str, list[Run]]]) -> list[str]:
+    rows = []
+    for goal in goals(grouped):
+        verdict = "not measured" if goal.met is None else ("met" if goal.met else "**not met**")
+        rows.append([goal.text, goal.measured, verdict])
+    if all(row[2] == "not measured" for row in rows):
+        return []
+    return [
+        "## Goals (issue 7)",
+        "",
+        "threadserve against the peer named, every server warm. A ratio is taken between",
+        "the two peers' runs of the same repeat; the cell shows the median and, in",
+        "brackets, the range over repeats. A goal is met when the median meets it (for p99",
+        '"every repeat", when the worst repeat does). The 10,000-connection goals are',
+        "times, median and range.",
+        "",
+        *table(["goal", "measured", "verdict"], rows),
+    ]
+
+
+# ---- short connections, mixed load, steadiness ----
+
+
+def _short_section(grouped: dict[CaseKey, dict[str, list[Run]]], peers: list[str]) -> list[str]:
+    keys = sorted(k for k in grouped if k[0] == "short")
+    if not keys:
+        return []
+    header = ["peer", *[f"{k[1]:,} clients" for k in keys]]
+    lines = [
+        "## Short connections",
+        "",
+        f"Each client: connect, one {keys[0][2]} B echo, close; then the next connection.",
+        f"Connections completed per second, median (min{DASH}max) over repeats.",
+        "",
+    ]
+    lines += table(header, _cells(grouped, peers, keys, "conns_per_s", fmt_count))
+    for baseline in ("asyncio-protocol", "threads-bare"):
+        if any(baseline in grouped[key] for key in keys):
+            lines += [f"Ratio to {baseline}, same repeat.", ""]
+            lines += table(header, _ratio_cells(grouped, peers, keys, baseline, "conns_per_s"))
+    lines += ["Connect to close (the server's EOF), p50 / p99, medians over repeats.", ""]
+    lines += table(header, _latency_cells(grouped, peers, keys, ("short_p50_us", "short_p99_us")))
+    return lines
+
+
+def _mixed_section(grouped: dict[CaseKey, dict[str, list[Run]]], peers: list[str]) -> list[str]:
+    keys = sorted(k for k in grouped if k[0] == "mixed")
+    if not keys:
+        return []
+    key = keys[0]
+    runs_of = grouped[key]
+    lines = [
+        "## Mixed load",
+        "",
+        f"{key[1]} busy echo connections ({key[2]} B, closed loop) beside {key[1]} clients",
+        "opening short connections (64 B echo each). Medians (min" + DASH + "max) over repeats;",
+        "ratios to asyncio-protocol are per repeat.",
+        "",
+    ]
+    rows = []
+    for peer in peers:
+        runs = runs_of.get(peer, [])
+        if not runs:
+            continue
+        theirs = runs_of.get("asyncio-protocol", [])
+        p50 = metric_summary(runs, "short_p50_us")
+        p99 = metric_summary(runs, "short_p99_us")
+        rows.append(
+            [
+                peer + marks(runs),
+                fmt_range(metric_summary(runs, "conns_per_s"), fmt_count),
+                f"{fmt_us(p50.median) if p50 else DASH} / {fmt_us(p99.median) if p99 else DASH}",
+                fmt_range(metric_summary(runs, "throughput_rps"), fmt_count),
+                fmt_ratio(ratio_summary(runs, theirs, "conns_per_s")),
+                fmt_ratio(ratio_summary(runs, theirs, "short_p99_us")),
+                fmt_ratio(ratio_summary(runs, theirs, "throughput_rps")),
+            ]
+        )
+    header = [
+        "peer",
+        "short conns/s",
+        "short p50 / p99",
+        "busy req/s",
+        "conns/s ratio",
+        "p99 ratio",
+        "busy ratio",
+    ]
+    return lines + table(header, rows)
+
+
+def _cells(
+    grouped: dict[CaseKey, dict[str, list[Run]]],
+    peers: list[str],
+    keys: list[CaseKey],
+    metric: str,
+    fmt: Callable[[float], str],
+) -> list[list[str]]:
+    rows = []
+    for peer in peers:
+        if not any(grouped[key].get(peer) for key in keys):
+            continue
+        row = [peer]
+        for key in keys:
+            runs = grouped[key].get(peer, [])
+            row.append((fmt_range(metric_summary(runs, metric), fmt) if runs else "") + marks(runs))
+        rows.append(row)
+    return rows
+
+
+def _ratio_cells(
+    grouped: dict[CaseKey, dict[str, list[Run]]],
+    peers: list[str],
+    keys: list[CaseKey],
+    baseline: str,
+    metric: str,
+) -> list[list[str]]:
+    rows = []
+    for peer in peers:
+        if not any(grouped[key].get(peer) for key in keys):
+            continue
+        row = [peer]
+        for key in keys:
+            theirs = grouped[key].get(baseline, [])
+            row.append(fmt_ratio(ratio_summary(grouped[key].get(peer, []), theirs, metric)))
+        rows.append(row)
+    return rows
+
+
+def _latency_cells(
+    grouped: dict[CaseKey, dict[str, list[Run]]],
+    peers: list[str],
+    keys: list[CaseKey],
+    metrics: tuple[str, ...],
+) -> list[list[str]]:
+    rows = []
+    for peer in peers:
+        if not any(grouped[key].get(peer) for key in keys):
+            continue
+        row = [peer]
+        for key in keys:
+            runs = grouped[key].get(peer, [])
+            parts = [metric_summary(runs, m) for m in metrics]
+            row.append(" / ".join(fmt_us(p.median) if p else DASH for p in parts))
+        rows.append(row)
+    return rows
+
+
+def _steady_section(runs: list[Run], peers: list[str]) -> list[str]:
+    load = [r for r in runs if r["ok"] and "slice_spread" in r["metrics"]]
+    if not load:
+        return []
+    lines = [
+        "## Warm and steady",
+        "",
+        "Every server had a throwaway run of the same load before its measured run. Two",
+        "checks that the measured figure is the warm, steady one: `measured/throwaway` is",
+        "the measured run's rate over the throwaway run's (near 1.0 when the throwaway was",
+        "already warm; well above 1.0 would mean the throwaway was too short), and",
+        "`slice spread` is the largest deviation of one second of the measured window from",
+        f"the window's mean. Runs with a spread above {UNSTEADY_SPREAD:.0%} are marked",
+        f"{UNSTEADY_MARK} in the tables. Medians (max) over the peer's load runs.",
+        "",
+    ]
+    rows = []
+    for peer in peers:
+        mine = [r for r in load if r["peer"] == peer]
+        if not mine:
+            continue
+        ratio = summarize(
+            float(r["metrics"]["measured_to_throwaway"])
+            for r in mine
+            if r["metrics"].get("measured_to_throwaway") is not None
+        )
+        spread = summarize(
+            float(r["metrics"]["slice_spread"])
+            for r in mine
+            if r["metrics"].get("slice_spread") is not None
+        )
+        unsteady = sum(1 for r in mine if (r["metrics"].get("slice_spread") or 0) > UNSTEADY_SPREAD)
+        rows.append(
+            [
+                peer,
+                f"{ratio.median:.2f} ({ratio.low:.2f}{DASH}{ratio.high:.2f})" if ratio else DASH,
+                f"{spread.median:.0%} (max {spread.high:.0%})" if spread else DASH,
+                f"{unsteady}/{len(mine)}",
+            ]
+        )
+    return lines + table(["peer", "measured/throwaway", "slice spread", "unsteady runs"], rows)
+
+
+# ---- the steps after the runs ----
+
+COLDSTART_TEXT = [
+    "### Why a fresh asyncio server is slow",
+    "",
+    "asyncio's selector transport reads with `sock.recv(256 * 1024)`: every read",
+    "allocates a 256 KiB bytes object and then shrinks it to the bytes received.",
+    "glibc's malloc serves any request at or above its mmap threshold (128 KiB at",
+    "start) with a fresh `mmap`, so in a fresh process every read maps memory, faults",
+    "its pages in and unmaps it again: two minor page faults per 1 KiB echo. glibc",
+    "raises the threshold (and the heap's trim threshold with it) the first time the",
+    "program frees an mmapped block larger than the threshold. In an echo server that",
+    "happens when the first client leaves: `recv` returns b'' and the 256 KiB buffer",
+    "is freed unshrunk. From then on the buffers come from the heap and are reused, and",
+    "the faults stop. So a fresh asyncio server runs slow until its first client",
+    "disconnects, which, under a benchmark that connects all its clients first and",
+    "closes them at the end, is the whole first run. Setting `MALLOC_MMAP_THRESHOLD_`",
+    "or `MALLOC_TRIM_THRESHOLD_` alone turns the dynamic adjustment off and keeps it",
+    "slow for good (the mmap threshold alone leaves the heap trimmed and regrown on",
+    "every read: one fault per request; the trim threshold alone leaves every read",
+    "mmapped: two); setting both makes it fast from the start. threadserve reads into",
+    "64 KiB, below the threshold, and is not affected. Every measured run here follows",
+    "a throwaway run whose clients have all closed, so every server is past this.",
+    "",
+    "The experiment (`python -m bench.coldstart`): a fresh server, two back-to-back",
+    "runs of 100 connections echoing 1 KiB, with the server's minor page faults per",
+    "request. Faults per request are the signal; throughput moves with them.",
+    "",
+]
+
+
+def _coldstart_section(extras: dict[str, Any]) -> list[str]:
+    result = extras.get("coldstart")
+    if not result:
+        return []
+    if "error" in result:
+        return [*COLDSTART_TEXT, f"The experiment failed in this run: {result['error']}", ""]
+    return [*COLDSTART_TEXT, coldstart.markdown_table(result), ""]
+
+
+def _crosscheck_section(extras: dict[str, Any]) -> list[str]:
+    result = extras.get("crosscheck")
+    if not result:
+        return []
+    lines = [
+        "## Cross-check with wrk",
+        "",
+        "One cell measured by a load generator nobody in this project wrote: echo of",
+        f"1 KiB over {result.get('conns', 100)} connections, by bench/loadgen.c and by `wrk`",
+        "(Debian's package; one thread, closed loop, its request written as a 1,024-byte HTTP",
+        "response so that the echo parses as one), each against the same warm server,",
+        "alternating which goes first (bench/crosscheck.py). Requests per second, median",
+        f"(min{DASH}max) over repeats; p99 medians.",
+        "",
+    ]
+    if "error" in result:
+        return [*lines, f"Not run: {result['error']}", ""]
+    rows_by_peer: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for row in result["rows"]:
+        rows_by_peer[row["peer"]].append(row)
+    rows = []
+    for peer, mine in rows_by_peer.items():
+        cells = [peer]
+        for tool in ("loadgen", "wrk"):
+            rate = summarize(float(r[tool]["throughput_rps"]) for r in mine)
+            p99 = summarize(float(r[tool]["p99_us"]) for r in mine if r[tool].get("p99_us"))
+            cells.append(fmt_range(rate, fmt_count))
+            cells.append(fmt_us(p99.median) if p99 else DASH)
+        errors = sum(int(r["wrk"]["errors"]) + int(r["wrk"]["non_2xx"]) for r in mine)
+        cells.append(str(errors))
+        rows.append(cells)
+    header = ["peer", "loadgen req/s", "loadgen p99", "wrk req/s", "wrk p99", "wrk errors"]
+    lines += table(header, rows)
+    ts, aio = rows_by_peer.get("threadserve", []), rows_by_peer.get("asyncio-protocol", [])
+    if ts and aio:
+        for tool in ("loadgen", "wrk"):
+            ratios = [
+                float(t[tool]["throughput_rps"]) / float(a[tool]["throughput_rps"])
+                for t in ts
+                for a in aio
+                if t["repeat"] == a["repeat"] and float(a[tool]["throughput_rps"]) > 0
+            ]
+            lines.append(
+                f"- threadserve / asyncio-protocol by {tool}: {fmt_ratio(summarize(ratios))}"
+            )
+        lines.append("")
+    return lines
+
+
 def render_markdown(results: dict[str, Any]) -> str:
     runs: list[Run] = results.get("runs", [])
     grouped = group(runs)
     peers = ordered_peers(runs)
     config = results.get("config", {})
+    extras: dict[str, Any] = results.get("extras", {})
     lines = [
         "# Benchmark results",
         "",
@@ -432,23 +917,30 @@ def render_markdown(results: dict[str, Any]) -> str:
         f"{len(runs)} runs, {sum(1 for r in runs if not r['ok'])} failed. "
         f"{CLIENT_BOUND_MARK} = load generator near a full core (client-bound); "
         f"{STARVED_MARK} = some connections completed no request in the measured window; "
+        f"{UNSTEADY_MARK} = throughput not steady within the measured window; "
         f"{FAILED_MARK}N = N runs failed (see results.json). "
-        "Regenerate with `python -m bench` (`--quick` for this smoke run).",
+        "Regenerate with `python -m bench` (`--quick` for a smoke run, into bench/scratch/).",
         "",
     ]
+    lines += _goals_section(grouped)
     sizes = sorted({k[2] for k in grouped if k[0] == "echo"})
     for size in sizes:
         label = f"{size} B" if size < 1024 else f"{size // 1024} KiB"
         lines += _load_sections(grouped, peers, "echo", size, f"Echo, {label} messages")
+    lines += _short_section(grouped, peers)
     for size in sorted({k[2] for k in grouped if k[0] == "blocking"}):
         lines += _load_sections(
             grouped, peers, "blocking", size, f"Blocking work, 10 ms per request ({size} B)"
         )
+    lines += _mixed_section(grouped, peers)
     lines += _idle_section(grouped, peers)
     lines += _stop_section(grouped, peers)
-    lines += _floor_section(results.get("thread_floor"))
+    lines += _floor_section(extras.get("floor") or results.get("thread_floor"))
+    lines += _crosscheck_section(extras)
+    lines += _steady_section(runs, peers)
     lines += _generator_section(runs, peers)
     lines += _environment_section(results)
+    lines += _coldstart_section(extras)
     failures = [r for r in runs if not r["ok"]]
     if failures:
         lines += ["## Failed runs", ""]

@@ -77,10 +77,13 @@ def pin_prefix(cpu: int | None) -> list[str]:
 
 
 class ServerProcess:
-    def __init__(self, argv: list[str], port: int, cpu: int | None) -> None:
+    def __init__(
+        self, argv: list[str], port: int, cpu: int | None, env: dict[str, str] | None = None
+    ) -> None:
         self.argv = argv
         self.port = port
         self.cpu = cpu
+        self.extra_env = env or {}  # on top of server_env(), for experiments
         # Closed in __exit__: the file outlives this method by design.
         self._stderr = tempfile.TemporaryFile()  # noqa: SIM115
         self.proc: subprocess.Popen[bytes] | None = None
@@ -96,7 +99,7 @@ class ServerProcess:
             stdout=subprocess.DEVNULL,
             stderr=self._stderr,
             start_new_session=True,
-            env=server_env(),
+            env={**server_env(), **self.extra_env},
         )
         return self
 
@@ -161,6 +164,13 @@ class ServerProcess:
             if key in ("VmRSS", "VmPTE", "Threads"):
                 fields[key] = int(value.split()[0])
         return Memory(fields.get("VmRSS", 0), fields.get("VmPTE", 0), fields.get("Threads", 0))
+
+    def minor_faults(self) -> int:
+        """Minor page faults so far (all threads), from /proc/PID/stat."""
+        stat = Path(f"/proc/{self.pid}/stat").read_text()
+        # After the command name (which may hold spaces): state is field 3,
+        # minflt field 10.
+        return int(stat.rsplit(")", 1)[1].split()[7])
 
     def cpu_seconds(self) -> float:
         times = psutil.Process(self.pid).cpu_times()
