@@ -51,12 +51,14 @@ $(BENCH_STAMP): $(STAMP)
 	rm -f $(VENV)/.bench-installed-*
 	touch $@
 
-## bench: the full benchmark suite (long); results in bench/results/
+## bench: the full benchmark suite, 3 repeats, about 35 minutes; results in bench/results/
 bench: $(BENCH_STAMP)
+	bash scripts/system-packages bench
 	$(BIN)/python -m bench
 
-## bench-quick: a smoke run of every peer and workload, a few seconds each
+## bench-quick: a smoke run of every peer and workload, into bench/scratch/ (never bench/results/)
 bench-quick: $(BENCH_STAMP)
+	bash scripts/system-packages bench
 	$(BIN)/python -m bench --quick
 
 FUZZ_SECONDS ?= 180
