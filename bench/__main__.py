@@ -75,7 +75,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, help="runs of each case (default 3, quick 1)")
     parser.add_argument("--conns", type=_ints, help="echo connection counts, e.g. 10,100")
     parser.add_argument("--sizes", type=_ints, help="echo message sizes in bytes, e.g. 64,1024")
-    parser.add_argument("--duration", type=float, help="measured seconds per run (4, quick 1.5)")
+    parser.add_argument("--duration", type=float, help="measured seconds per run (3, quick 1.5)")
     parser.add_argument(
         "--warmup", type=float, help="unmeasured seconds within the measured run (0.5, quick 0.3)"
     )
@@ -83,7 +83,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--throwaway",
         type=float,
         help="seconds of the unmeasured run against each fresh server before the measured "
-        "one (2, quick 1; 0 measures cold servers)",
+        "one (1.5, quick 1; 0 measures cold servers)",
     )
     parser.add_argument(
         "--out",
@@ -217,9 +217,9 @@ def main(argv: list[str] | None = None) -> int:
     server_cpu, client_cpu = pinning(args.no_pin)
     settings = Settings(
         binaries=binaries,
-        throwaway=args.throwaway if args.throwaway is not None else (1.0 if quick else 2.0),
+        throwaway=args.throwaway if args.throwaway is not None else (1.0 if quick else 1.5),
         warmup=args.warmup if args.warmup is not None else (0.3 if quick else 0.5),
-        duration=args.duration if args.duration is not None else (1.5 if quick else 4.0),
+        duration=args.duration if args.duration is not None else (1.5 if quick else 3.0),
         connect_timeout=10.0 if quick else 60.0,
         settle=0.3 if quick else 1.0,
         stop_timeout=20.0 if quick else 30.0,
