@@ -16,6 +16,9 @@ from ._exceptions import (
     WriteTimeout,
 )
 from ._notices import Notices
+from ._proxy import ProxyAddress, ProxyDetails, ProxyInfo, ProxyMode
+from ._proxy import build_header as build_proxy_header
+from ._proxy import parse_header as parse_proxy_header
 from ._server import Handler, Server, ServerStatistics, StopReport, serve
 from ._timeouts import Timeouts
 from ._tls import server_tls_context
@@ -36,6 +39,10 @@ __all__ = [
     "IncompleteRead",
     "Notices",
     "OverloadPolicy",
+    "ProxyAddress",
+    "ProxyDetails",
+    "ProxyInfo",
+    "ProxyMode",
     "ProxyProtocolError",
     "ReadTimeout",
     "Server",
@@ -45,9 +52,11 @@ __all__ = [
     "Timeouts",
     "WriteTimeout",
     "__version__",
+    "build_proxy_header",
     "discard",
     "echo",
     "echo_lines",
+    "parse_proxy_header",
     "serve",
     "server_tls_context",
 ]

@@ -91,6 +91,31 @@ class Admission:
         self.active += 1
         return None
 
+    def move(self, old_ip: str | None, new_ip: str | None) -> str | None:
+        """Count a live connection under ``new_ip`` instead of ``old_ip`` (None: uncounted).
+
+        Behind a proxy the client's address is known only once its PROXY
+        header is read, after the connection was admitted. Returns why
+        ``new_ip`` is over its limit (then nothing changes), or None.
+        """
+        if old_ip == new_ip:
+            return None
+        limit = self.max_connections_per_ip
+        if limit is None:
+            return None
+        if new_ip is not None:
+            count = self._per_ip.get(new_ip, 0)
+            if count >= limit:
+                return f"over max_connections_per_ip={limit} for {new_ip}"
+            self._per_ip[new_ip] = count + 1
+        if old_ip is not None:
+            remaining = self._per_ip[old_ip] - 1
+            if remaining:
+                self._per_ip[old_ip] = remaining
+            else:
+                del self._per_ip[old_ip]
+        return None
+
     def release(self, ip: str | None) -> None:
         self.active -= 1
         if ip is not None and self.max_connections_per_ip is not None:

@@ -41,6 +41,7 @@ from ._exceptions import (
     ReadTimeout,
     WriteTimeout,
 )
+from ._proxy import ProxyDetails
 from ._timeouts import Timeouts
 
 DEFAULT_CHUNK_SIZE = 64 * 1024
@@ -90,6 +91,9 @@ class Connection:
         stop_begun: threading.Event | None = None,
     ) -> None:
         self.peer = peer
+        # Behind a load balancer speaking the PROXY protocol: the proxy's own
+        # address and what its header said; ``peer`` is then the client it reports.
+        self.proxy: ProxyDetails | None = None
         self._client_ip = client_ip  # For per-address admission counts.
         self._stop_group = stop_group  # Which stop broadcast group wakes this connection.
         self.cancel_token = CancelToken()

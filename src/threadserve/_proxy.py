@@ -221,6 +221,23 @@ class ProxyInfo:
         return None if value is None else _parse_ssl(value)
 
 
+@dataclass(frozen=True)
+class ProxyDetails:
+    """What a connection that came through a proxy knows about it (``Connection.proxy``).
+
+    ``address`` is the proxy's own address, as the socket saw it; ``header``
+    is what its PROXY header said, TLVs included. The client's address is
+    the connection's ``peer``.
+    """
+
+    address: str
+    header: ProxyInfo
+
+    @property
+    def tlvs(self) -> tuple[Tlv, ...]:
+        return self.header.tlvs
+
+
 # ---------------------------------------------------------------------- CRC32C
 
 

@@ -60,7 +60,9 @@ from types import TracebackType
 from typing import Any
 
 from . import _connection as _connection_module
+from . import _setup
 from ._admission import Admission, OverloadPolicy
+from ._agent import AgentResponder
 from ._broadcast import MAX_GROUPS, StopBroadcast
 from ._cancel import CallbackRunner, CancelCallback
 from ._connection import DEFAULT_CHUNK_SIZE, PEER_GONE_ERRNOS, Connection, queued_bytes
@@ -71,6 +73,7 @@ from ._exceptions import (
     FrameTooLarge,
     HandshakeTimeout,
     IncompleteRead,
+    ProxyProtocolError,
     ReadTimeout,
     WriteTimeout,
 )
@@ -82,6 +85,7 @@ from ._listeners import (
     parse_bind_address,
 )
 from ._notices import Notices
+from ._proxy import ProxyMode
 from ._ratelimit import RateLimitedLog
 from ._timeouts import Timeouts
 
@@ -140,6 +144,8 @@ class ServerStatistics:
     accept_errors: int
     #: Counts per closing reason, refusal and stop outcome, and the duration histograms.
     counters: Counters = field(default_factory=Counters)
+    #: Connections closed for a bad, late or untrusted PROXY header (handler never ran).
+    proxy_rejected: int = 0
 
 
 class Server:
@@ -178,11 +184,17 @@ class Server:
         keepalive: bool = True,
         handle_signals: bool = True,
         on_stop_accepting: Callable[[], object] | None = None,
+        proxy_protocol: ProxyMode | str | None = None,
+        proxy_allow: Sequence[str] | None = None,
+        proxy_timeout: float = _setup.DEFAULT_PROXY_TIMEOUT,
+        agent_bind: str | None = None,
+        drain_delay: float = 0.0,
     ) -> None:
         if not callable(handler):
             raise ConfigurationError(f"handler {handler!r} is not callable")
         _check_seconds("grace", grace)
         _check_seconds("linger", linger)
+        _check_seconds("drain_delay", drain_delay)
         if chunk_size <= 0:
             raise ConfigurationError(f"chunk_size={chunk_size!r}: must be a positive byte count")
         self.handler = handler
@@ -198,6 +210,14 @@ class Server:
         # (a worker tells its supervisor, systemd is told STOPPING=1).
         self.on_stop_accepting = on_stop_accepting
         self._admission = Admission(max_connections, max_connections_per_ip, overload)
+        # Behind a load balancer: the PROXY header, then TLS (see _setup.py).
+        self._proxy = _setup.ProxySettings.from_options(proxy_protocol, proxy_allow, proxy_timeout)
+        self._setup_steps = _setup.SetupSteps(self._proxy, tls, self._readmit)
+        # On a stop request, keep serving this long while the agent says
+        # "drain", so the load balancer moves new clients elsewhere first.
+        self.drain_delay = float(drain_delay)
+        self._drain_until: float | None = None
+        self._agent: AgentResponder | None = None
 
         specs = [bind] if isinstance(bind, str) else list(bind)
         self._listeners: list[Listener] = open_listeners(
@@ -208,6 +228,8 @@ class Server:
                 _tune_listener(listener.socket, keepalive)
             self._control_r, self._control_w = _nonblocking_pipe()
             self._broadcast = StopBroadcast()
+            if agent_bind is not None:
+                self._agent = AgentResponder(agent_bind)
         except BaseException:
             for listener in self._listeners:
                 listener.close()
@@ -244,6 +266,8 @@ class Server:
         self._accept_handed_over = False  # pause_accepting() was called.
         self._rejections_log = RateLimitedLog(logger, logging.WARNING)
         self._accept_errors_log = RateLimitedLog(logger, logging.ERROR)
+        self._proxy_log = RateLimitedLog(logger, logging.WARNING)
+        self._proxy_rejected = 0
         # Counters; closed-connection totals are folded in under the lock.
         self._accepted = 0
         self._closed = 0
@@ -292,6 +316,8 @@ class Server:
             target=self._spawn_connection_threads, name="threadserve server spawner", daemon=True
         )
         spawner.start()
+        if self._agent is not None:
+            self._agent.start()
         try:
             with self._signal_handling():
                 logger.info("serving on %s", ", ".join(self.addresses), extra={"event": "serving"})
@@ -359,11 +385,22 @@ class Server:
                 handler_errors=self._handler_errors,
                 accept_errors=self._accept_errors,
                 counters=self._counters.copy(),
+                proxy_rejected=self._proxy_rejected,
             )
 
     @property
     def max_connections(self) -> int:
         return self._admission.max_connections
+
+    @property
+    def agent_address(self) -> str | None:
+        """Where the HAProxy agent check is answered (``agent_bind``, port 0 resolved)."""
+        return None if self._agent is None else self._agent.addresses[0]
+
+    @property
+    def draining(self) -> bool:
+        """True while a stop waits out its drain delay (the agent answers ``drain``)."""
+        return self._drain_until is not None and not self._stopping
 
     def connections(self) -> list[Connection]:
         """The live connections right now (a copy)."""
@@ -417,7 +454,7 @@ class Server:
             selector.register(self._control_r, selectors.EVENT_READ)
             listening = False
             backoff = 0.0
-            while not self._stop_requested:
+            while self._keep_accepting():
                 with self._lock:
                     # Under the lock, so a connection ending right now sees the
                     # flag and wakes us (see _unregister): no lost wake-up.
@@ -429,7 +466,7 @@ class Server:
                             selector.register(listener.socket, selectors.EVENT_READ, listener)
                         else:
                             selector.unregister(listener.socket)
-                for key, _events in selector.select(backoff or None):
+                for key, _events in selector.select(self._accept_wait(backoff)):
                     if key.data is None:
                         _drain(self._control_r)
                     elif self._accept_batch(key.data):
@@ -443,6 +480,34 @@ class Server:
                     self._wait_control(backoff)
         finally:
             selector.close()
+
+    def _keep_accepting(self) -> bool:
+        """True until a stop is requested, and then for the drain delay (unless forced).
+
+        During the delay the agent answers ``drain``: the load balancer sends
+        no new clients, the ones already on their way are served as usual.
+        """
+        if not self._stop_requested:
+            return True
+        if self._force_requested or not self.drain_delay:
+            return False
+        now = time.monotonic()
+        if self._drain_until is None:
+            self._drain_until = now + self.drain_delay
+            if self._agent is not None:
+                self._agent.drain()
+            logger.info(
+                "stop requested: draining for %.1f s before stopping (still serving)",
+                self.drain_delay,
+            )
+        return now < self._drain_until
+
+    def _accept_wait(self, backoff: float) -> float | None:
+        """How long the accept loop may sleep: the back-off, and no later than the drain's end."""
+        if self._drain_until is None:
+            return backoff or None
+        remaining = max(0.0, self._drain_until - time.monotonic())
+        return min(backoff, remaining) if backoff else remaining
 
     def _update_accept_paused(self) -> None:
         """Pause accepting at max_connections under the wait policy; the caller holds the lock."""
@@ -478,6 +543,14 @@ class Server:
     def _admit(self, sock: socket.socket, address: object) -> None:
         peer = format_address(sock.family, address)
         ip = address[0] if isinstance(address, tuple) else None
+        if self._proxy is not None:
+            if not self._proxy.allows(ip):
+                self._reject_proxy(peer, "not in proxy_allow")
+                sock.close()
+                return
+            # Every client of a proxy comes from its address: count them per
+            # address once the header names them (_readmit).
+            ip = None
         with self._lock:
             refusal = self._admission.admit(ip)
             if refusal is None:
@@ -496,6 +569,24 @@ class Server:
             self._start_connection(sock, peer, ip)
         else:
             self._turn_away(sock, peer, refusal, why)
+
+    def _reject_proxy(self, peer: str, reason: object) -> None:
+        with self._lock:
+            self._proxy_rejected += 1
+        self._proxy_log.emit("PROXY protocol: closing %s: %s", peer, reason)
+
+    def _readmit(self, conn: Connection, ip: str | None) -> str | None:
+        """Count ``conn`` under the client its proxy reported; or say why that client is over."""
+        with self._lock:
+            refusal = self._admission.move(conn._client_ip, ip)
+            if refusal is None:
+                conn._client_ip = ip
+            else:
+                self._rejected += 1
+                self._counters.rejected[RejectReason.MAX_CONNECTIONS_PER_IP] += 1
+        if refusal is not None:
+            self._rejections_log.emit("turning away %s: %s", conn.peer, refusal)
+        return refusal
 
     def _turn_away(
         self,
@@ -559,19 +650,31 @@ class Server:
 
     def _run_connection(self, conn: Connection) -> None:
         _current.server = self
-        logger.info(
-            "connection opened: %s",
-            conn.peer,
-            extra={"event": "connection_opened", "peer": conn.peer},
-        )
+        if self._proxy is None:  # Else logged once the header names the client.
+            logger.info(
+                "connection opened: %s",
+                conn.peer,
+                extra={"event": "connection_opened", "peer": conn.peer},
+            )
         outcome = "closed"
         reason = CloseReason.COMPLETED
         cutoff_notice: bytes | None = None
         abandon = False
         try:
-            if self.tls is not None:
-                conn._tls_handshake(self.tls)
+            _setup.set_up(conn, self._setup_steps)  # PROXY header, then TLS handshake.
             self.handler(conn)
+        except ProxyProtocolError as exc:
+            # Malformed, truncated or late: the handler never runs. Close at
+            # once; the proxy reads nothing from us.
+            outcome, abandon = f"PROXY protocol: {exc}", True
+            reason = CloseReason.PROXY_ERROR
+            self._reject_proxy(conn.peer, exc)
+        except _setup.Aborted as exc:
+            outcome, abandon = str(exc), True
+            reason = CloseReason.STOPPED if self._stopping else CloseReason.RESET
+        except _setup.Refused as exc:
+            outcome, cutoff_notice = str(exc), None if self.tls else self.notices.busy
+            reason = CloseReason.REFUSED
         except FrameTooLarge as exc:
             outcome, cutoff_notice = str(exc), self.notices.too_large
             reason = CloseReason.TOO_LARGE
@@ -936,6 +1039,8 @@ class Server:
         return stuck
 
     def _release_resources(self) -> None:
+        if self._agent is not None:
+            self._agent.close()
         for listener in self._listeners:
             listener.close()
         with self._lock:

@@ -18,7 +18,9 @@ from ._exceptions import ConfigurationError, ThreadserveError
 from ._listeners import Listener, open_listeners, parse_bind_address
 from ._logging import LOG_FORMATS, LOG_LEVELS, configure_logging
 from ._notices import Notices
+from ._proxy import ProxyMode
 from ._server import DEFAULT_BIND, DEFAULT_GOODBYE, DEFAULT_GRACE, Handler, Server
+from ._setup import DEFAULT_PROXY_ALLOW, DEFAULT_PROXY_TIMEOUT
 from ._supervisor import DEFAULT_WORKER_TIMEOUT, Supervisor, cpu_count
 from ._systemd import Notifier, activated_sockets, resolve_binds
 from ._timeouts import Timeouts
@@ -158,6 +160,41 @@ def build_parser() -> argparse.ArgumentParser:
         help="never send the busy/timeout/too-long notices (for binary protocols)",
     )
     serve.add_argument("--no-keepalive", action="store_true", help="turn off TCP keepalive probes")
+    balancer = serve.add_argument_group("behind a load balancer (see docs/deployment.md)")
+    balancer.add_argument(
+        "--proxy-protocol",
+        choices=[mode.value for mode in ProxyMode],
+        help="read a PROXY protocol header (v1 text, v2 binary, or any) before anything else "
+        "on each connection; the client it reports becomes the peer (default: off)",
+    )
+    balancer.add_argument(
+        "--proxy-allow",
+        action="append",
+        metavar="CIDR",
+        help="an address or network the proxies connect from, repeat for several; "
+        "connections from others are closed "
+        f"(default: {' '.join(DEFAULT_PROXY_ALLOW)})",
+    )
+    balancer.add_argument(
+        "--proxy-timeout",
+        type=float,
+        default=DEFAULT_PROXY_TIMEOUT,
+        metavar="S",
+        help="the PROXY header must be complete within this (default: %(default)g)",
+    )
+    balancer.add_argument(
+        "--agent-bind",
+        metavar="ADDR",
+        help="answer HAProxy's agent-check here: 'up ready' while serving, 'drain' while draining",
+    )
+    balancer.add_argument(
+        "--drain-delay",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="on SIGTERM or SIGINT keep serving this long while the agent says drain, "
+        "then stop as usual (default: 0)",
+    )
     serve.add_argument(
         "--log-level",
         default="info",
@@ -287,6 +324,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         # --bind at all; the variables are cleared so children do not take them.
         bind = resolve_binds(args.bind, activated_sockets()) or [DEFAULT_BIND]
         if args.workers is not None:
+            if args.agent_bind:
+                raise ConfigurationError("--agent-bind does not work with --workers yet")
             return _run_supervisor(args, argv, bind)
         notifier = Notifier()
         server = build_server(args, bind, on_stop_accepting=lambda: notifier.stopping("stopping"))
@@ -337,6 +376,11 @@ def build_server(args: argparse.Namespace, bind: Sequence[str | Listener], **ext
         notices=Notices.none() if args.no_notices else None,
         tls=tls,
         keepalive=not args.no_keepalive,
+        proxy_protocol=args.proxy_protocol,
+        proxy_allow=args.proxy_allow,
+        proxy_timeout=args.proxy_timeout,
+        agent_bind=args.agent_bind,
+        drain_delay=args.drain_delay,
         **extra,
     )
 
