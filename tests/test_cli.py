@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import re
 import signal
 import socket
@@ -20,6 +21,11 @@ from support import (
     server_process,
     subprocess_env,
 )
+
+import threadserve
+from threadserve._environ import parse_args as cli_parse_args
+from threadserve._environ import variable_name
+from threadserve.cli import build_parser
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -194,3 +200,166 @@ def test_help_explains_handlers_exit_codes_and_stopping() -> None:
     top = run_cli("--help")
     assert top.returncode == 0, top.stderr
     assert "serve" in top.stdout
+
+
+# ------------------------------------------------- habits: version, case, environment
+
+
+def parse(argv: list[str], **environ: str) -> argparse.Namespace:
+    """The command line as main() reads it, with ``environ`` as the whole environment."""
+    return cli_parse_args(build_parser(), ["serve", *argv], environ)
+
+
+def test_version_prints_the_package_version() -> None:
+    result = run_cli("--version")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"threadserve {threadserve.__version__}"
+
+
+@pytest.mark.parametrize("spelling", ["WARNING", "warning", "Warning"])
+def test_log_level_takes_any_case(spelling: str) -> None:
+    assert parse(["--log-level", spelling]).log_level == "warning"
+    assert parse([], THREADSERVE_LOG_LEVEL=spelling).log_level == "warning"
+
+
+def test_upper_case_log_level_runs_a_server() -> None:
+    # DEBUG, so the "serving on" line the helper waits for is logged.
+    with server_process("--bind", "127.0.0.1:0", "--log-level", "DEBUG") as (server, address):
+        with connect(address) as client:
+            client.sendall(b"hi\n")
+            assert recv_exactly(client, 3) == b"hi\n"
+            server.send_signal(signal.SIGTERM)
+            assert recv_until_eof(client) == NOTICE
+        assert server.wait_exit() == 0, server.output()
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "dest", "expected"),
+    [
+        pytest.param("THREADSERVE_GRACE", "7.5", "grace", 7.5, id="float"),
+        pytest.param("THREADSERVE_HANDLER", "discard", "handler", "discard", id="positional"),
+        pytest.param(
+            "THREADSERVE_BIND",
+            "127.0.0.1:9000, [::1]:9000",
+            "bind",
+            ["127.0.0.1:9000", "[::1]:9000"],
+            id="repeatable",
+        ),
+        pytest.param("THREADSERVE_MAX_CONNECTIONS_PER_IP", "4", "max_connections_per_ip", 4),
+        pytest.param("THREADSERVE_OVERLOAD", "reject", "overload", "reject", id="choice"),
+        pytest.param("THREADSERVE_IDLE_TIMEOUT", "none", "idle_timeout", None, id="seconds"),
+        pytest.param("THREADSERVE_NO_KEEPALIVE", "1", "no_keepalive", True, id="flag-1"),
+        pytest.param("THREADSERVE_NO_KEEPALIVE", "YES", "no_keepalive", True, id="flag-yes"),
+        pytest.param("THREADSERVE_NO_KEEPALIVE", "false", "no_keepalive", False, id="flag-false"),
+        pytest.param("THREADSERVE_LOG_FORMAT", "json", "log_format", "json", id="log-format"),
+        pytest.param("THREADSERVE_GRACE", "", "grace", 5.0, id="empty-is-unset"),
+    ],
+)
+def test_options_from_the_environment(
+    variable: str, value: str, dest: str, expected: object
+) -> None:
+    assert getattr(parse([], **{variable: value}), dest) == expected
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "argv", "dest", "expected"),
+    [
+        pytest.param("THREADSERVE_GRACE", "7", ["--grace", "3"], "grace", 3.0, id="value"),
+        pytest.param(
+            "THREADSERVE_BIND",
+            "127.0.0.1:1,127.0.0.1:2",
+            ["--bind", "127.0.0.1:3"],
+            "bind",
+            ["127.0.0.1:3"],
+            id="repeatable-replaced-not-added",
+        ),
+        pytest.param("THREADSERVE_HANDLER", "discard", ["lines"], "handler", "lines"),
+        pytest.param(
+            "THREADSERVE_NO_GOODBYE", "1", ["--goodbye", "Bye"], "no_goodbye", False, id="group"
+        ),
+    ],
+)
+def test_the_command_line_wins(
+    variable: str, value: str, argv: list[str], dest: str, expected: object
+) -> None:
+    assert getattr(parse(argv, **{variable: value}), dest) == expected
+
+
+@pytest.mark.parametrize(
+    ("variable", "flag", "value"),
+    [
+        ("THREADSERVE_GRACE", "--grace", "soon"),
+        ("THREADSERVE_MAX_CONNECTIONS", "--max-connections", "many"),
+        ("THREADSERVE_OVERLOAD", "--overload", "panic"),
+        ("THREADSERVE_READ_TIMEOUT", "--read-timeout", "-1"),
+        ("THREADSERVE_LOG_LEVEL", "--log-level", "loud"),
+    ],
+)
+def test_a_bad_value_from_the_environment_is_as_clear_as_on_the_command_line(
+    variable: str, flag: str, value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as from_command_line:
+        parse([flag, value])
+    command_line_error = capsys.readouterr().err
+    with pytest.raises(SystemExit) as from_environment:
+        parse([], **{variable: value})
+    environment_error = capsys.readouterr().err
+    assert from_command_line.value.code == from_environment.value.code == 2
+    # The same explanation; only what is named differs (the flag, or the variable).
+    explanation = command_line_error.split(f"argument {flag}: ")[1].strip()
+    assert f"environment variable {variable}: {explanation}" in environment_error
+
+
+def test_a_flag_from_the_environment_must_say_yes_or_no(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        parse([], THREADSERVE_NO_NOTICES="maybe")
+    assert exited.value.code == 2
+    assert "THREADSERVE_NO_NOTICES: 'maybe' is not a yes/no value" in capsys.readouterr().err
+
+
+def test_every_option_has_an_environment_variable() -> None:
+    serve = next(
+        sub
+        for action in build_parser()._actions
+        if isinstance(action, argparse._SubParsersAction)
+        for name, sub in action.choices.items()
+        if name == "serve"
+    )
+    names = {}
+    for action in serve._actions:
+        if action.help == argparse.SUPPRESS or isinstance(action, argparse._HelpAction):
+            continue
+        names[action.dest] = variable_name(action)
+    assert names["bind"] == "THREADSERVE_BIND"
+    assert names["max_connections_per_ip"] == "THREADSERVE_MAX_CONNECTIONS_PER_IP"
+    assert names["handler"] == "THREADSERVE_HANDLER"
+    assert all(name and name.startswith("THREADSERVE_") for name in names.values()), names
+    assert len(set(names.values())) == len(names)  # No two options share a variable.
+
+
+def test_help_says_the_environment_can_set_every_option_and_the_command_line_wins() -> None:
+    result = run_cli("serve", "--help")
+    assert result.returncode == 0, result.stderr
+    flat = " ".join(result.stdout.split())
+    assert "Every option can also be set as THREADSERVE_<OPTION>" in flat
+    assert "The command line wins over the environment" in flat
+
+
+def test_a_server_configured_from_the_environment() -> None:
+    env = subprocess_env()
+    env.update(
+        THREADSERVE_BIND="127.0.0.1:0",
+        THREADSERVE_GOODBYE="Bye from the environment",
+        THREADSERVE_HANDLER="lines",
+        THREADSERVE_LOG_LEVEL="INFO",
+    )
+    with ServerProcess(["--goodbye", "Bye from the command line"], env=env) as server:
+        address = server.wait_serving()
+        with connect(address) as client:
+            client.sendall(b"one line\n")
+            assert recv_exactly(client, 9) == b"one line\n"
+            server.send_signal(signal.SIGTERM)
+            assert recv_until_eof(client) == b"Bye from the command line\n"
+        assert server.wait_exit() == 0, server.output()

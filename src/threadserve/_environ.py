@@ -21,9 +21,10 @@ parser's defaults, so anything given on the command line simply replaces
 them. Splicing them into ``argv`` instead would make ``--bind`` from the
 environment add to ``--bind`` on the command line, and two members of a
 mutually exclusive group (``THREADSERVE_NO_GOODBYE`` with ``--goodbye``)
-collide. For such a group the command line's choice also wins: a member the
-environment set is put back to its own default when the command line set
-another member.
+collide. Two cases need a step after parsing: argparse appends a repeatable
+option's values to its default, so those are filled in only when the command
+line gave none; and in a mutually exclusive group a member the environment
+set is put back to its own default when the command line set another member.
 
 Options whose help is hidden (``argparse.SUPPRESS``) are internal plumbing
 and are not read from the environment.
@@ -113,14 +114,17 @@ def _subparsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser
 
 def apply_environment(
     parser: argparse.ArgumentParser, environ: Mapping[str, str]
-) -> dict[argparse.ArgumentParser, dict[str, Any]]:
+) -> tuple[dict[argparse.ArgumentParser, dict[str, Any]], dict[str, tuple[Any, list[Any]]]]:
     """Make the ``THREADSERVE_*`` values in ``environ`` the defaults of ``parser`` and its
     subcommands; a bad value exits through ``parser.error`` (status 2).
 
     Returns, per parser, the original defaults of what the environment set
-    (``parse_args`` needs them to let the command line win within a group).
+    (``parse_args`` needs them to let the command line win within a group),
+    and the repeatable options' values, which stay out of the defaults (by
+    dest: the original default and the values).
     """
     replaced: dict[argparse.ArgumentParser, dict[str, Any]] = {}
+    repeated: dict[str, tuple[Any, list[Any]]] = {}
     for sub in _subparsers(parser):
         for action in sub._actions:
             name = variable_name(action)
@@ -131,9 +135,12 @@ def apply_environment(
                 value = _value(action, text)
             except ValueError as exc:
                 sub.error(f"environment variable {name}: {exc}")
+            if isinstance(action, argparse._AppendAction):
+                repeated[action.dest] = (action.default, value)
+                continue
             replaced.setdefault(sub, {})[action.dest] = action.default
             action.default = value
-    return replaced
+    return replaced, repeated
 
 
 def parse_args(
@@ -142,8 +149,11 @@ def parse_args(
     environ: Mapping[str, str],
 ) -> argparse.Namespace:
     """``parser.parse_args(argv)`` with defaults from ``environ``; the command line wins."""
-    replaced = apply_environment(parser, environ)
+    replaced, repeated = apply_environment(parser, environ)
     args = parser.parse_args(argv)
+    for dest, (default, values) in repeated.items():
+        if hasattr(args, dest) and getattr(args, dest) == default:
+            setattr(args, dest, values)
     for sub, originals in replaced.items():
         for group in sub._mutually_exclusive_groups:
             dests = {action.dest: action for action in group._group_actions}
