@@ -1,0 +1,69 @@
+"""asyncio streams with asyncpg, the async-native PostgreSQL driver: no threads at all.
+
+The pool has ``--pool`` connections, all opened before serving. SIGTERM kills
+it (asyncio's default).
+
+    python -m bench.pg.peer_asyncpg --port P --dsn DSN --pool N
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+
+import asyncpg
+from psycopg.conninfo import conninfo_to_dict
+
+from .protocol import BAD_REQUEST, GET_SQL_NUMBERED, SLOW_SQL_NUMBERED, parse, reply
+
+
+async def serve(port: int, dsn: str, size: int, name: str) -> None:
+    # asyncpg takes no libpq key=value strings: pass the parts.
+    info = {key: str(value) for key, value in conninfo_to_dict(dsn).items()}
+    pool = await asyncpg.create_pool(
+        host=info["host"],
+        port=int(info.get("port", "5432")),
+        user=info.get("user"),
+        database=info.get("dbname"),
+        min_size=size,
+        max_size=size,
+        server_settings={"application_name": name},
+    )
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while line := await reader.readline():
+                request = parse(line)
+                if request is None:
+                    writer.write(BAD_REQUEST)
+                    continue
+                async with pool.acquire() as pg:
+                    if request.slow:
+                        await pg.execute(SLOW_SQL_NUMBERED, request.value)
+                        row = None
+                    else:
+                        row = await pg.fetchval(GET_SQL_NUMBERED, int(request.value))
+                writer.write(reply(request, row))
+                await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", port, backlog=4096)
+    async with server:
+        await server.serve_forever()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--dsn", required=True)
+    parser.add_argument("--pool", type=int, required=True)
+    parser.add_argument("--name", default="bench asyncpg")
+    args = parser.parse_args()
+    asyncio.run(serve(args.port, args.dsn, args.pool, args.name))
+
+
+if __name__ == "__main__":
+    main()
