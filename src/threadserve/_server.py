@@ -183,6 +183,7 @@ class Server:
         tls: ssl.SSLContext | None = None,
         keepalive: bool = True,
         handle_signals: bool = True,
+        on_serving: Callable[[], object] | None = None,
         on_stop_accepting: Callable[[], object] | None = None,
         proxy_protocol: ProxyMode | str | None = None,
         proxy_allow: Sequence[str] | None = None,
@@ -206,8 +207,10 @@ class Server:
         self.notices = notices if notices is not None else Notices()
         self.tls = tls
         self.handle_signals = handle_signals
-        # Called in the serving thread once the stop has closed the listeners
-        # (a worker tells its supervisor, systemd is told STOPPING=1).
+        # Called in the serving thread once it serves, signal handlers in
+        # place, and once the stop has closed the listeners (a worker tells
+        # its supervisor; systemd is told READY=1, then STOPPING=1).
+        self.on_serving = on_serving
         self.on_stop_accepting = on_stop_accepting
         self._admission = Admission(max_connections, max_connections_per_ip, overload)
         # Behind a load balancer: the PROXY header, then TLS (see _setup.py).
@@ -321,6 +324,7 @@ class Server:
         try:
             with self._signal_handling():
                 logger.info("serving on %s", ", ".join(self.addresses), extra={"event": "serving"})
+                self._call_hook(self.on_serving)
                 try:
                     self._accept_until_stop_requested()
                 except BaseException:
@@ -795,6 +799,13 @@ class Server:
         self._force_requested = True
         self._request_stop()
 
+    def _call_hook(self, hook: Callable[[], object] | None) -> None:
+        if hook is not None:
+            try:
+                hook()
+            except Exception:
+                logger.exception("callback %r failed", hook)
+
     def _wake(self) -> None:
         control = self._control_w
         if control < 0:
@@ -815,11 +826,7 @@ class Server:
         )
         for listener in self._listeners:
             listener.close()
-        if self.on_stop_accepting is not None:
-            try:
-                self.on_stop_accepting()
-            except Exception:
-                logger.exception("on_stop_accepting callback failed")
+        self._call_hook(self.on_stop_accepting)
         logger.info(
             "stopping: %d connections, grace %.1f s; %d waiting in the listen queue were told",
             len(self._connections),

@@ -14,7 +14,8 @@ packet. The supervisor sends one message, ``pause``: stop accepting (the
 other workers take over the shared queue) but go on serving; SIGTERM
 follows a moment later. The worker sends:
 
-* ``ready``: the handler imported and the server is built; send clients.
+* ``ready``: the handler imported, the server built, its accept loop and
+  signal handlers about to run; send clients.
 * ``beat``: sent every ``beat_interval`` by a thread that first takes the
   server's lock (``statistics()``), so a worker whose server is wedged stops
   beating, and so does one whose interpreter is stuck holding the GIL.
@@ -67,7 +68,7 @@ EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_FORCED = 3
 
-BuildServer = Callable[[Callable[[], object]], Server]
+BuildServer = Callable[[Callable[[], object], Callable[[], object]], Server]
 
 
 def run_worker(
@@ -79,15 +80,15 @@ def run_worker(
 ) -> int:
     """Serve as a worker until stopped; return the exit status.
 
-    ``build_server(on_stop_accepting)`` builds the Server on the inherited
-    listeners; a ThreadserveError from it (the handler does not import, say)
+    ``build_server(on_serving, on_stop_accepting)`` builds the Server on the
+    inherited listeners; a ThreadserveError from it (the handler does not import, say)
     goes to the supervisor as ``fatal`` and the exit status is 1.
     """
     channel = socket.socket(fileno=control_fd)
     faulthandler.register(DUMP_SIGNAL, file=sys.stderr, all_threads=True, chain=True)
     try:
         try:
-            server = build_server(lambda: _send(channel, CLOSED))
+            server = build_server(lambda: _send(channel, READY), lambda: _send(channel, CLOSED))
         except ThreadserveError as exc:
             if not _send(channel, FATAL + str(exc).encode(errors="replace")):
                 print(f"threadserve: error: {exc}", file=sys.stderr)
@@ -104,7 +105,6 @@ def run_worker(
         )
         with server:
             watcher.start()
-            _send(channel, READY)
             try:
                 report = server.serve_forever()
             finally:

@@ -328,12 +328,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise ConfigurationError("--agent-bind does not work with --workers yet")
             return _run_supervisor(args, argv, bind)
         notifier = Notifier()
-        server = build_server(args, bind, on_stop_accepting=lambda: notifier.stopping("stopping"))
+        server: Server
+        server = build_server(
+            args,
+            bind,
+            # READY=1 only once the signal handlers are in place: a service
+            # manager may send SIGTERM the moment it reads it.
+            on_serving=lambda: notifier.ready(f"serving on {', '.join(server.addresses)}"),
+            on_stop_accepting=lambda: notifier.stopping("stopping"),
+        )
     except ThreadserveError as exc:
         print(f"threadserve: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
     with server:
-        notifier.ready(f"serving on {', '.join(server.addresses)}")
         notifier.start_watchdog()
         try:
             report = server.serve_forever()
@@ -423,8 +430,8 @@ def _run_worker(args: argparse.Namespace) -> int:
         return EXIT_ERROR
     return run_worker(
         args.worker_control,
-        lambda on_stop_accepting: build_server(
-            args, listeners, on_stop_accepting=on_stop_accepting
+        lambda on_serving, on_stop_accepting: build_server(
+            args, listeners, on_serving=on_serving, on_stop_accepting=on_stop_accepting
         ),
         beat_interval=min(1.0, args.worker_timeout / 4),
         max_connections=args.max_worker_connections,
