@@ -110,8 +110,8 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def running(peer: Peer, workdir: Path) -> Iterator[int]:
-    """Start the server pinned to the server core; yield its port once it answers PING."""
+def running(peer: Peer, workdir: Path) -> Iterator[tuple[int, int]]:
+    """Start the server pinned to the server core; yield its port and pid once it answers PING."""
     port = free_port()
     command = [part.format(port=port, dir=workdir) for part in peer.command]
     log = (workdir / f"{peer.name.split()[0].strip(',')}.log").open("ab")
@@ -137,7 +137,7 @@ def running(peer: Peer, workdir: Path) -> Iterator[int]:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{peer.name} did not answer PING in 30 s")
             time.sleep(0.05)
-        yield port
+        yield port, process.pid  # taskset execs the server: same pid.
     finally:
         process.terminate()
         try:
@@ -148,24 +148,35 @@ def running(peer: Peer, workdir: Path) -> Iterator[int]:
         log.close()
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU time the process (all its threads) has used so far, user and system."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def redis_benchmark(
-    port: int, args: argparse.Namespace, pipeline: int, requests: int
-) -> dict[str, float]:
-    """One redis-benchmark run of SET then GET; requests per second for each."""
+    server: tuple[int, int], args: argparse.Namespace, test: str, pipeline: int, requests: int
+) -> tuple[float, float]:
+    """One redis-benchmark run of one test: requests per second, and server CPU µs per request.
+
+    The CPU figure holds up when the machine is busy with other work: a
+    server that gets less of its core serves fewer requests per second, but
+    each request still costs it about the same CPU time.
+    """
+    port, pid = server
     command = ["taskset", "-c", CLIENT_CPU, "redis-benchmark", "-h", "127.0.0.1", "-p", str(port)]
     command += ["-c", str(args.clients), "-n", str(requests), "-r", str(args.keyspace)]
-    command += ["-P", str(pipeline), "-t", ",".join(TESTS).lower(), "--csv"]
+    command += ["-P", str(pipeline), "-t", test.lower(), "--csv"]
+    cpu_before = cpu_seconds(pid)
     done = subprocess.run(command, capture_output=True, timeout=600, check=True)
+    cpu_used = cpu_seconds(pid) - cpu_before
     output = done.stdout.decode()
     if "error" in (output + done.stderr.decode()).lower():
         raise RuntimeError(f"redis-benchmark reported errors:\n{output}{done.stderr.decode()}")
-    rates = {}
-    for line in output.splitlines()[1:]:
-        fields = [field.strip('"') for field in line.split(",")]
-        rates[fields[0]] = float(fields[1])
-    if set(rates) != set(TESTS):
+    rows = [[field.strip('"') for field in line.split(",")] for line in output.splitlines()[1:]]
+    if [row[0] for row in rows] != [test]:
         raise RuntimeError(f"unexpected redis-benchmark output:\n{output}")
-    return rates
+    return float(rows[0][1]), cpu_used / requests * 1e6
 
 
 def version(command: Sequence[str]) -> str:
@@ -183,24 +194,35 @@ def main() -> None:
     args = parser.parse_args()
     check_tools()
     started = time.time()
-    # runs[peer][f"{test} -P {pipeline}"] = one rate per repeat
-    runs: dict[str, dict[str, list[float]]] = {peer.name: {} for peer in PEERS}
+    # runs[peer][f"{test} -P {pipeline}"] = {"rate": [...], "cpu_us": [...]}, one per repeat
+    runs: dict[str, dict[str, dict[str, list[float]]]] = {peer.name: {} for peer in PEERS}
     with tempfile.TemporaryDirectory(prefix="bench-kv-") as tmp, contextlib.ExitStack() as stack:
         workdir = Path(tmp)
-        ports = {peer.name: stack.enter_context(running(peer, workdir)) for peer in PEERS}
+        servers = {peer.name: stack.enter_context(running(peer, workdir)) for peer in PEERS}
         for peer in PEERS:
             print(f"warming up {peer.name}", flush=True)
             for pipeline in PIPELINES:
-                redis_benchmark(ports[peer.name], args, pipeline, args.requests // 2)
+                for test in TESTS:
+                    redis_benchmark(servers[peer.name], args, test, pipeline, args.requests // 2)
         # Interleaved: each repeat runs every peer once, so a burst of load
         # from elsewhere on the machine does not land on one peer only.
         for repeat in range(args.repeats):
             for peer in PEERS:
                 for pipeline in PIPELINES:
-                    rates = redis_benchmark(ports[peer.name], args, pipeline, args.requests)
-                    for test, rate in rates.items():
-                        runs[peer.name].setdefault(f"{test} -P {pipeline}", []).append(rate)
-                    print(f"repeat {repeat + 1}: {peer.name} -P {pipeline}: {rates}", flush=True)
+                    for test in TESTS:
+                        rate, cpu_us = redis_benchmark(
+                            servers[peer.name], args, test, pipeline, args.requests
+                        )
+                        result = runs[peer.name].setdefault(
+                            f"{test} -P {pipeline}", {"rate": [], "cpu_us": []}
+                        )
+                        result["rate"].append(rate)
+                        result["cpu_us"].append(cpu_us)
+                        print(
+                            f"repeat {repeat + 1}: {peer.name}, {test} -P {pipeline}: "
+                            f"{rate:.0f} requests/s, {cpu_us:.1f} µs of server CPU each",
+                            flush=True,
+                        )
     environment = {
         "date": datetime.datetime.fromtimestamp(started, datetime.timezone.utc).isoformat(
             timespec="seconds"
@@ -226,43 +248,47 @@ def main() -> None:
     print(report(runs, environment))
 
 
-def report(runs: dict[str, dict[str, list[float]]], env: dict[str, object]) -> str:
+def report(runs: dict[str, dict[str, dict[str, list[float]]]], env: dict[str, object]) -> str:
     names = [peer.name for peer in PEERS]
     lines = [
         "# examples/kv.py under redis-benchmark",
         "",
         f"Written by `python -m bench.kv.run` on {env['date']} ({env['duration_s']} s). "
         f"redis-benchmark `-c {env['clients']} -n {env['requests']} -r {env['keyspace']}`, "
-        "SET then GET, plain and `-P 16`; server pinned to core 0, redis-benchmark to "
-        f"core 1; every server warmed up first; {env['repeats']} interleaved repeats. "
-        "Requests per second, median (min-max); in brackets, the ratio to threadserve's median.",
-        "",
-        "| requests/s | " + " | ".join(names) + " |",
-        "|---|" + "---|" * len(names),
+        "one run per test (SET, GET), plain and `-P 16`; server pinned to core 0, "
+        f"redis-benchmark to core 1; every server warmed up first; {env['repeats']} "
+        "interleaved repeats. Median (min-max); in brackets, the ratio to threadserve's median.",
     ]
-    base = runs[names[0]]
-    for pipeline in PIPELINES:
-        for test in TESTS:
-            key = f"{test} -P {pipeline}"
-            label = test if pipeline == 1 else f"{test}, -P {pipeline}"
-            cells = []
-            for name in names:
-                rates = runs[name][key]
-                median = statistics.median(rates)
-                ratio = median / statistics.median(base[key])
-                spread = f"{_k(min(rates))}-{_k(max(rates))}"
-                cells.append(
-                    f"{_k(median)} ({spread})" + ("" if name == names[0] else f" [{ratio:.2f}x]")
-                )
-            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    tables = [
+        ("rate", "requests/s (higher is better)", _k),
+        ("cpu_us", "server CPU per request, µs (lower is better)", _us),
+    ]
+    for metric, title, show in tables:
+        lines += ["", f"| {title} | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+        for pipeline in PIPELINES:
+            for test in TESTS:
+                key = f"{test} -P {pipeline}"
+                base = statistics.median(runs[names[0]][key][metric])
+                cells = []
+                for name in names:
+                    values = runs[name][key][metric]
+                    median = statistics.median(values)
+                    cell = f"{show(median)} ({show(min(values))}-{show(max(values))})"
+                    if name != names[0]:
+                        cell += f" [{median / base:.2f}x]"
+                    cells.append(cell)
+                label = test if pipeline == 1 else f"{test}, -P {pipeline}"
+                lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines += [
         "",
         f"Python {env['python']}, SQLite {env['sqlite']}, {env['redis_server']}; "
         f"{env['cpus']} CPUs; load average at the end {env['load_average_at_end']}.",
         "",
         "The machine was shared with other work during the run (other test suites "
-        "and benchmarks), so absolute figures are noisy; the interleaved repeats "
-        "and the min-max spread show how much. Compare within a row.",
+        "and benchmarks), so requests per second are noisy: a server gets only part "
+        "of its core. The min-max spread shows how much. Server CPU per request is "
+        "measured from the server process's own CPU time (/proc), and holds up "
+        "much better on a busy machine.",
         "",
         "What the peers are: see the docstring of bench/kv/run.py. All three Python "
         "servers use the same RESP parser, commands and SQLite schema "
@@ -271,6 +297,10 @@ def report(runs: dict[str, dict[str, list[float]]], env: dict[str, object]) -> s
         "",
     ]
     return "\n".join(lines)
+
+
+def _us(value: float) -> str:
+    return f"{value:.0f}" if value >= 10 else f"{value:.1f}"
 
 
 def _k(rate: float) -> str:
