@@ -13,12 +13,14 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Generic, TypeVar
 
 import threadserve
 from threadserve import Connection, Server, StopReport
+from threadserve._broadcast import MAX_GROUPS
 
 NOTICE = b"Shutting down!\n"
 
@@ -48,15 +50,77 @@ def recv_until_eof(sock: socket.socket) -> bytes:
         data += chunk
 
 
-def wait_until(condition: Callable[[], bool], timeout: float = 10.0, what: str = "") -> None:
-    """Wait for a condition on server counters, bounded in time."""
+#: How long a test waits for a state it expects (a counter, a log line, a
+#: thread count) before it fails. A wait ends as soon as the state is there,
+#: so a generous bound costs a passing run nothing; it only has to outlast a
+#: machine whose cores are taken by other work, where what takes milliseconds
+#: when idle can take seconds. A state that never comes still fails the test.
+SETTLE = 30.0
+
+
+def wait_until(
+    condition: Callable[[], bool],
+    timeout: float = SETTLE,
+    what: str = "",
+    state: Callable[[], object] | None = None,
+) -> None:
+    """Wait for a condition on server counters, bounded in time.
+
+    ``state``, if given, is called on a timeout and its value shown in the
+    failure, so a failure says what was seen instead of what was awaited.
+    """
     deadline = time.monotonic() + timeout
     delay = 0.0005
     while not condition():
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what or condition}")
+            seen = f"; saw {state()}" if state is not None else ""
+            raise AssertionError(
+                f"timed out after {timeout} s waiting for {what or condition}{seen}"
+            )
         time.sleep(delay)
         delay = min(delay * 2, 0.02)
+
+
+def connection_threads() -> list[str]:
+    """The names of live connection threads (server threads aside) in this process."""
+    return [
+        thread.name
+        for thread in threading.enumerate()
+        if thread.name.startswith("threadserve")
+        and not thread.name.startswith("threadserve server")
+    ]
+
+
+def descriptors() -> Counter[str]:
+    """This process's open descriptors, counted by kind: socket, eventfd, pipe, file, ...
+
+    Leak checks compare kinds rather than one total, because a server may
+    keep a few descriptors by design after a burst: it opens one stop-group
+    eventfd per 256 connections alive at its peak and keeps it (see
+    ``threadserve._broadcast``), and how high that peak goes on a busy machine
+    depends on how fast connection threads get to finish. Sockets, pipes and
+    files have no such allowance: each one must come back.
+    """
+    kinds: Counter[str] = Counter()
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{name}")
+        except FileNotFoundError:
+            continue  # Closed since the listing (the listing's own descriptor, for one).
+        if target.startswith("anon_inode:"):
+            kind = target.removeprefix("anon_inode:").strip("[]")
+        elif target.startswith(("socket:", "pipe:")):
+            kind = target.partition(":")[0]
+        else:
+            kind = "file"
+        kinds[kind] += 1
+    return kinds
+
+
+def descriptors_back(baseline: Counter[str]) -> bool:
+    """Every descriptor opened since ``baseline`` is closed again, stop-group eventfds aside."""
+    grown = descriptors() - baseline
+    return grown["eventfd"] <= MAX_GROUPS and not grown - Counter(eventfd=grown["eventfd"])
 
 
 # ---------------------------------------------------------------- a server in a subprocess
@@ -131,7 +195,9 @@ class ServerProcess:
             self._output += chunk
         return self._output.decode(errors="replace")
 
-    def wait_for_log(self, pattern: str | re.Pattern[str], timeout: float = 10.0) -> re.Match[str]:
+    def wait_for_log(
+        self, pattern: str | re.Pattern[str], timeout: float = SETTLE
+    ) -> re.Match[str]:
         """Wait until complete output lines match ``pattern``; fail at once if the server exits."""
         regex = re.compile(pattern, re.MULTILINE) if isinstance(pattern, str) else pattern
         deadline = time.monotonic() + timeout
@@ -154,7 +220,7 @@ class ServerProcess:
             time.sleep(delay)
             delay = min(delay * 2, 0.02)
 
-    def wait_serving(self, timeout: float = 10.0) -> tuple[str, int]:
+    def wait_serving(self, timeout: float = SETTLE) -> tuple[str, int]:
         """Wait for the "serving on" line; return the address it reports (port 0 resolved)."""
         return ("127.0.0.1", int(self.wait_for_log(SERVING_LINE, timeout).group(1)))
 
@@ -164,7 +230,7 @@ class ServerProcess:
         self.process.send_signal(signum)
         return sent_at
 
-    def wait_exit(self, timeout: float = 10.0) -> int:
+    def wait_exit(self, timeout: float = SETTLE) -> int:
         """Wait for the exit, bounded; return the exit code."""
         if not self.exited.wait(timeout):
             raise AssertionError(f"server still running after {timeout} s:\n{self.output()}")
@@ -198,7 +264,7 @@ def server_process(
 
 
 def recv_many(
-    socks: Sequence[socket.socket], *, sizes: Sequence[int] | None = None, timeout: float = 10.0
+    socks: Sequence[socket.socket], *, sizes: Sequence[int] | None = None, timeout: float = SETTLE
 ) -> list[bytes]:
     """Read many sockets at once: each until ``sizes[i]`` bytes, or until EOF without ``sizes``.
 
@@ -272,14 +338,14 @@ class Probe(Generic[T]):
             raise
         self._outcomes.put((True, value))
 
-    def result(self, timeout: float = 10.0) -> T:
+    def result(self, timeout: float = SETTLE) -> T:
         returned, value = self._outcomes.get(timeout=timeout)
         if not returned:
             assert isinstance(value, BaseException)
             raise AssertionError(f"handler raised {value!r}") from value
         return value  # type: ignore[return-value]
 
-    def exception(self, timeout: float = 10.0) -> BaseException:
+    def exception(self, timeout: float = SETTLE) -> BaseException:
         returned, value = self._outcomes.get(timeout=timeout)
         assert not returned, f"handler returned {value!r} instead of raising"
         assert isinstance(value, BaseException)
