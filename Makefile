@@ -20,10 +20,12 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(BIN)/threadserve serve echo --bind 127.0.0.1:8000
 
-## test: the whole suite, then strict type checking and lint
+## test: the whole suite (the stop contract twice: eventfds, then the pipes used where
+## there are none), then strict type checking and lint
 test: $(STAMP)
 	bash scripts/system-packages
 	$(BIN)/python -m pytest
+	THREADSERVE_FORCE_PIPE_BROADCAST=1 $(BIN)/python -m pytest -q tests/test_stop.py
 	$(BIN)/python -m mypy
 	$(BIN)/python -m ruff check .
 	$(BIN)/python -m ruff format --check .

@@ -3,7 +3,9 @@
 One session per version, ``tests-3.10`` to ``tests-3.13``. Each installs the
 package with its ``test`` extra (not editable: the installed wheel is what is
 tested) into a venv of its own under ``.nox/`` and runs pytest; arguments after
-``--`` go to pytest (``nox -s tests-3.12 -- tests/test_stop.py``).
+``--`` go to pytest (``nox -s tests-3.12 -- tests/test_stop.py``). Without arguments, the stop
+contract (tests/test_stop.py) runs a second time with pipes for stop
+descriptors, the fallback for platforms without eventfd.
 
 Why interpreters are found here rather than by nox: on the project's machines
 the interpreters live under pyenv (``~/.pyenv/versions/3.X.Y``) and ``PATH``
@@ -82,6 +84,16 @@ def find_interpreter(version: str) -> str | None:
 def _install_and_test(session: nox.Session) -> None:
     session.install(".[test]")
     session.run("python", "-m", "pytest", *session.posargs)
+    if not session.posargs:
+        # The stop contract again on the pipes used where there is no eventfd (macOS).
+        session.run(
+            "python",
+            "-m",
+            "pytest",
+            "-q",
+            "tests/test_stop.py",
+            env={"THREADSERVE_FORCE_PIPE_BROADCAST": "1"},
+        )
 
 
 for _version in PYTHONS:

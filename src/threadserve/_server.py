@@ -19,8 +19,9 @@ Stopping (``stop()``, SIGINT, SIGTERM) runs in the serving thread:
 
 1. Clients still in the listen queue are accepted and told (notice, FIN);
    then the listeners close: a new connect is refused.
-2. The *stop descriptors* become readable (eventfds, one per group of
-   connections, woken a group at a time: see _broadcast.py). Every
+2. The *stop descriptors* become readable (eventfds, or pipes where there
+   are none, one per group of connections, woken a group at a time: see
+   _broadcast.py). Every
    connection polls its group's descriptor next to its socket, so a blocked
    reader wakes; it then gets what had already arrived, then end-of-stream.
    Every cancel token is set (handlers doing non-socket work can see it or
@@ -77,6 +78,7 @@ from ._exceptions import (
     ReadTimeout,
     WriteTimeout,
 )
+from ._keepalive import keepalive_options
 from ._listeners import (
     LISTEN_BACKLOG,
     Listener,
@@ -1164,10 +1166,11 @@ def _tune_listener(sock: socket.socket, keepalive: bool) -> None:
     # until the previous one is acknowledged.
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     if keepalive:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_PROBES)
+        # Each platform's own option names (macOS has no TCP_KEEPIDLE): _keepalive.py.
+        for level, option, value in keepalive_options(
+            KEEPALIVE_IDLE, KEEPALIVE_INTERVAL, KEEPALIVE_PROBES
+        ):
+            sock.setsockopt(level, option, value)
 
 
 def _nonblocking_pipe() -> tuple[int, int]:
