@@ -23,9 +23,10 @@ the main loop handles them in order (gunicorn's arbiter has this shape):
   every one has said ``ready``, the old ones stop gracefully. A new worker
   that cannot start aborts the reload and the old ones keep serving.
 * SIGTTIN, SIGTTOU: one worker more, one fewer (never fewer than one).
-* SIGUSR2: upgrade. The supervisor re-executes itself (a new threadserve or
-  Python), keeping its pid, its listening sockets and its workers: the new
-  image starts N workers, and once they are ready stops the old ones.
+* SIGUSR2: upgrading the supervisor itself is planned, not built: it is
+  logged and ignored. (The plan: re-execute in place, keeping the pid, the
+  listening sockets and the workers' channels across the exec; the new
+  image starts N workers and stops the old ones once they are ready.)
 * SIGCHLD: reap. A worker that died unasked is logged with its status and
   replaced at once.
 
@@ -80,8 +81,6 @@ DUMP_WAIT = 2.0
 #: accepted just before has time for its request to arrive and be answered,
 #: instead of meeting the stop with nothing read yet and being told goodbye.
 HANDOVER_SETTLE = 0.25
-#: Variables that carry a re-executed supervisor's state over the exec.
-UPGRADE_VARIABLE = "THREADSERVE_UPGRADE"
 SIGNALS = (
     signal.SIGINT,
     signal.SIGTERM,
@@ -185,7 +184,6 @@ class Supervisor:
         """Start the workers and supervise them until stopped; return the exit status."""
         previous = {signum: signal.signal(signum, self._on_signal) for signum in SIGNALS}
         try:
-            self._adopt_upgrade_workers()
             self._start_generation()
             self._loop()
         except BaseException:
@@ -561,10 +559,7 @@ class Supervisor:
 
     def _upgrade(self) -> None:
         """Re-execute this program, handing over listeners and workers (see module docstring)."""
-        logger.error("SIGUSR2: upgrading is not available in this version")
-
-    def _adopt_upgrade_workers(self) -> None:
-        os.environ.pop(UPGRADE_VARIABLE, None)
+        logger.error("SIGUSR2 ignored: upgrading the supervisor in place is not built yet")
 
     # ------------------------------------------------------------------ helpers
 

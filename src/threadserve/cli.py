@@ -215,8 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_worker_options(serve: argparse.ArgumentParser) -> None:
     workers = serve.add_argument_group(
-        "worker processes (SIGHUP reloads with no client lost; SIGTTIN/SIGTTOU add or "
-        "remove one; SIGUSR2 upgrades the supervisor itself)"
+        "worker processes (SIGHUP reloads with no client lost; SIGTTIN/SIGTTOU add or remove one)"
     )
     workers.add_argument(
         "--workers",
