@@ -130,7 +130,9 @@ def main() -> None:
         run(venv / "bin" / "python", "-m", "pip", "install", "--quiet", wheel, cwd=workdir)
         # Imported from the venv's site-packages, not from this source tree.
         where = run(
-            venv / "bin" / "python", "-c", "import threadserve; print(threadserve.__file__)",
+            venv / "bin" / "python",
+            "-c",
+            "import threadserve; print(threadserve.__file__)",
             cwd=workdir,
         ).strip()
         if not where.startswith(str(venv)):
