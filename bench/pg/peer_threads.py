@@ -9,6 +9,7 @@ the gap between this and threadserve is what threadserve's safety costs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import socket
 import threading
 from typing import Any
@@ -20,7 +21,8 @@ from .psycopg_peer import answer, open_pool
 
 def serve_client(sock: socket.socket, pool: psycopg_pool.ConnectionPool[Any]) -> None:
     buffer = b""
-    with sock:
+    # ConnectionError: the load generator resets what is in flight when it ends.
+    with sock, contextlib.suppress(ConnectionError):
         while data := sock.recv(65536):
             buffer += data
             while (end := buffer.find(b"\n")) >= 0:
