@@ -114,7 +114,10 @@ def test_stuck_handler_is_forced_after_grace_named_and_exits_3(
     # The others drained as usual; the stuck one was forced: EOF, no notice.
     assert received == [NOTICE] * others + [b""]
     print(f"\nstuck handler, grace {grace} s: exit {elapsed:.3f} s")
-    assert grace <= elapsed <= grace + 1.0
+    # Forced at the grace deadline, then at most a short margin to report the
+    # stuck thread and exit (measured 2.34 s with both cores busy with other
+    # processes). Waiting for the stuck thread, or twice the grace, fails.
+    assert grace <= elapsed <= grace + 1.5
     assert re.search(
         rf"ERROR threadserve: thread '{re.escape(stuck_thread)}' did not stop", output
     ), output
@@ -138,13 +141,15 @@ def test_second_signal_forces_at_once(clients: list[socket.socket]) -> None:
         with pytest.raises(ConnectionRefusedError):
             connect(address).close()
         again_at = server.send_signal(signal.SIGINT)
-        assert server.wait_exit(5) == 3, server.output()
+        assert server.wait_exit(10) == 3, server.output()
         elapsed = server.exited_at - again_at
         assert recv_many([stuck]) == [b""]
         output = server.output()
 
     print(f"\nsecond SIGINT to exit: {elapsed:.3f} s")
-    assert elapsed < 1.0
+    # At once, against the 30 s grace the first signal started (measured
+    # 0.33 s with both cores busy with other processes).
+    assert elapsed < 3.0
     assert "SIGINT received again: forcing the stop now" in output
     assert "did not stop" in output
 
@@ -158,8 +163,8 @@ def test_stop_time_with_1000_idle_connections(clients: list[socket.socket]) -> N
         exchange_lines(clients, [f"{i}\n".encode() for i in range(count)])
 
         sent_at = server.send_signal(signal.SIGTERM)
-        received = recv_many(clients, timeout=10)
-        assert server.wait_exit(10) == 0, server.output()
+        received = recv_many(clients, timeout=20)
+        assert server.wait_exit(20) == 0, server.output()
         elapsed = server.exited_at - sent_at
         output = server.output()
 
@@ -170,12 +175,13 @@ def test_stop_time_with_1000_idle_connections(clients: list[socket.socket]) -> N
         f"\n{count} idle connections: SIGTERM to exit {elapsed:.3f} s"
         f" (the server's own stop sequence: {stopped.group(1)} s)"
     )
-    # The target is 1 s. On two cores this measured 0.3-1.0 s with the cores
-    # otherwise idle (every connection thread wakes at once and they queue
-    # for the GIL), and 1-3 s while other processes loaded them: the bound
-    # catches a stop that serialises on something without failing on a busy
+    # The target is 1 s, a figure for bench/. On two cores this measured
+    # 0.3-1.0 s with the cores otherwise idle (every connection thread wakes
+    # at once and they queue for the GIL), and 0.5-3 s while other processes
+    # loaded them: the bound catches a stop that serialises on something (6 ms
+    # per connection, a linger per group of them) without failing on a busy
     # machine. (A stop that waits out lingering closes fails the 200-client test.)
-    assert elapsed < 3.0
+    assert elapsed < 6.0
 
 
 def test_server_process_helper_kills_what_it_started() -> None:

@@ -115,7 +115,7 @@ def test_stuck_handler_is_forced_after_grace_and_named(
         entered.set()
         release.wait(60)
 
-    grace = 0.5
+    grace = 1.0
     server = serve(stuck_in_a_call_that_ignores_the_token, grace=grace)
     client = connect(server.tcp_address)
     client.sendall(b"x")
@@ -129,7 +129,11 @@ def test_stuck_handler_is_forced_after_grace_and_named(
         assert report.forced == 1
         assert len(report.stuck_threads) == 1
         assert report.stuck_threads[0].startswith("threadserve 127.0.0.1:")
-        assert grace <= elapsed < grace + 0.6
+        # Forced at the deadline, then a short margin (FORCE_MARGIN) for the
+        # forced thread to end, and the stop gives up on it. The slack is for
+        # a busy machine; a stop that waits for the stuck call (60 s), or for
+        # a second grace period (past 2.25 s), still fails.
+        assert grace <= elapsed < grace + 1.0
         stuck_logs = [r for r in caplog.records if "did not stop" in r.getMessage()]
         assert len(stuck_logs) == 1
         assert stuck_logs[0].levelno == logging.ERROR

@@ -84,8 +84,10 @@ def half_a_client_hello(context: ssl.SSLContext) -> bytes:
 def test_stalled_handshakes_do_not_delay_real_clients(certificates: Certificates) -> None:
     # The server runs in its own process, as in production: in this one, the
     # 50 client handshakes below would share the GIL with the server's and
-    # be measured as the server's latency.
-    handshake_timeout = 2.0
+    # be measured as the server's latency. The timeout leaves the real
+    # clients seconds to be served while every attacker still holds a thread,
+    # even on a machine whose cores are busy with other work.
+    handshake_timeout = 4.0
     with server_process(
         "echo",
         "--bind",
@@ -113,6 +115,7 @@ def _attack_with_stalled_handshakes(
     closed_at: dict[int, float] = {}
     outcome: dict[int, str] = {}
     handshakes: list[float] = []
+    served_at: list[float] = []
     errors: list[str] = []
     lock = threading.Lock()
 
@@ -126,6 +129,7 @@ def _attack_with_stalled_handshakes(
                 assert recv_exactly(sock, len(line)) == line
             with lock:
                 handshakes.append(elapsed)
+                served_at.append(time.monotonic())
         except (OSError, EOFError, AssertionError) as exc:
             with lock:
                 errors.append(f"client {index}: {exc!r}")
@@ -147,6 +151,7 @@ def _attack_with_stalled_handshakes(
             lambda: server.output().count("connection opened") == silent + stalled,
             what="every attacker holding a handshake thread",
         )
+        clients_from = time.monotonic()
         for thread in real_clients:
             thread.start()
         # Meanwhile, note when the server lets go of each attacker.
@@ -173,6 +178,8 @@ def _attack_with_stalled_handshakes(
             sock.close()
 
     held = [closed_at[i] - connected_at[i] for i in range(silent + stalled)]
+    first_let_go = min(closed_at.values())
+    served_before = sum(clients_from <= t < first_let_go for t in served_at)
     seen = {what: list(outcome.values()).count(what) for what in set(outcome.values())}
     report(
         "tls stalled handshakes",
@@ -181,13 +188,21 @@ def _attack_with_stalled_handshakes(
         attackers_closed_after=f"{min(held):.3f}-{max(held):.3f} s",
         attackers_saw=seen,
         real_clients=f"{len(handshakes)}/50",
+        served_while_attackers_held=f"{served_before}/50",
         handshake_p50=ms(percentile(handshakes, 0.5)) if handshakes else "-",
         handshake_p99=ms(percentile(handshakes, 0.99)) if handshakes else "-",
     )
     assert not errors, errors[:5]
     assert len(handshakes) == 50
-    assert percentile(handshakes, 0.99) < 0.150
-    assert all(handshake_timeout - 0.1 <= t <= handshake_timeout + 0.5 for t in held)
+    # Every real client shook hands and got its echo while all 250 attackers
+    # still held their handshakes: none waited for an attacker's timeout (a
+    # handshake on the accept loop, or a pool the attackers fill, would make
+    # them). How many milliseconds a handshake takes is a figure for bench/.
+    assert served_before == 50, "real clients waited for the stalled handshakes to time out"
+    assert max(handshakes) < handshake_timeout / 2
+    # Never before the timeout; after it, by what a busy machine adds to the
+    # server waking 250 threads at once and to this test's polling.
+    assert all(handshake_timeout - 0.25 <= t <= handshake_timeout + 1.5 for t in held)
     assert set(outcome.values()) == {"EOF"}
     wait_until(
         lambda: server.output().count("connection closed") == silent + stalled + 50,
