@@ -676,7 +676,8 @@ class Server:
             reason = CloseReason.PROXY_ERROR
             self._reject_proxy(conn.peer, exc)
         except _setup.Aborted as exc:
-            outcome, abandon = str(exc), True
+            # Stopping: the proxy (and its client) still hear the goodbye.
+            outcome, abandon = str(exc), not exc.stopping
             reason = CloseReason.STOPPED if self._stopping else CloseReason.RESET
         except _setup.Refused as exc:
             outcome, cutoff_notice = str(exc), None if self.tls else self.notices.busy

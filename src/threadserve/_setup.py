@@ -49,7 +49,11 @@ class Refused(ThreadserveError):
 
 
 class Aborted(ThreadserveError):
-    """The connection ended during setup: the peer left, or the server is stopping."""
+    """The connection ended during setup: the peer left, or (``stopping``) the server stops."""
+
+    def __init__(self, message: str, *, stopping: bool = False) -> None:
+        super().__init__(message)
+        self.stopping = stopping
 
 
 @dataclass(frozen=True)
@@ -136,11 +140,17 @@ def read_proxy_header(conn: Connection, settings: ProxySettings) -> ProxyInfo:
                 f"no complete PROXY header within {settings.timeout:g} s"
                 f" ({len(header)} bytes arrived)"
             ) from None
-        if not ready or conn._stop_budget is not None:
-            raise Aborted("server stopping before the PROXY header arrived")
+        if not ready:
+            raise Aborted("server stopping before the PROXY header arrived", stopping=True)
+        # Stopping, but the header (or part of it) had arrived: it is still
+        # read, and the connection is then wound down like any other.
         try:
             peeked = sock.recv(PEEK_SIZE, socket.MSG_PEEK)
         except (BlockingIOError, InterruptedError):
+            if conn._stop_budget is not None:
+                raise Aborted(
+                    "server stopping before the PROXY header was complete", stopping=True
+                ) from None
             continue  # Readiness the socket then disagreed with; wait again.
         except OSError as exc:
             raise Aborted(exc.strerror or str(exc)) from None
