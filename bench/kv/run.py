@@ -191,7 +191,14 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=50, help="redis-benchmark -c")
     parser.add_argument("--keyspace", type=int, default=100000, help="redis-benchmark -r")
     parser.add_argument("--output", type=Path, default=HERE)
+    parser.add_argument(
+        "--report-only", action="store_true", help="rewrite RESULTS.md from results.json"
+    )
     args = parser.parse_args()
+    if args.report_only:
+        saved = json.loads((args.output / "results.json").read_text())
+        (args.output / "RESULTS.md").write_text(report(saved["runs"], saved["environment"]))
+        return
     check_tools()
     started = time.time()
     # runs[peer][f"{test} -P {pipeline}"] = {"rate": [...], "cpu_us": [...]}, one per repeat
@@ -289,6 +296,12 @@ def report(runs: dict[str, dict[str, dict[str, list[float]]]], env: dict[str, ob
         "of its core. The min-max spread shows how much. Server CPU per request is "
         "measured from the server process's own CPU time (/proc), and holds up "
         "much better on a busy machine.",
+        "",
+        "On a contended core, how much CPU each server gets may also depend on how "
+        "many runnable threads it has (Linux shares a core between threads, not "
+        "processes), which could favour the threaded server; this run does not "
+        "measure it. So read the rates with the CPU table, where the per-request "
+        "cost of each server shows.",
         "",
         "What the peers are: see the docstring of bench/kv/run.py. All three Python "
         "servers use the same RESP parser, commands and SQLite schema "
