@@ -919,10 +919,10 @@ def test_every_turned_away_client_gets_the_busy_notice_promptly() -> None:
     server runs as it would in production. Every excess client is told at
     once, by the accept loop: the notice and EOF, with no lingering close
     and no wait for a free slot. The goal of 50 ms per notice is a latency
-    figure, for bench/: on idle cores this measured a few milliseconds at
-    most, and with other processes keeping both cores busy up to 190 ms. The
-    bound here is what a busy machine cannot reach and a notice that waits on
-    anything (a linger of 2 s per client, a slot that never frees) does.
+    figure, for bench/: here it measured 10 ms at most, and up to 190 ms with
+    two other processes spinning on both cores. The bound here is what a busy
+    machine cannot reach and a notice that waits on anything (a linger of
+    2 s per client, a slot that never frees) does.
     """
     limit, excess = 500, 1500
     with server_process(
