@@ -296,7 +296,9 @@ class Session:
                 elif option == b"AUTH":
                     raise CommandError("ERR AUTH: this server has no users or passwords")
                 else:
-                    raise CommandError(f"ERR Syntax error in HELLO option '{option.decode()}'")
+                    raise CommandError(
+                        f"ERR Syntax error in HELLO option '{option.decode('utf-8', 'replace')}'"
+                    )
             self.encoder.protocol = version
         info = [
             (b"server", resp.bulk(b"redis")),
@@ -336,7 +338,9 @@ class Session:
         pairs = [
             (resp.bulk(name.encode()), resp.bulk(value))
             for name, value in settings.items()
-            if any(fnmatch.fnmatchcase(name, pattern.decode().lower()) for pattern in args[1:])
+            if any(
+                fnmatch.fnmatchcase(name, pattern.decode("latin-1").lower()) for pattern in args[1:]
+            )
         ]
         return self.encoder.map(pairs)
 
