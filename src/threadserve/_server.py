@@ -58,7 +58,7 @@ import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import _connection as _connection_module
 from . import _setup
@@ -90,6 +90,9 @@ from ._notices import Notices
 from ._proxy import ProxyMode
 from ._ratelimit import RateLimitedLog
 from ._timeouts import Timeouts
+
+if TYPE_CHECKING:
+    from prometheus_client.registry import CollectorRegistry
 
 logger = logging.getLogger("threadserve")
 
@@ -192,6 +195,7 @@ class Server:
         proxy_timeout: float = _setup.DEFAULT_PROXY_TIMEOUT,
         agent_bind: str | None = None,
         drain_delay: float = 0.0,
+        metrics: CollectorRegistry | None = None,
     ) -> None:
         if not callable(handler):
             raise ConfigurationError(f"handler {handler!r} is not callable")
@@ -288,6 +292,17 @@ class Server:
         self._dismissed_until = 0.0
         # Cancel hooks run here at stop, off the stopping thread (see _cancel.py).
         self._hook_runner = CallbackRunner("threadserve cancel hooks")
+        if metrics is not None:
+            # A collector that reads statistics() at scrape time (_metrics.py):
+            # nothing is added to the per-message path.
+            try:
+                from ._metrics import register
+            except ImportError as exc:
+                self._release_resources()
+                raise ConfigurationError(
+                    f"metrics= needs prometheus-client: pip install 'threadserve[metrics]' ({exc})"
+                ) from None
+            register(self, metrics)
 
     # ------------------------------------------------------------------ public API
 

@@ -8,7 +8,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import __version__
 from ._admission import OverloadPolicy, default_max_connections
@@ -27,6 +27,11 @@ from ._timeouts import Timeouts
 from ._tls import server_tls_context
 from ._worker import run_worker
 from .handlers import BUILTIN_HANDLERS
+
+if TYPE_CHECKING:
+    from prometheus_client.registry import CollectorRegistry
+
+    from ._metrics import MetricsEndpoint
 
 logger = logging.getLogger("threadserve")
 
@@ -209,6 +214,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="json: one JSON object per line, with event, peer, duration, bytes_in, "
         "bytes_out and reason as keys (default: text)",
     )
+    serve.add_argument(
+        "--metrics",
+        metavar="ADDR",
+        help="serve Prometheus metrics at http://ADDR/metrics, ADDR being HOST:PORT "
+        "(needs pip install 'threadserve[metrics]'; default: off)",
+    )
     _add_worker_options(serve)
     return parser
 
@@ -325,8 +336,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.workers is not None:
             if args.agent_bind:
                 raise ConfigurationError("--agent-bind does not work with --workers yet")
+            if args.metrics:
+                raise ConfigurationError("--metrics does not work with --workers yet")
             return _run_supervisor(args, argv, bind)
         notifier = Notifier()
+        registry = _metrics_registry() if args.metrics else None
         server: Server
         server = build_server(
             args,
@@ -335,7 +349,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             # manager may send SIGTERM the moment it reads it.
             on_serving=lambda: notifier.ready(f"serving on {', '.join(server.addresses)}"),
             on_stop_accepting=lambda: notifier.stopping("stopping"),
+            metrics=registry,
         )
+        endpoint = _metrics_endpoint(args.metrics, registry, server) if registry else None
     except ThreadserveError as exc:
         print(f"threadserve: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
@@ -345,7 +361,33 @@ def main(argv: Sequence[str] | None = None) -> int:
             report = server.serve_forever()
         finally:
             notifier.close()
+            if endpoint is not None:
+                endpoint.close()
     return EXIT_OK if report.clean else EXIT_FORCED
+
+
+def _metrics_registry() -> CollectorRegistry:
+    """prometheus-client's default registry (with its process and GC metrics)."""
+    try:
+        from prometheus_client import REGISTRY
+    except ImportError:
+        raise ConfigurationError(
+            "--metrics needs prometheus-client: pip install 'threadserve[metrics]'"
+        ) from None
+    return REGISTRY
+
+
+def _metrics_endpoint(address: str, registry: CollectorRegistry, server: Server) -> MetricsEndpoint:
+    """Serve ``/metrics``; on failure release the server, which is bound but not serving."""
+    from ._metrics import MetricsEndpoint
+
+    try:
+        endpoint = MetricsEndpoint(address, registry)
+    except ThreadserveError:
+        server.stop()
+        raise
+    logger.info("metrics on %s", endpoint.url)
+    return endpoint
 
 
 def build_server(args: argparse.Namespace, bind: Sequence[str | Listener], **extra: Any) -> Server:

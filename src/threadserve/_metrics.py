@@ -1,0 +1,165 @@
+"""Prometheus metrics: the optional side (``pip install 'threadserve[metrics]'``).
+
+A pull model. The server already counts what the metrics report: plain
+integers changed once per connection (accepted, closed by reason, refused by
+reason, errors), byte counters each connection keeps for itself, and the two
+histograms of _events.py. ``ServerCollector`` reads ``Server.statistics()``
+when Prometheus scrapes and turns the snapshot into metric families. So
+metrics add nothing to the per-message path, not even a lock; and a server
+nobody scrapes pays nothing at all. (prometheus-client's own ``Counter``
+objects would take a lock on every ``inc()``.)
+
+Metrics, all prefixed ``threadserve_``:
+
+=====================================  =========  ==========================================
+connections_active                     gauge      connections being served now
+connections_accepted_total             counter    clients admitted (given a thread)
+connections_closed_total{reason}       counter    connections ended, by CloseReason
+connections_rejected_total{reason}     counter    clients turned away, by RejectReason
+bytes_received_total                   counter    bytes read from clients
+bytes_sent_total                       counter    bytes written to clients
+handler_errors_total                   counter    exceptions out of the handler
+accept_errors_total                    counter    accept() failures (EMFILE...), no thread
+connection_duration_seconds            histogram  how long connections lasted
+threads                                gauge      threads in this process
+stops_total{outcome}                   counter    stops, clean or forced
+stop_duration_seconds                  histogram  how long stops took
+=====================================  =========  ==========================================
+
+Every label value comes from an enum (_events.py): a fixed, small set.
+
+This module imports ``prometheus_client``; nothing in the core imports it
+unless a server is given ``metrics=``.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.exposition import start_http_server
+from prometheus_client.registry import Collector, CollectorRegistry
+
+from ._events import Histogram
+from ._exceptions import ConfigurationError
+
+if TYPE_CHECKING:
+    from ._server import Server
+
+PREFIX = "threadserve_"
+
+
+class ServerCollector(Collector):
+    """Reads one server's statistics at scrape time (see the module docstring)."""
+
+    def __init__(self, server: Server) -> None:
+        self._server = server
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self._server.statistics()
+        counters = stats.counters
+        yield _gauge(
+            "connections_active", "Connections being served now.", stats.connections_active
+        )
+        yield _counter(
+            "connections_accepted",
+            "Clients admitted and given a thread.",
+            stats.connections_accepted,
+        )
+        closed = CounterMetricFamily(
+            PREFIX + "connections_closed", "Connections that ended, by reason.", labels=["reason"]
+        )
+        for reason, count in counters.closed.items():
+            closed.add_metric([reason.value], count)
+        yield closed
+        rejected = CounterMetricFamily(
+            PREFIX + "connections_rejected",
+            "Clients turned away without a thread, by reason.",
+            labels=["reason"],
+        )
+        for why, count in counters.rejected.items():
+            rejected.add_metric([why.value], count)
+        yield rejected
+        yield _counter("bytes_received", "Bytes read from clients.", stats.bytes_received)
+        yield _counter("bytes_sent", "Bytes written to clients.", stats.bytes_sent)
+        yield _counter(
+            "handler_errors", "Unexpected exceptions raised by the handler.", stats.handler_errors
+        )
+        yield _counter(
+            "accept_errors",
+            "accept() failures for want of a resource (descriptors, memory, threads).",
+            stats.accept_errors,
+        )
+        yield _histogram(
+            "connection_duration_seconds",
+            "How long connections lasted, from accept to close.",
+            counters.connection_durations,
+        )
+        yield _gauge("threads", "Threads in this process.", threading.active_count())
+        stops = CounterMetricFamily(
+            PREFIX + "stops", "Server stops, by outcome.", labels=["outcome"]
+        )
+        for outcome, count in counters.stops.items():
+            stops.add_metric([outcome.value], count)
+        yield stops
+        yield _histogram(
+            "stop_duration_seconds",
+            "How long stops took, from the request to the last connection closed.",
+            counters.stop_durations,
+        )
+
+
+def register(server: Server, registry: CollectorRegistry) -> ServerCollector:
+    """Register a collector for ``server`` with ``registry``; returns it (to unregister)."""
+    collector = ServerCollector(server)
+    registry.register(collector)
+    return collector
+
+
+class MetricsEndpoint:
+    """``/metrics`` over HTTP, served by prometheus-client's server on a daemon thread."""
+
+    def __init__(self, address: str, registry: CollectorRegistry) -> None:
+        host, sep, port = address.rpartition(":")
+        host = host.strip("[]")
+        if not sep or not host or not port.isdigit():
+            raise ConfigurationError(
+                f"--metrics {address!r}: use HOST:PORT or [IPV6]:PORT (port 0 for any free one)"
+            )
+        try:
+            self._httpd, self._thread = start_http_server(int(port), addr=host, registry=registry)
+        except OSError as exc:
+            raise ConfigurationError(f"--metrics {address!r}: {exc.strerror or exc}") from None
+        shown = f"[{host}]" if ":" in host else host
+        self.url = f"http://{shown}:{self._httpd.server_port}/metrics"
+
+    def close(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        self._thread.join(5.0)
+
+
+def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(PREFIX + name, documentation, value=value)
+
+
+def _counter(name: str, documentation: str, value: float) -> CounterMetricFamily:
+    return CounterMetricFamily(PREFIX + name, documentation, value=value)
+
+
+def _histogram(name: str, documentation: str, histogram: Histogram) -> HistogramMetricFamily:
+    buckets = [
+        ("+Inf" if math.isinf(bound) else repr(bound), count)
+        for bound, count in histogram.cumulative()
+    ]
+    return HistogramMetricFamily(
+        PREFIX + name, documentation, buckets=buckets, sum_value=histogram.total
+    )
