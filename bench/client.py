@@ -57,6 +57,8 @@ def run_echo(
         "--server-pid", str(server_pid),
         "--short", str(short),
         "--short-size", str(short_size),
+        # At least three slices, so a steadiness check has something to compare.
+        "--slice", str(min(1.0, duration / 3)),
     ]  # fmt: skip
     # Its own bounds end it well before this; the margin covers closing
     # 10,000 sockets on a loaded machine.

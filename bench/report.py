@@ -783,9 +783,10 @@ def _steady_section(runs: list[Run], peers: list[str]) -> list[str]:
         "checks that the measured figure is the warm, steady one: `measured/throwaway` is",
         "the measured run's rate over the throwaway run's (near 1.0 when the throwaway was",
         "already warm; well above 1.0 would mean the throwaway was too short), and",
-        "`slice spread` is the largest deviation of one second of the measured window from",
-        f"the window's mean. Runs with a spread above {UNSTEADY_SPREAD:.0%} are marked",
-        f"{UNSTEADY_MARK} in the tables. Medians (max) over the peer's load runs.",
+        "`slice spread` is the largest deviation of one slice of the measured window (1 s;",
+        "a third of it in shorter runs) from the window's mean. Runs with a spread above",
+        f"{UNSTEADY_SPREAD:.0%} are marked {UNSTEADY_MARK} in the tables. Medians (max) over the",
+        "peer's load runs.",
         "",
     ]
     rows = []

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.client import JsonDict, Session, run_echo
+from bench.peerlist import PEERS as ALL_PEERS
 from bench.peerlist import Peer
 from bench.peers._common import BLOCKING_SECONDS
 from bench.server import ServerProcess, free_port
@@ -95,22 +96,21 @@ def plan(
     so that three repeats fit in about 35 minutes: one message size (1 KiB;
     64 B behaved alike in every earlier run), no single-connection echo (it
     measures latency, which the other cases report too), blocking at 1,000
-    connections only (the goal's case; 100 is in quick runs), short and mixed
-    without the peers that add nothing there (seed, socketserver and
-    asyncio-streams are threads-bare or asyncio with more overhead), and the
-    cases at 10,000 connections, the slowest to set up, only for the goal
-    peers. `--conns` and `--sizes` bring any echo case back, for every peer.
+    connections only (the goal's case; 100 is in quick runs), socketserver and
+    asyncio-streams (threads-bare and asyncio with more overhead) at 100 echo
+    connections only, short and mixed without the peers that add nothing
+    there, and the cases at 10,000 connections, the slowest to set up, only
+    for the goal peers. `--conns` and `--sizes` bring any echo case back, for every peer.
     """
     custom_echo = echo_conns is not None or sizes is not None
     if echo_conns is None:
         echo_conns = [10, 100] if quick else [10, 100, 1_000, 10_000]
     if sizes is None:
         sizes = [1024]
-    big: tuple[str, ...] | None = None if custom_echo else GOAL_PEERS
     cases: list[Case] = []
     if "echo" in workloads:
         cases += [
-            Case("echo", n, size, peers=big if n >= 10_000 else None)
+            Case("echo", n, size, peers=None if quick or custom_echo else _echo_peers(n))
             for size in sizes
             for n in echo_conns
         ]
@@ -134,6 +134,19 @@ def plan(
         cases += [Case("stop", n, variant="idle", peers=stop_peers) for n in stop_idle]
         cases += [Case("stop", 1_000, variant="active", peers=stop_peers)]
     return cases
+
+
+def _echo_peers(conns: int) -> tuple[str, ...] | None:
+    """Who runs the full plan's echo case at `conns` connections.
+
+    Every peer at 100; socketserver and asyncio-streams (threads-bare and
+    asyncio-protocol with more overhead) only there; at 10,000 the goal peers.
+    """
+    if conns >= 10_000:
+        return GOAL_PEERS
+    if conns == 100:
+        return None
+    return tuple(name for name in ALL_PEERS if name not in ("socketserver", "asyncio-streams"))
 
 
 def run_case(case: Case, peer: Peer, settings: Settings, repeat: int) -> dict[str, Any]:
