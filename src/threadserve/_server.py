@@ -89,6 +89,7 @@ from ._listeners import (
 from ._notices import Notices
 from ._proxy import ProxyMode
 from ._ratelimit import RateLimitedLog
+from ._threads import DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_IDLE, ParkingThreads
 from ._timeouts import Timeouts
 
 if TYPE_CHECKING:
@@ -151,6 +152,11 @@ class ServerStatistics:
     counters: Counters = field(default_factory=Counters)
     #: Connections closed for a bad, late or untrusted PROXY header (handler never ran).
     proxy_rejected: int = 0
+    #: Connection threads started, connections handed to a parked thread
+    #: instead, and threads parked right now (see _threads.py).
+    threads_started: int = 0
+    threads_reused: int = 0
+    threads_idle: int = 0
 
 
 class Server:
@@ -196,12 +202,19 @@ class Server:
         agent_bind: str | None = None,
         drain_delay: float = 0.0,
         metrics: CollectorRegistry | None = None,
+        idle_threads: int = DEFAULT_MAX_IDLE,
+        idle_thread_timeout: float = DEFAULT_IDLE_TIMEOUT,
     ) -> None:
         if not callable(handler):
             raise ConfigurationError(f"handler {handler!r} is not callable")
         _check_seconds("grace", grace)
         _check_seconds("linger", linger)
         _check_seconds("drain_delay", drain_delay)
+        _check_seconds("idle_thread_timeout", idle_thread_timeout)
+        if isinstance(idle_threads, bool) or not isinstance(idle_threads, int) or idle_threads < 0:
+            raise ConfigurationError(
+                f"idle_threads={idle_threads!r}: must be a count of threads, 0 or more"
+            )
         if chunk_size <= 0:
             raise ConfigurationError(f"chunk_size={chunk_size!r}: must be a positive byte count")
         self.handler = handler
@@ -249,7 +262,13 @@ class Server:
         self.addresses: list[str] = [listener.address for listener in self._listeners]
 
         self._lock = threading.Lock()
-        self._connections: dict[Connection, threading.Thread] = {}
+        # Live connections and the thread serving each (None until a thread
+        # picks the connection up: see _run_connection).
+        self._connections: dict[Connection, threading.Thread | None] = {}
+        # Connection threads park between connections (see _threads.py).
+        self._threads: ParkingThreads[Connection] = ParkingThreads(
+            self._run_connection, max_idle=idle_threads, idle_timeout=idle_thread_timeout
+        )
         self._group_live = [0] * MAX_GROUPS  # Live connections per stop group.
         # During a stop, a connection thread wakes the serving thread once the
         # live count falls to this (-1: only when the last one ends).
@@ -268,9 +287,7 @@ class Server:
         self._background: threading.Thread | None = None
         # Threads that left the registry but may not have returned yet.
         self._finishing: weakref.WeakSet[threading.Thread] = weakref.WeakSet()
-        self._spawn_queue: queue.SimpleQueue[tuple[Connection, threading.Thread] | None] = (
-            queue.SimpleQueue()
-        )
+        self._spawn_queue: queue.SimpleQueue[Connection | None] = queue.SimpleQueue()
         self._accept_paused = False  # At max_connections under the wait policy.
         self._accept_handed_over = False  # pause_accepting() was called.
         self._rejections_log = RateLimitedLog(logger, logging.WARNING)
@@ -407,6 +424,9 @@ class Server:
                 accept_errors=self._accept_errors,
                 counters=self._counters.copy(),
                 proxy_rejected=self._proxy_rejected,
+                threads_started=self._threads.started,
+                threads_reused=self._threads.reused,
+                threads_idle=self._threads.idle,
             )
 
     @property
@@ -637,27 +657,27 @@ class Server:
             stop_group=group,
             stop_begun=self._stop_begun,
         )
-        thread = threading.Thread(
-            target=self._run_connection, args=(conn,), name=f"threadserve {peer}", daemon=True
-        )
         with self._lock:
-            self._connections[conn] = thread
+            self._connections[conn] = None
             self._group_live[group] += 1
+        # A parked thread takes it at once (one wake-up, no thread start).
+        if self._threads.hand_off(conn):
+            return
         # Thread.start() waits until the new thread runs, ~0.1-0.5 ms. Done
         # here, it would hold up every client queued behind this one: a burst
         # that should be turned away at once would wait for hundreds of thread
         # starts. The spawner thread starts them instead.
-        self._spawn_queue.put((conn, thread))
+        self._spawn_queue.put(conn)
 
     def _spawn_connection_threads(self) -> None:
-        while (item := self._spawn_queue.get()) is not None:
-            self._start_thread(*item)
+        while (conn := self._spawn_queue.get()) is not None:
+            self._start_thread(conn)
             # Do not keep the last connection alive while waiting for the next.
-            del item
+            del conn
 
-    def _start_thread(self, conn: Connection, thread: threading.Thread) -> None:
+    def _start_thread(self, conn: Connection) -> None:
         try:
-            thread.start()
+            self._threads.start(conn, name=f"threadserve {conn.peer}")
         except RuntimeError as exc:  # "can't start new thread": out of threads or memory.
             self._accept_errors_log.emit(
                 "cannot start a thread for %s: %s; closing it", conn.peer, exc
@@ -670,7 +690,11 @@ class Server:
     # ------------------------------------------------------------------ one connection
 
     def _run_connection(self, conn: Connection) -> None:
+        thread = threading.current_thread()
+        thread.name = f"threadserve {conn.peer}"  # A reused thread is renamed for its new peer.
         _current.server = self
+        with self._lock:
+            self._connections[conn] = thread
         if self._proxy is None:  # Else logged once the header names the client.
             logger.info(
                 "connection opened: %s",
@@ -844,6 +868,9 @@ class Server:
         )
         for listener in self._listeners:
             listener.close()
+        # No connection comes any more: parked threads end now, and threads
+        # that finish from here on end instead of parking.
+        self._threads.close()
         self._call_hook(self.on_stop_accepting)
         logger.info(
             "stopping: %d connections, grace %.1f s; %d waiting in the listen queue were told",
@@ -913,7 +940,7 @@ class Server:
         )
         return report
 
-    def _wake_in_waves(self, connections: dict[Connection, threading.Thread]) -> None:
+    def _wake_in_waves(self, connections: dict[Connection, threading.Thread | None]) -> None:
         """Set every token and wake every reader, a group at a time (see _broadcast.py)."""
         by_group: dict[int, list[Connection]] = {}
         for conn in connections:
@@ -1045,14 +1072,16 @@ class Server:
             else:
                 self._discard_from_dismissed(fd)
 
-    def _report_stuck_threads(self, leftover: dict[Connection, threading.Thread]) -> list[str]:
+    def _report_stuck_threads(
+        self, leftover: dict[Connection, threading.Thread | None]
+    ) -> list[str]:
         stuck = []
         with self._lock:
             # Still registered: a thread that unregistered is only finishing.
             still_there = [(c, t) for c, t in leftover.items() if c in self._connections]
         for _conn, thread in still_there:
-            if not thread.is_alive():
-                continue
+            if thread is None or not thread.is_alive():
+                continue  # Never picked up by a thread, or already gone.
             stuck.append(thread.name)
             logger.error(
                 "thread %r did not stop (it ignores its cancel token); abandoning it. Stack:\n%s",
