@@ -2,15 +2,16 @@
 
     python -m bench                    full run, 3 repeats (about 35 minutes),
                                        into bench/results/
-    python -m bench --quick            smoke run (a few minutes), into
+    python -m bench --quick            smoke run (about 10 minutes), into
                                        bench/scratch/ (never over the results)
-    python -m bench --peers threadserve,threads-bare,asyncio-protocol \
-        --workloads short --repeats 1  one workload, three peers
+    python -m bench --peers threadserve,threads-bare,asyncio-protocol
+                    --workloads short --repeats 1
+                                       one workload, three peers
     python -m bench --report-only      redraw tables and charts from results.json
 
 Each run starts a fresh server, warms it with a throwaway run of the same load
 (--throwaway seconds), then measures it (--warmup + --duration seconds) and
-checks that the throughput was steady across the window's 1-second slices.
+checks that the throughput was steady across the window's slices (1 s each).
 Runs are interleaved: for each repeat, each case is run against every peer in
 turn (the order rotates between repeats), so a drift in the machine's speed
 hits all peers alike and ratios are taken between runs made minutes apart.
