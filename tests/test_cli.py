@@ -363,3 +363,16 @@ def test_a_server_configured_from_the_environment() -> None:
             server.send_signal(signal.SIGTERM)
             assert recv_until_eof(client) == b"Bye from the command line\n"
         assert server.wait_exit() == 0, server.output()
+
+
+def test_idle_thread_options_reach_the_server() -> None:
+    from threadserve.cli import build_server
+
+    args = parse(["echo", "--idle-threads", "0", "--idle-thread-timeout", "2.5"])
+    server = build_server(args, ["127.0.0.1:0"])
+    try:
+        assert (server._threads.max_idle, server._threads.idle_timeout) == (0, 2.5)
+    finally:
+        server.stop()
+    with pytest.raises(threadserve.ConfigurationError, match="idle_threads"):
+        build_server(parse(["echo", "--idle-threads", "-1"]), ["127.0.0.1:0"])

@@ -23,6 +23,7 @@ from ._server import DEFAULT_BIND, DEFAULT_GOODBYE, DEFAULT_GRACE, Handler, Serv
 from ._setup import DEFAULT_PROXY_ALLOW, DEFAULT_PROXY_TIMEOUT
 from ._supervisor import DEFAULT_WORKER_TIMEOUT, Supervisor, cpu_count
 from ._systemd import Notifier, activated_sockets, resolve_binds
+from ._threads import DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_IDLE
 from ._timeouts import Timeouts
 from ._tls import server_tls_context
 from ._worker import run_worker
@@ -126,6 +127,22 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         metavar="N",
         help="most clients served at once from one address (default: no limit)",
+    )
+    limits.add_argument(
+        "--idle-threads",
+        type=int,
+        metavar="N",
+        default=DEFAULT_MAX_IDLE,
+        help="connection threads kept parked for the next client when their connection ends, "
+        "so a new client costs no thread start; 0 ends each thread with its connection "
+        "(default: %(default)s)",
+    )
+    limits.add_argument(
+        "--idle-thread-timeout",
+        type=float,
+        metavar="SECONDS",
+        default=DEFAULT_IDLE_TIMEOUT,
+        help="a parked thread that gets no client for this long ends (default: %(default)s)",
     )
     limits.add_argument(
         "--overload",
@@ -429,6 +446,8 @@ def build_server(args: argparse.Namespace, bind: Sequence[str | Listener], **ext
         proxy_timeout=args.proxy_timeout,
         agent_bind=args.agent_bind,
         drain_delay=args.drain_delay,
+        idle_threads=args.idle_threads,
+        idle_thread_timeout=args.idle_thread_timeout,
         **extra,
     )
 
