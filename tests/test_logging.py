@@ -186,3 +186,29 @@ def test_log_format_json_from_the_command_line() -> None:
     assert closed["reason"] == "stopped"
     assert any(entry["event"] == "stopped" for entry in entries)
     assert not any("worker" in entry for entry in entries)  # One process: no worker.
+
+
+def test_json_lines_of_workers_name_the_worker() -> None:
+    with ServerProcess(
+        ["echo", "--bind", "127.0.0.1:0", "--workers", "2", "--log-format", "json"],
+        env=subprocess_env(),
+    ) as server:
+        started = server.wait_for_log(
+            r'"message": "supervisor (\d+): 2 workers on 127\.0\.0\.1:(\d+)"'
+        )
+        supervisor, port = int(started.group(1)), int(started.group(2))
+        # Both workers serving (a stop while one still starts is another test's matter).
+        serving = r'"event": "serving"[^\n]*"worker": \d+'
+        server.wait_for_log(serving + r"[\s\S]*" + serving)
+        with connect(("127.0.0.1", port)) as client:
+            client.sendall(b"abc")
+            assert recv_exactly(client, 3) == b"abc"
+        server.wait_for_log(r'"event": "connection_closed"')
+        server.send_signal(signal.SIGTERM)
+        assert server.wait_exit() == 0, server.output()
+        entries = [json.loads(line) for line in server.output().splitlines()]
+    (closed,) = [entry for entry in entries if entry["event"] == "connection_closed"]
+    assert isinstance(closed["worker"], int)
+    assert closed["worker"] != supervisor
+    # The supervisor's own lines carry no worker.
+    assert not any("worker" in entry for entry in entries if "supervisor" in entry["message"])
