@@ -12,6 +12,7 @@ import tempfile
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -28,7 +29,7 @@ from support import (
     wait_until,
 )
 
-from threadserve import Connection, Timeouts, echo
+from threadserve import Connection, Server, Timeouts, echo
 from threadserve.testing import running_server
 
 pytestmark = pytest.mark.timeout(120)
@@ -48,6 +49,10 @@ def value(registry: CollectorRegistry, name: str, **labels: str) -> float:
     return samples(registry)[(name, tuple(sorted(labels.items())))]
 
 
+def closed_at_least(server: Server, count: int) -> bool:
+    return server.statistics().connections_closed >= count
+
+
 def echo_once(address: tuple[str, int], payload: bytes) -> None:
     with connect(address) as client:
         client.sendall(payload)
@@ -57,9 +62,11 @@ def echo_once(address: tuple[str, int], payload: bytes) -> None:
 def test_the_counters_follow_what_clients_did() -> None:
     registry = CollectorRegistry()
     with running_server(echo, metrics=registry, max_connections=1, overload="reject") as server:
-        for _ in range(3):
+        for served in range(1, 4):
             echo_once(server.tcp_address, b"12345")
-        wait_until(lambda: server.statistics().connections_closed == 3)
+            # Its slot is free only once the server has closed it: wait, or the
+            # next client could find the one slot still taken and be turned away.
+            wait_until(partial(closed_at_least, server, served))
         with connect(server.tcp_address) as held:
             held.sendall(b"x")
             assert recv_exactly(held, 1) == b"x"
