@@ -601,7 +601,10 @@ def test_flood_of_2000_connections_against_a_limit_of_500(
             receive(0)  # Note a busy notice as soon as it lands.
 
     try:
-        with Sampler(thread_count, interval=0.001) as peak_threads:
+        with (
+            Sampler(thread_count, interval=0.001) as peak_threads,
+            Sampler(lambda: server.statistics().connections_active, interval=0.001) as peak_active,
+        ):
             started = time.monotonic()
             # Two waves: the first fills the server, so every client of the
             # second is an excess client from its first packet on. (In one
@@ -669,10 +672,17 @@ def test_flood_of_2000_connections_against_a_limit_of_500(
         busy_notice_p50=ms(percentile(busy_after, 0.5)) if busy_after else "-",
         busy_notice_max=ms(max(busy_after)) if busy_after else "-",
         threads=f"baseline {threads}, peak {peak_threads.peak} over {peak_threads.samples} samples",
+        active_peak=peak_active.peak,
         flood_served_in=f"{flood_over - started:.2f} s",
         new_client_after=ms(new_client),
     )
-    assert peak_threads.peak <= threads + limit + 5
+    # The limit holds exactly for connections. For the process's threads it
+    # holds give or take those that freed their slot and are ending: on a
+    # busy machine they can take a while to be scheduled one last time (seen:
+    # 510 with a baseline of 4 and a limit of 500, the samplers included). A
+    # flood that is not held back takes a thread per client, 2,000.
+    assert peak_active.peak <= limit
+    assert peak_threads.peak <= threads + limit + 50
     assert new_client < STARVED
     if policy == "reject":
         assert len(turned_away) == 1500
