@@ -23,10 +23,14 @@ the main loop handles them in order (gunicorn's arbiter has this shape):
   every one has said ``ready``, the old ones stop gracefully. A new worker
   that cannot start aborts the reload and the old ones keep serving.
 * SIGTTIN, SIGTTOU: one worker more, one fewer (never fewer than one).
-* SIGUSR2: upgrading the supervisor itself is planned, not built: it is
-  logged and ignored. (The plan: re-execute in place, keeping the pid, the
-  listening sockets and the workers' channels across the exec; the new
-  image starts N workers and stops the old ones once they are ready.)
+* SIGUSR2: upgrade the supervisor itself (see _upgrade.py). A successor
+  (``sys.executable -m threadserve`` with the same arguments: a new
+  threadserve or Python) starts as a child, inherits the listening sockets
+  and starts its own workers on them. Once every one is ready, this
+  supervisor sends systemd ``MAINPID=`` with ``READY=1``, rewrites the pid
+  file, stops its workers as a reload would and exits 0; the successor
+  serves on. A successor that cannot start is logged and this supervisor
+  goes on serving.
 * SIGCHLD: reap. A worker that died unasked is logged with its status and
   replaced at once.
 
@@ -59,9 +63,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from ._connection import DEFAULT_CHUNK_SIZE
+from ._exceptions import ConfigurationError
 from ._listeners import LISTEN_BACKLOG, BindAddress, Listener, open_listeners
+from ._pidfile import remove_pid_file, write_pid_file
 from ._server import _tell
 from ._systemd import Notifier
+from ._upgrade import FATAL as UPGRADE_FATAL
+from ._upgrade import READY as UPGRADE_READY
+from ._upgrade import TAKE_OVER, Predecessor, Successor
 from ._worker import BEAT, CLOSED, DUMP_SIGNAL, FATAL, PAUSE, READY, RECYCLE
 
 logger = logging.getLogger("threadserve")
@@ -81,6 +90,9 @@ DUMP_WAIT = 2.0
 #: accepted just before has time for its request to arrive and be answered,
 #: instead of meeting the stop with nothing read yet and being told goodbye.
 HANDOVER_SETTLE = 0.25
+#: A successor (SIGUSR2) not ready after this many worker timeouts is
+#: stopped: it has its own interpreter and all its workers to start.
+UPGRADE_TIMEOUTS = 2
 SIGNALS = (
     signal.SIGINT,
     signal.SIGTERM,
@@ -126,6 +138,9 @@ class Supervisor:
     ``command`` is the worker's command line without the inherited
     descriptors, which are appended per worker. ``reuse_port`` gives each
     worker TCP listeners of its own, bound like the ones given.
+    ``predecessor``: this supervisor is an upgrade's successor, taking over
+    from that one (see _upgrade.py). ``pid_file``: kept naming the
+    supervisor to signal (see _pidfile.py).
     """
 
     def __init__(
@@ -141,6 +156,8 @@ class Supervisor:
         linger: float = 2.0,
         notifier: Notifier | None = None,
         environ: dict[str, str] | None = None,
+        predecessor: Predecessor | None = None,
+        pid_file: str | None = None,
     ) -> None:
         self.command = list(command)
         self.listeners = listeners
@@ -177,11 +194,30 @@ class Supervisor:
         self._boot_error: str | None = None
         self._booted = False
         self._next_watchdog = 0.0
+        self.pid_file = pid_file
+        # The upgrade (SIGUSR2) this supervisor started: its successor.
+        self._successor: Successor | None = None
+        # reuse_port: the listeners bound for the successor's first worker.
+        self._successor_spare: list[Listener] = []
+        # This supervisor as a successor: until the old one hands over, the
+        # clients waiting in the queues are the old one's, and systemd
+        # hears from the old one only (it is still the main process).
+        self._predecessor = predecessor
+        self._queues_to_own: list[Listener] = []
+        self._notifier_after_takeover: Notifier | None = None
+        if predecessor is not None:
+            self._queues_to_own = [item for item in self.listeners if item.owns_queue]
+            for listener in self._queues_to_own:
+                listener.owns_queue = False
+            self._notifier_after_takeover = self.notifier
+            self.notifier = Notifier({})
 
     # ------------------------------------------------------------------ running
 
     def run(self) -> int:
         """Start the workers and supervise them until stopped; return the exit status."""
+        if self.pid_file and self._predecessor is None:
+            write_pid_file(self.pid_file, os.getpid())
         previous = {signum: signal.signal(signum, self._on_signal) for signum in SIGNALS}
         try:
             self._start_generation()
@@ -189,14 +225,22 @@ class Supervisor:
         except BaseException:
             for worker in self.workers:
                 _kill(worker)
+            if self._successor is not None and not self._successor.handed_over:
+                self._successor.signal(signal.SIGKILL)
             raise
         finally:
             for signum, handler in previous.items():
                 signal.signal(signum, signal.SIG_DFL if handler is None else handler)
             self._close()
+            if self.pid_file:
+                remove_pid_file(self.pid_file, os.getpid())
         if self._boot_error is not None:
             print(f"threadserve: error: {self._boot_error}", file=sys.stderr)
             return EXIT_ERROR
+        if self._successor is not None and self._successor.handed_over:
+            logger.info(
+                "supervisor %d exits: supervisor %d serves on", os.getpid(), self._successor.pid
+            )
         return EXIT_FORCED if self._forced else EXIT_OK
 
     def _on_signal(self, signum: int, frame: object) -> None:
@@ -206,7 +250,7 @@ class Supervisor:
             os.write(self._wake_w, b"\0")
 
     def _loop(self) -> None:
-        while self.workers or self._dismissed:
+        while self.workers or self._dismissed or self._upgrading():
             self._wait(self._next_deadline())
             while self._signals:
                 self._handle_signal(self._signals.pop(0))
@@ -222,6 +266,11 @@ class Supervisor:
             poller.register(fd, select.POLLIN)
         for fd in self._dismissed:
             poller.register(fd, select.POLLIN)
+        successor = self._successor.channel.fileno() if self._successor else -1
+        predecessor = self._predecessor.channel.fileno() if self._predecessor else -1
+        for fd in successor, predecessor:
+            if fd >= 0:
+                poller.register(fd, select.POLLIN)
         timeout = (
             None if deadline is None else max(0, int((deadline - time.monotonic()) * 1000) + 1)
         )
@@ -234,6 +283,10 @@ class Supervisor:
                 self._read_channel(channels[fd])
             elif fd in self._dismissed:
                 self._discard_dismissed(fd)
+            elif fd == successor:
+                self._read_successor()
+            elif fd == predecessor:
+                self._read_predecessor()
 
     def _next_deadline(self) -> float | None:
         now = time.monotonic()
@@ -247,6 +300,10 @@ class Supervisor:
                 deadlines.append(worker.last_beat + self.worker_timeout)
         if self._dismissed:
             deadlines.append(self._dismiss_until)
+        if self._successor is not None:
+            deadlines += [
+                t for t in (self._successor.terminate_at, self._successor.kill_at) if t is not None
+            ]
         if self.notifier.watchdog_interval is not None:
             if self._next_watchdog <= now:
                 self.notifier.notify(watchdog=1)
@@ -352,6 +409,8 @@ class Supervisor:
             reason = worker.fatal or f"worker {worker.pid} {how} before it was ready"
             if not self._booted:
                 self._boot_error = reason
+                if self._predecessor is not None and not self._predecessor.handed_over:
+                    self._predecessor.send(UPGRADE_FATAL + reason.encode(errors="replace"))
                 self._begin_stop(quiet=True)
                 return
             logger.error("a new worker could not start: %s", reason)
@@ -374,7 +433,7 @@ class Supervisor:
             )
         else:
             logger.error("worker %d %s unexpectedly: replacing it", worker.pid, how)
-        if not self._stopping:
+        if not self._stopping and not self._handed_over():
             self._spawn()
 
     def _stop_worker(self, worker: Worker, *, handover: bool = False) -> None:
@@ -398,6 +457,7 @@ class Supervisor:
             if worker.terminate_at is not None and now >= worker.terminate_at:
                 worker.terminate_at = None
                 _forward(worker, signal.SIGTERM)
+        self._check_successor(now)
         if self._dismissed and now >= self._dismiss_until:
             for sock in self._dismissed.values():
                 sock.close()
@@ -434,6 +494,9 @@ class Supervisor:
                 logger.info(
                     "%d workers ready, serving on %s", len(new), ", ".join(self._all_addresses())
                 )
+                if self._predecessor is not None and not self._predecessor.handed_over:
+                    logger.info("asking supervisor %d to hand over", self._predecessor.pid)
+                    self._predecessor.send(UPGRADE_READY)
             else:
                 logger.info(
                     "reloaded: %d new workers ready, %d old ones stopping", len(new), len(old)
@@ -473,6 +536,9 @@ class Supervisor:
                 self._forced = True
                 for worker in self.workers:
                     _forward(worker, signal.SIGTERM)
+                if self._upgrading():
+                    assert self._successor is not None
+                    self._successor.signal(signal.SIGTERM)
             else:
                 logger.warning(
                     "%s received: stopping %d workers gracefully (grace %.1f s); send it "
@@ -484,6 +550,9 @@ class Supervisor:
                 self._begin_stop()
         elif self._stopping:
             logger.info("%s ignored: stopping", name)
+        elif self._successor is not None:
+            what = "handing over to" if self._successor.handed_over else "upgrading to"
+            logger.info("%s ignored: %s supervisor %d", name, what, self._successor.pid)
         elif signum == signal.SIGHUP:
             if self._reload is not None:
                 logger.info("SIGHUP ignored: a reload is already in progress")
@@ -507,6 +576,10 @@ class Supervisor:
             self.notifier.stopping(self._status("stopping"))
         for worker in self.workers:
             self._stop_worker(worker)
+        if self._upgrading():
+            assert self._successor is not None
+            logger.info("stopping the new supervisor %d too", self._successor.pid)
+            self._successor.signal(signal.SIGTERM)
 
     # ------------------------------------------------------------------ the shared queue
 
@@ -517,10 +590,15 @@ class Supervisor:
         done here because only once every worker has stopped accepting is
         what waits in a shared queue nobody's to serve.
         """
+        self._dismiss(self.listeners)
+        self.listeners = []
+
+    def _dismiss(self, listeners: list[Listener]) -> None:
+        """Tell the clients waiting in ``listeners``' queues (the ones they own); close them."""
         told = 0
         now = time.monotonic()
         self._dismiss_until = now + min(self.linger, self.grace)
-        for listener in self.listeners:
+        for listener in listeners:
             if not listener.owns_queue:
                 continue
             for _ in range(LISTEN_BACKLOG):
@@ -537,9 +615,8 @@ class Supervisor:
                 sock.setblocking(False)
                 self._dismissed[sock.fileno()] = sock
                 told += 1
-        for listener in self.listeners:
+        for listener in listeners:
             listener.close()
-        self.listeners = []
         if told:
             logger.info("%d clients waiting in the listen queue were told", told)
 
@@ -558,8 +635,157 @@ class Supervisor:
     # ------------------------------------------------------------------ upgrade
 
     def _upgrade(self) -> None:
-        """Re-execute this program, handing over listeners and workers (see module docstring)."""
-        logger.error("SIGUSR2 ignored: upgrading the supervisor in place is not built yet")
+        """Start a successor that takes the listeners over (see _upgrade.py)."""
+        if self._reload is not None:
+            logger.info("SIGUSR2 ignored: a reload is in progress")
+            return
+        if self._predecessor is not None and not self._predecessor.handed_over:
+            logger.info(
+                "SIGUSR2 ignored: still taking over from supervisor %d", self._predecessor.pid
+            )
+            return
+        try:
+            # reuse_port: the successor's first worker needs listeners of its
+            # own in the group; bound here, so that if the successor fails,
+            # what waits in them is this supervisor's to tell, not lost.
+            spare = open_listeners(self._per_worker, reuse_port=True) if self._per_worker else []
+        except ConfigurationError as exc:
+            logger.error("upgrade failed: %s; supervisor %d goes on serving", exc, os.getpid())
+            return
+        environ = {**self.environ, **self.notifier.environment()}
+        try:
+            self._successor = Successor(
+                self.command, environ, [*self.listeners, *spare], self.wanted
+            )
+        except OSError as exc:
+            for listener in spare:
+                listener.close()
+            logger.error("upgrade failed: cannot start %s: %s", self.command[0], exc)
+            return
+        self._successor_spare = spare
+        self._successor.terminate_at = (
+            self._successor.started_at + UPGRADE_TIMEOUTS * self.worker_timeout
+        )
+        logger.info(
+            "SIGUSR2 received: upgrading: new supervisor %d started (%s)",
+            self._successor.pid,
+            " ".join(self.command[:3]),
+        )
+        self.notifier.status(f"upgrading: new supervisor {self._successor.pid} starting")
+
+    def _upgrading(self) -> bool:
+        """A successor is starting and has not taken over yet."""
+        return self._successor is not None and not self._successor.handed_over
+
+    def _handed_over(self) -> bool:
+        return self._successor is not None and self._successor.handed_over
+
+    def _read_successor(self) -> None:
+        successor = self._successor
+        assert successor is not None
+        for message in successor.receive():
+            if message == UPGRADE_READY and not successor.ready and not self._stopping:
+                successor.ready = True
+                self._hand_over(successor)
+            elif message.startswith(UPGRADE_FATAL):
+                successor.fatal = message[len(UPGRADE_FATAL) :].decode(errors="replace")
+
+    def _hand_over(self, successor: Successor) -> None:
+        """The successor is serving: make it the main process, then stop ours as a reload does."""
+        old = [w for w in self.workers if not w.stopping]
+        logger.info(
+            "supervisor %d is ready: handing over to it, stopping %d old workers",
+            successor.pid,
+            len(old),
+        )
+        # Before anything stops, so that whoever reads them never finds a
+        # supervisor that is leaving: MAINPID= must come from the main process.
+        self.notifier.notify(
+            mainpid=successor.pid, ready=1, status=f"upgraded: supervisor {successor.pid} serving"
+        )
+        self.notifier.close()
+        self.notifier = Notifier({})
+        if self.pid_file:
+            try:
+                write_pid_file(self.pid_file, successor.pid)
+            except ConfigurationError as exc:
+                logger.error("%s", exc)
+        successor.send(TAKE_OVER)
+        successor.handed_over = True
+        successor.terminate_at = successor.kill_at = None
+        for worker in old:
+            self._stop_worker(worker, handover=True)
+        # Our copies of the sockets: the successor's are the same sockets, so
+        # only the descriptors close here; nothing is dismissed, and a Unix
+        # socket's file stays (Listener.close would remove it).
+        for listener in [*self.listeners, *self._spare, *self._successor_spare]:
+            listener.socket.close()
+        self.listeners, self._spare, self._successor_spare = [], [], []
+
+    def _check_successor(self, now: float) -> None:
+        """Reap the successor, or stop one that is not ready in time."""
+        successor = self._successor
+        if successor is None:
+            return
+        status = successor.process.poll()
+        if status is not None:
+            self._successor_exited(successor, status)
+        elif successor.terminate_at is not None and now >= successor.terminate_at:
+            logger.error(
+                "upgrade failed: new supervisor %d not ready after %.0f s: stopping it",
+                successor.pid,
+                now - successor.started_at,
+            )
+            successor.fatal = successor.fatal or "not ready in time"
+            successor.signal(signal.SIGTERM)
+            successor.terminate_at = None
+            successor.kill_at = now + self.grace + STOP_MARGIN
+        elif successor.kill_at is not None and now >= successor.kill_at:
+            successor.signal(signal.SIGKILL)
+            successor.kill_at = None
+
+    def _successor_exited(self, successor: Successor, status: int) -> None:
+        self._successor = None
+        successor.channel.close()
+        how = f"was killed by {_signal_name(-status)}" if status < 0 else f"exited with {status}"
+        if successor.handed_over:
+            logger.error("new supervisor %d %s after taking over", successor.pid, how)
+            return
+        if self._stopping:
+            logger.info("new supervisor %d stopped: %s", successor.pid, how)
+        else:
+            reason = successor.fatal or f"it {how} before it was ready"
+            logger.error(
+                "upgrade failed: new supervisor %d: %s; supervisor %d goes on serving",
+                successor.pid,
+                reason,
+                os.getpid(),
+            )
+            self.notifier.status(self._status("upgrade failed, serving"))
+        if self._successor_spare:
+            self._dismiss(self._successor_spare)
+            self._successor_spare = []
+
+    def _read_predecessor(self) -> None:
+        predecessor = self._predecessor
+        assert predecessor is not None
+        for message in predecessor.receive():
+            if message == TAKE_OVER:
+                self._take_over(predecessor, f"supervisor {predecessor.pid} handed over")
+            elif not message and not predecessor.handed_over and not self._stopping:
+                self._take_over(predecessor, f"supervisor {predecessor.pid} is gone")
+        if predecessor.channel.fileno() < 0:
+            self._predecessor = None if predecessor.handed_over else predecessor
+
+    def _take_over(self, predecessor: Predecessor, why: str) -> None:
+        predecessor.handed_over = True
+        for listener in self._queues_to_own:
+            listener.owns_queue = True
+        self._queues_to_own = []
+        if self._notifier_after_takeover is not None:
+            self.notifier = self._notifier_after_takeover
+            self._notifier_after_takeover = None
+        logger.info("%s: supervisor %d is the one serving now", why, os.getpid())
 
     # ------------------------------------------------------------------ helpers
 
@@ -580,6 +806,14 @@ class Supervisor:
             listener.close()
         for worker in self.workers:
             worker.channel.close()
+        for listener in self._successor_spare:
+            listener.close()
+        if self._successor is not None:
+            self._successor.channel.close()
+        if self._predecessor is not None:
+            self._predecessor.channel.close()
+        if self._notifier_after_takeover is not None:
+            self._notifier_after_takeover.close()
         for fd in self._wake_r, self._wake_w:
             with contextlib.suppress(OSError):
                 os.close(fd)

@@ -14,7 +14,9 @@ Notify: when ``NOTIFY_SOCKET`` names an AF_UNIX datagram socket (a path, or
 ``@name`` for the abstract namespace), each state change is one datagram of
 ``KEY=VALUE`` lines: ``READY=1``, ``RELOADING=1`` with ``MONOTONIC_USEC=``,
 ``STOPPING=1``, ``STATUS=`` for people, and ``WATCHDOG=1`` every half of
-``WATCHDOG_USEC`` when the unit has a watchdog. Sending never raises: a
+``WATCHDOG_USEC`` when the unit has a watchdog, and ``MAINPID=`` when a
+supervisor hands over to its successor (SIGUSR2, see _upgrade.py), which
+then inherits these variables. Sending never raises: a
 service manager that went away must not take the server down with it.
 """
 
@@ -96,6 +98,8 @@ class Notifier:
         address = env.pop("NOTIFY_SOCKET", None)
         usec, watchdog_pid = env.pop("WATCHDOG_USEC", None), env.pop("WATCHDOG_PID", None)
         self._address: str | bytes | None = None
+        # As given, for a successor supervisor to take over (see environment()).
+        self._variables = {"NOTIFY_SOCKET": address or "", "WATCHDOG_USEC": usec or ""}
         if address:
             # "@name" is the abstract namespace: a leading NUL byte on the wire.
             self._address = b"\0" + address[1:].encode() if address.startswith("@") else address
@@ -112,6 +116,14 @@ class Notifier:
     @property
     def enabled(self) -> bool:
         return self._address is not None
+
+    def environment(self) -> dict[str, str]:
+        """The variables that let a successor supervisor notify in this one's place.
+
+        WATCHDOG_PID is left out: the successor is the one to ping once it
+        is the main process.
+        """
+        return {name: value for name, value in self._variables.items() if value}
 
     def notify(self, **fields: object) -> None:
         """Send ``KEY=VALUE`` lines (keyword names are upper-cased) in one datagram."""

@@ -18,6 +18,7 @@ from ._exceptions import ConfigurationError, ThreadserveError
 from ._listeners import Listener, open_listeners, parse_bind_address
 from ._logging import LOG_FORMATS, LOG_LEVELS, configure_logging
 from ._notices import Notices
+from ._pidfile import remove_pid_file, write_pid_file
 from ._proxy import ProxyMode
 from ._server import DEFAULT_BIND, DEFAULT_GOODBYE, DEFAULT_GRACE, Handler, Server
 from ._setup import DEFAULT_PROXY_ALLOW, DEFAULT_PROXY_TIMEOUT
@@ -26,6 +27,7 @@ from ._systemd import Notifier, activated_sockets, resolve_binds
 from ._threads import DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_IDLE
 from ._timeouts import Timeouts
 from ._tls import server_tls_context
+from ._upgrade import Handover, Predecessor, take_handover
 from ._worker import run_worker
 from .handlers import BUILTIN_HANDLERS
 
@@ -243,7 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_worker_options(serve: argparse.ArgumentParser) -> None:
     workers = serve.add_argument_group(
-        "worker processes (SIGHUP reloads with no client lost; SIGTTIN/SIGTTOU add or remove one)"
+        "worker processes (SIGHUP reloads with no client lost; SIGTTIN/SIGTTOU add or remove "
+        "one; SIGUSR2 upgrades the supervisor itself: a new one takes over, its pid in --pid-file)"
     )
     workers.add_argument(
         "--workers",
@@ -271,6 +274,12 @@ def _add_worker_options(serve: argparse.ArgumentParser) -> None:
         "--reuse-port",
         action="store_true",
         help="give each worker its own SO_REUSEPORT listener instead of one shared queue",
+    )
+    workers.add_argument(
+        "--pid-file",
+        metavar="FILE",
+        help="write the pid to signal here, kept right across SIGUSR2 upgrades, removed at "
+        "exit (works without --workers too)",
     )
     # Set by the supervisor on its workers' command lines only.
     serve.add_argument("--worker-control", type=int, help=argparse.SUPPRESS)
@@ -347,15 +356,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.worker_control is not None:
         return _run_worker(args)
     try:
+        # An upgrade's successor (SIGUSR2): the old supervisor's sockets, not --bind.
+        handover = take_handover()
         # systemd socket activation: --bind fd://N, --bind systemd:NAME, or no
         # --bind at all; the variables are cleared so children do not take them.
-        bind = resolve_binds(args.bind, activated_sockets()) or [DEFAULT_BIND]
-        if args.workers is not None:
+        activated = activated_sockets()
+        bind = [] if handover else resolve_binds(args.bind, activated) or [DEFAULT_BIND]
+        if args.workers is not None or handover is not None:
             if args.agent_bind:
                 raise ConfigurationError("--agent-bind does not work with --workers yet")
             if args.metrics:
                 raise ConfigurationError("--metrics does not work with --workers yet")
-            return _run_supervisor(args, argv, bind)
+            return _run_supervisor(args, argv, bind, handover)
         notifier = Notifier()
         registry = _metrics_registry() if args.metrics else None
         server: Server
@@ -369,6 +381,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             metrics=registry,
         )
         endpoint = _metrics_endpoint(args.metrics, registry, server) if registry else None
+        if args.pid_file:
+            try:
+                write_pid_file(args.pid_file, os.getpid())
+            except ThreadserveError:
+                if endpoint is not None:
+                    endpoint.close()
+                server.stop()
+                raise
     except ThreadserveError as exc:
         print(f"threadserve: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
@@ -380,6 +400,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             notifier.close()
             if endpoint is not None:
                 endpoint.close()
+            if args.pid_file:
+                remove_pid_file(args.pid_file, os.getpid())
     return EXIT_OK if report.clean else EXIT_FORCED
 
 
@@ -452,11 +474,23 @@ def build_server(args: argparse.Namespace, bind: Sequence[str | Listener], **ext
     )
 
 
-def _run_supervisor(args: argparse.Namespace, argv: list[str], bind: list[str]) -> int:
-    """Bind here, then serve from ``args.workers`` processes (see _supervisor.py)."""
-    listeners = open_listeners(
-        [parse_bind_address(spec) for spec in bind], reuse_port=args.reuse_port
-    )
+def _run_supervisor(
+    args: argparse.Namespace, argv: list[str], bind: list[str], handover: Handover | None
+) -> int:
+    """Bind here, then serve from ``args.workers`` processes (see _supervisor.py).
+
+    ``handover``: this process is an upgrade's successor; it binds nothing
+    and serves the old supervisor's sockets with as many workers as it had.
+    """
+    predecessor = None
+    if handover is not None:
+        listeners = handover.listeners()
+        predecessor = Predecessor(handover)
+        args.workers = handover.workers
+    else:
+        listeners = open_listeners(
+            [parse_bind_address(spec) for spec in bind], reuse_port=args.reuse_port
+        )
     supervisor = Supervisor(
         # The workers run this same command line; the options that make a
         # supervisor are ignored there (--worker-control wins).
@@ -468,12 +502,15 @@ def _run_supervisor(args: argparse.Namespace, argv: list[str], bind: list[str]) 
         grace=args.grace,
         goodbye=None if args.no_goodbye or args.tls_cert else (args.goodbye + "\n").encode(),
         notifier=Notifier(),
+        predecessor=predecessor,
+        pid_file=args.pid_file,
     )
     logger.info(
-        "supervisor %d: %d workers on %s",
+        "supervisor %d: %d workers on %s%s",
         os.getpid(),
         args.workers,
         ", ".join(supervisor.addresses),
+        f" (upgrade: taking over from supervisor {predecessor.pid})" if predecessor else "",
     )
     return supervisor.run()
 

@@ -1,0 +1,267 @@
+"""Upgrading the supervisor itself (SIGUSR2): real processes, real signals, loopback clients.
+
+The supervisor runs under upgrade_reaper.py, a child subreaper, so that a
+successor left behind by an old supervisor that exited is still a child of
+the test's tree: its exit status can be seen, and the reaper exiting means
+no process of the tree is left.
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import itertools
+import os
+import re
+import signal
+import socket
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+from support import NOTICE, TESTS_DIR, ServerProcess, recv_exactly, subprocess_env
+from test_workers import READY_LINE, Load, wait_for
+
+from threadserve._pidfile import read_pid_file
+
+pytestmark = pytest.mark.timeout(120)
+
+REAPER = str(TESTS_DIR / "upgrade_reaper.py")
+UPGRADES = 2
+
+ECHO_MODULE = '''\
+"""An echo handler that a test later breaks."""
+
+
+def handle(conn):
+    for chunk in conn:
+        conn.sendall(chunk)
+'''
+BROKEN_MODULE = 'raise RuntimeError("this handler broke between start and upgrade")\n'
+
+
+def alive(pid: int) -> bool:
+    """``pid`` runs (a zombie waiting to be reaped counts as gone)."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def workers_of(pid: int) -> set[int]:
+    try:
+        children = psutil.Process(pid).children()
+    except psutil.NoSuchProcess:
+        return set()
+    return {child.pid for child in children if alive(child.pid)}
+
+
+def tree(root: int) -> list[int]:
+    try:
+        return [child.pid for child in psutil.Process(root).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+class Supervised:
+    """``threadserve serve ARGS --workers 2 --pid-file F`` under the reaper."""
+
+    def __init__(
+        self, folder: Path, *args: str, env: dict[str, str] | None = None, cwd: Path | None = None
+    ) -> None:
+        self.pid_file = str(folder / "threadserve.pid")
+        self.process = ServerProcess(
+            [*args, "--bind", "127.0.0.1:0", "--workers", "2", "--pid-file", self.pid_file],
+            command=[sys.executable, REAPER, sys.executable, "-m", "threadserve"],
+            env=env,
+            cwd=cwd,
+        )
+        self.seen: set[int] = set()
+        try:
+            match = self.process.wait_for_log(READY_LINE, timeout=60)
+            self.address = ("127.0.0.1", int(match.group(2)))
+            wait_for(lambda: self.pid() is not None, 30, "the pid file")
+        except BaseException:
+            self.close()
+            raise
+
+    def pid(self) -> int | None:
+        pid = read_pid_file(self.pid_file)
+        if pid is not None:
+            self.seen.add(pid)
+            self.seen |= workers_of(pid)
+        return pid
+
+    def supervisor(self) -> int:
+        pid = self.pid()
+        assert pid is not None, self.process.output()
+        return pid
+
+    def output(self) -> str:
+        return self.process.output()
+
+    def close(self) -> None:
+        # Whatever a failed test left running below the reaper goes first.
+        for pid in tree(self.process.process.pid):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                psutil.Process(pid).kill()
+        self.process.close()
+
+
+@pytest.fixture
+def folder() -> Iterator[Path]:
+    with tempfile.TemporaryDirectory(prefix="threadserve-upgrade-") as name:
+        yield Path(name)
+
+
+class NotifyListener:
+    """A datagram socket standing in for systemd's, noting each message's sender pid."""
+
+    def __init__(self, path: str) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(path)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        self.sock.setblocking(False)
+        self.received: list[tuple[int, dict[str, str]]] = []
+
+    def drain(self) -> list[tuple[int, dict[str, str]]]:
+        credentials_size = array.array("i", [0, 0, 0]).itemsize * 3
+        while True:
+            try:
+                data, ancillary, _flags, _address = self.sock.recvmsg(
+                    4096, socket.CMSG_SPACE(credentials_size)
+                )
+            except BlockingIOError:
+                return self.received
+            sender = -1
+            for level, kind, payload in ancillary:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
+                    sender = array.array("i", payload[:credentials_size])[0]  # pid, uid, gid
+            fields = dict(line.split("=", 1) for line in data.decode().splitlines() if line)
+            self.received.append((sender, fields))
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_two_upgrades_under_load_lose_no_client_and_hand_everything_over(folder: Path) -> None:
+    notify = NotifyListener(str(folder / "notify"))
+    env = {**subprocess_env(), "NOTIFY_SOCKET": str(folder / "notify")}
+    server = Supervised(folder, env=env)
+    try:
+        supervisors = [server.supervisor()]
+        generations = [workers_of(supervisors[0])]
+        assert len(generations[0]) == 2
+        load = Load(server.address)
+        times = []
+        try:
+            for _ in range(UPGRADES):
+                before = load.served()
+                wait_for(lambda b=before: load.served() >= b + 50, 30, "traffic before an upgrade")
+                old = supervisors[-1]
+                old_workers = workers_of(old)
+                sent_at = time.monotonic()
+                os.kill(old, signal.SIGUSR2)
+                gone_at = wait_for(lambda o=old: not alive(o), 60, "the old supervisor to exit")
+                times.append(gone_at - sent_at)
+                new = server.supervisor()
+                assert new != old
+                supervisors.append(new)
+                assert not any(alive(pid) for pid in old_workers), "old workers left behind"
+                wait_for(lambda n=new: len(workers_of(n)) == 2, 30, "the new workers")
+                generations.append(workers_of(new))
+                server.process.wait_for_log(rf"^reaped {old} 0$")
+            before = load.served()
+            wait_for(lambda: load.served() >= before + 50, 30, "traffic after the upgrades")
+        finally:
+            outcomes = load.finish()
+        seen = set(server.seen)
+        last = supervisors[-1]
+        os.kill(last, signal.SIGTERM)
+        assert server.process.wait_exit(30) == 0, server.output()
+        output = server.output()
+        messages = notify.drain()
+    finally:
+        server.close()
+        notify.close()
+    print(
+        f"\n{UPGRADES} upgrades under load (16 clients): {dict(outcomes)}; SIGUSR2 to the old "
+        f"supervisor gone: {', '.join(f'{t:.2f}' for t in times)} s"
+    )
+    assert outcomes["refused"] == 0, outcomes
+    assert outcomes["reset"] == 0, outcomes
+    assert outcomes["told"] == 0, outcomes
+    assert outcomes["error"] == 0, (outcomes, load.errors[:5])
+    assert outcomes["served"] > 200, outcomes
+    # A new supervisor and two new workers each time, the old ones gone.
+    assert len(set(supervisors)) == UPGRADES + 1, supervisors
+    for index, workers in enumerate(generations):
+        assert len(workers) == 2
+        assert not workers & set().union(*generations[:index]), generations
+    for pid in supervisors:
+        assert re.search(rf"^reaped {pid} 0$", output, re.M), output
+    assert not [pid for pid in seen if alive(pid)], "processes left behind"
+    assert not os.path.exists(server.pid_file)
+    assert "Traceback" not in output, output
+    # systemd heard READY=1 from the first supervisor, then from each old
+    # one MAINPID= naming its successor, then STOPPING=1 from the last one.
+    handovers = [(sender, f) for sender, f in messages if "MAINPID" in f]
+    assert [(sender, int(f["MAINPID"]), f["READY"]) for sender, f in handovers] == [
+        (old, new, "1") for old, new in itertools.pairwise(supervisors)
+    ], messages
+    assert messages[0][0] == supervisors[0], messages
+    assert messages[0][1].get("READY") == "1", messages
+    stopping = [sender for sender, f in messages if f.get("STOPPING") == "1"]
+    assert stopping == [last], messages
+    # Nothing from a successor before it took over, nor from an old one after.
+    for old, new in itertools.pairwise(supervisors):
+        handover = next(i for i, (s, f) in enumerate(messages) if f.get("MAINPID") == str(new))
+        assert all(s != new for s, _f in messages[:handover]), messages
+        assert all(s != old for s, _f in messages[handover + 1 :]), messages
+
+
+def test_upgrade_whose_new_supervisor_cannot_start_leaves_the_old_one_serving(
+    folder: Path,
+) -> None:
+    module = folder / "upgrade_echo.py"
+    module.write_text(ECHO_MODULE)
+    server = Supervised(folder, "upgrade_echo:handle", cwd=folder)
+    try:
+        supervisor = server.supervisor()
+        workers = workers_of(supervisor)
+        with socket.create_connection(server.address, timeout=10) as held:
+            held.sendall(b"before\n")
+            assert recv_exactly(held, 7) == b"before\n"
+            # New code on disk that no longer imports: the new supervisor's
+            # workers fail, and with them the upgrade.
+            module.write_text(BROKEN_MODULE)
+            os.kill(supervisor, signal.SIGUSR2)
+            match = server.process.wait_for_log(
+                r"upgrade failed: new supervisor (\d+): (.*); supervisor (\d+) goes on serving$",
+                timeout=60,
+            )
+            successor = int(match.group(1))
+            wait_for(lambda: not alive(successor), 30, "the failed supervisor to exit")
+            assert int(match.group(3)) == supervisor
+            assert "this handler broke between start and upgrade" in match.group(2)
+            # Nothing changed for the clients: the same supervisor, the same workers.
+            assert server.supervisor() == supervisor
+            assert workers_of(supervisor) == workers
+            held.sendall(b"after\n")
+            assert recv_exactly(held, 6) == b"after\n"
+            for i in range(10):
+                with socket.create_connection(server.address, timeout=10) as fresh:
+                    fresh.sendall(f"fresh {i}\n".encode())
+                    assert recv_exactly(fresh, 8) == f"fresh {i}\n".encode()
+            os.kill(supervisor, signal.SIGTERM)
+            assert recv_exactly(held, len(NOTICE)) == NOTICE
+        assert server.process.wait_exit(30) == 0, server.output()
+        output = server.output()
+    finally:
+        server.close()
+    assert "threadserve: error: cannot load handler 'upgrade_echo:handle'" in output, output
+    assert not [pid for pid in server.seen | workers if alive(pid)], "processes left behind"
