@@ -26,7 +26,9 @@ import pytest
 from support import NOTICE, TESTS_DIR, ServerProcess, recv_exactly, subprocess_env
 from test_workers import READY_LINE, Load, wait_for
 
+from threadserve._exceptions import ConfigurationError
 from threadserve._pidfile import read_pid_file
+from threadserve._upgrade import HANDOVER_VARIABLE, Handover, take_handover
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -148,10 +150,13 @@ class NotifyListener:
         self.sock.close()
 
 
-def test_two_upgrades_under_load_lose_no_client_and_hand_everything_over(folder: Path) -> None:
+@pytest.mark.parametrize("mode", ["shared", "reuse-port"])
+def test_two_upgrades_under_load_lose_no_client_and_hand_everything_over(
+    mode: str, folder: Path
+) -> None:
     notify = NotifyListener(str(folder / "notify"))
     env = {**subprocess_env(), "NOTIFY_SOCKET": str(folder / "notify")}
-    server = Supervised(folder, env=env)
+    server = Supervised(folder, *(["--reuse-port"] if mode == "reuse-port" else []), env=env)
     try:
         supervisors = [server.supervisor()]
         generations = [workers_of(supervisors[0])]
@@ -189,8 +194,8 @@ def test_two_upgrades_under_load_lose_no_client_and_hand_everything_over(folder:
         server.close()
         notify.close()
     print(
-        f"\n{UPGRADES} upgrades under load (16 clients): {dict(outcomes)}; SIGUSR2 to the old "
-        f"supervisor gone: {', '.join(f'{t:.2f}' for t in times)} s"
+        f"\n{mode}: {UPGRADES} upgrades under load (16 clients): {dict(outcomes)}; "
+        f"SIGUSR2 to the old supervisor gone: {', '.join(f'{t:.2f}' for t in times)} s"
     )
     assert outcomes["refused"] == 0, outcomes
     assert outcomes["reset"] == 0, outcomes
@@ -236,6 +241,10 @@ def test_upgrade_whose_new_supervisor_cannot_start_leaves_the_old_one_serving(
         with socket.create_connection(server.address, timeout=10) as held:
             held.sendall(b"before\n")
             assert recv_exactly(held, 7) == b"before\n"
+            # SIGUSR2 to every process, as `systemctl kill -s USR2` sends it:
+            # the workers take no notice.
+            for pid in workers:
+                os.kill(pid, signal.SIGUSR2)
             # New code on disk that no longer imports: the new supervisor's
             # workers fail, and with them the upgrade.
             module.write_text(BROKEN_MODULE)
@@ -265,3 +274,27 @@ def test_upgrade_whose_new_supervisor_cannot_start_leaves_the_old_one_serving(
         server.close()
     assert "threadserve: error: cannot load handler 'upgrade_echo:handle'" in output, output
     assert not [pid for pid in server.seen | workers if alive(pid)], "processes left behind"
+
+
+def test_pid_file_without_workers_names_the_server_and_goes_at_exit(folder: Path) -> None:
+    pid_file = folder / "one.pid"
+    with ServerProcess(["--bind", "127.0.0.1:0", "--pid-file", str(pid_file)]) as server:
+        server.wait_serving()
+        assert read_pid_file(str(pid_file)) == server.process.pid
+        server.send_signal(signal.SIGTERM)
+        assert server.wait_exit(30) == 0, server.output()
+    assert not pid_file.exists()
+
+
+def test_handover_variable_is_taken_by_the_old_supervisors_child_only() -> None:
+    handover = Handover(os.getppid(), 7, 3, ((5, True), (6, False)))
+    assert Handover.decode(handover.encode()) == handover
+    env = {HANDOVER_VARIABLE: handover.encode()}
+    assert take_handover(env) == handover
+    assert env == {}
+    # Inherited further down (a handler's subprocess, say): not ours, and cleared.
+    other = {HANDOVER_VARIABLE: Handover(1, 7, 3, ((5, True),)).encode()}
+    assert take_handover(other) is None
+    assert other == {}
+    with pytest.raises(ConfigurationError, match="malformed THREADSERVE_HANDOVER"):
+        take_handover({HANDOVER_VARIABLE: "nonsense"})

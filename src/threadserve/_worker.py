@@ -27,6 +27,9 @@ follows a moment later. The worker sends:
 The same thread watches the channel for end-of-file: the supervisor is gone,
 so the worker stops gracefully instead of living on as an orphan.
 
+SIGUSR2 is ignored: it is for the supervisor (an upgrade), and ``systemctl
+kill -s USR2`` sends it to every process of the unit, workers included.
+
 SIGUSR1 dumps every thread's stack to stderr and then ends the process. The
 dump runs in C (faulthandler), so it works even while Python code holds the
 GIL forever; the supervisor sends it to a worker that stopped beating, which
@@ -85,6 +88,9 @@ def run_worker(
     goes to the supervisor as ``fatal`` and the exit status is 1.
     """
     channel = socket.socket(fileno=control_fd)
+    # A do-nothing handler rather than SIG_IGN: an ignored signal would stay
+    # ignored in every program a handler starts.
+    signal.signal(signal.SIGUSR2, _ignore)
     faulthandler.register(DUMP_SIGNAL, file=sys.stderr, all_threads=True, chain=True)
     try:
         try:
@@ -145,6 +151,10 @@ def _watch(
         if limit is not None and accepted >= limit and not recycle_sent:
             logger.info("served %d connections (limit %d): asking to be recycled", accepted, limit)
             recycle_sent = _send(channel, RECYCLE)
+
+
+def _ignore(signum: int, frame: object) -> None:
+    """SIGUSR2 reached a worker: it is the supervisor's signal, nothing to do here."""
 
 
 def _send(channel: socket.socket, message: bytes) -> bool:
