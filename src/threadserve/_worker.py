@@ -41,6 +41,7 @@ from __future__ import annotations
 import contextlib
 import faulthandler
 import logging
+import os
 import random
 import select
 import signal
@@ -103,19 +104,28 @@ def run_worker(
         if max_connections:
             limit = max_connections + random.randint(0, int(max_connections * RECYCLE_JITTER))
         finished = threading.Event()
+        # Wakes the watcher the moment the server has stopped, instead of at
+        # its next beat: a stopping worker (a reload, an upgrade) exits up to
+        # a beat interval sooner.
+        wake_r, wake_w = os.pipe()
         watcher = threading.Thread(
             target=_watch,
-            args=(channel, server, finished, beat_interval, limit),
+            args=(channel, server, finished, beat_interval, limit, wake_r),
             name="threadserve worker heartbeat",
             daemon=True,
         )
-        with server:
-            watcher.start()
-            try:
-                report = server.serve_forever()
-            finally:
-                finished.set()
-                watcher.join(beat_interval + 1.0)
+        try:
+            with server:
+                watcher.start()
+                try:
+                    report = server.serve_forever()
+                finally:
+                    finished.set()
+                    os.write(wake_w, b"\0")
+                    watcher.join(beat_interval + 1.0)
+        finally:
+            os.close(wake_r)
+            os.close(wake_w)
         return EXIT_OK if report.clean else EXIT_FORCED
     finally:
         channel.close()
@@ -127,13 +137,18 @@ def _watch(
     finished: threading.Event,
     beat_interval: float,
     limit: int | None,
+    wake: int,
 ) -> None:
     """Beat, ask to be recycled at the connection limit, and stop if the supervisor dies."""
     poller = select.poll()
     poller.register(channel, select.POLLIN)
+    poller.register(wake, select.POLLIN)
     recycle_sent = False
     while not finished.is_set():
-        if poller.poll(int(beat_interval * 1000)):
+        events = poller.poll(int(beat_interval * 1000))
+        if finished.is_set():
+            return  # The server stopped (the wake-up pipe): nothing left to watch.
+        if events:
             with contextlib.suppress(BlockingIOError, InterruptedError):
                 message = channel.recv(64, socket.MSG_DONTWAIT)
                 if message == PAUSE:
