@@ -209,6 +209,14 @@ def test_two_upgrades_under_load_lose_no_client_and_hand_everything_over(
         assert not workers & set().union(*generations[:index]), generations
     for pid in supervisors:
         assert re.search(rf"^reaped {pid} 0$", output, re.M), output
+    # Every new worker was ready before any old one was stopped.
+    pairs = itertools.pairwise(generations)
+    for (old_workers, new_workers), new in zip(pairs, supervisors[1:], strict=True):
+        handover = output.index(f"supervisor {new} is ready: handing over")
+        for pid in new_workers:
+            assert output.index(f"worker {pid} ready") < handover, output
+        for pid in old_workers:
+            assert output.index(f"worker {pid} stopped: exited with 0") > handover, output
     assert not [pid for pid in seen if alive(pid)], "processes left behind"
     assert not os.path.exists(server.pid_file)
     assert "Traceback" not in output, output
@@ -274,6 +282,29 @@ def test_upgrade_whose_new_supervisor_cannot_start_leaves_the_old_one_serving(
         server.close()
     assert "threadserve: error: cannot load handler 'upgrade_echo:handle'" in output, output
     assert not [pid for pid in server.seen | workers if alive(pid)], "processes left behind"
+
+
+def test_stop_during_an_upgrade_stops_both_supervisors(folder: Path) -> None:
+    server = Supervised(folder)
+    try:
+        supervisor = server.supervisor()
+        with socket.create_connection(server.address, timeout=10) as held:
+            held.sendall(b"hello\n")
+            assert recv_exactly(held, 6) == b"hello\n"
+            os.kill(supervisor, signal.SIGUSR2)
+            match = server.process.wait_for_log(r"upgrading: new supervisor (\d+) started")
+            successor = int(match.group(1))
+            os.kill(supervisor, signal.SIGTERM)
+            assert recv_exactly(held, len(NOTICE)) == NOTICE
+            # The reaper exits once no process of the tree is left.
+            assert server.process.wait_exit(30) == 0, server.output()
+        output = server.output()
+    finally:
+        server.close()
+    assert re.search(rf"^reaped {supervisor} 0$", output, re.M), output
+    assert re.search(rf"new supervisor {successor} stopped: ", output), output
+    assert "handing over" not in output, output
+    assert not os.path.exists(server.pid_file)
 
 
 def test_pid_file_without_workers_names_the_server_and_goes_at_exit(folder: Path) -> None:

@@ -725,8 +725,8 @@ class Supervisor:
     def _check_successor(self, now: float) -> None:
         """Reap the successor, or stop one that is not ready in time."""
         successor = self._successor
-        if successor is None:
-            return
+        if successor is None or successor.process.returncode is not None:
+            return  # None, or it exited after taking over: it stays, marking us handed over.
         status = successor.process.poll()
         if status is not None:
             self._successor_exited(successor, status)
@@ -745,12 +745,12 @@ class Supervisor:
             successor.kill_at = None
 
     def _successor_exited(self, successor: Successor, status: int) -> None:
-        self._successor = None
         successor.channel.close()
         how = f"was killed by {_signal_name(-status)}" if status < 0 else f"exited with {status}"
         if successor.handed_over:
             logger.error("new supervisor %d %s after taking over", successor.pid, how)
             return
+        self._successor = None  # Another upgrade may be tried.
         if self._stopping:
             logger.info("new supervisor %d stopped: %s", successor.pid, how)
         else:
