@@ -6,6 +6,7 @@ from ._connection import Connection
 from ._exceptions import (
     BindError,
     ConfigurationError,
+    ConnectionClosed,
     ConnectionTimeout,
     FrameTooLarge,
     HandshakeTimeout,
@@ -15,6 +16,7 @@ from ._exceptions import (
     ThreadserveError,
     WriteTimeout,
 )
+from ._group import Group
 from ._notices import Notices
 from ._proxy import ProxyAddress, ProxyDetails, ProxyInfo, ProxyMode
 from ._proxy import build_header as build_proxy_header
@@ -32,8 +34,10 @@ __all__ = [
     "CancelToken",
     "ConfigurationError",
     "Connection",
+    "ConnectionClosed",
     "ConnectionTimeout",
     "FrameTooLarge",
+    "Group",
     "Handler",
     "HandshakeTimeout",
     "IncompleteRead",

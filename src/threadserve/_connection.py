@@ -24,6 +24,7 @@ import contextlib
 import errno
 import fcntl
 import functools
+import logging
 import select
 import socket
 import ssl
@@ -35,17 +36,24 @@ from typing import TypeVar
 
 from ._cancel import CancelCallback, CancelToken
 from ._exceptions import (
+    ConnectionClosed,
     FrameTooLarge,
     HandshakeTimeout,
     IncompleteRead,
     ReadTimeout,
     WriteTimeout,
 )
+from ._outbox import Outbox, flusher
 from ._proxy import ProxyDetails
 from ._timeouts import Timeouts
+from ._writelock import WriteLock
+
+logger = logging.getLogger("threadserve")
 
 DEFAULT_CHUNK_SIZE = 64 * 1024
 DEFAULT_LINE_LIMIT = 64 * 1024
+#: How long closing waits for a writer in another thread to let go once its socket is shut.
+CLOSE_LOCK_WAIT = 5.0
 
 # What a non-blocking call raises when it must wait; TLS adds its own two.
 _WOULD_BLOCK = (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
@@ -55,6 +63,11 @@ _WRITABLE = select.POLLOUT | select.POLLHUP | select.POLLERR | select.POLLNVAL
 
 #: What one read returns: bytes from recv, a count from recv_into.
 _Read = TypeVar("_Read", bytes, int)
+
+_OUTBOX_MAKING = threading.Lock()
+
+#: What a closing hook is called with: the connection, and when it must be done (monotonic).
+ClosingHook = Callable[["Connection", float], None]
 
 #: Errors that mean "the other side is gone"; they end a connection quietly.
 PEER_GONE_ERRNOS = frozenset(
@@ -69,6 +82,24 @@ class Connection:
     when the server is stopping and every byte that had already arrived has
     been returned. Iterating yields received chunks until then. The server
     closes the connection after the handler returns, whatever the handler did.
+
+    Threads: ``sendall`` may be called from any thread, at the same time as
+    the handler's own reads and writes (a chat server writes each line to
+    every other client from the sender's thread). Each call's bytes reach the
+    wire whole, never interleaved with another call's: writes take a
+    per-connection lock, and a call that must wait for a slow client waits
+    holding it, so others queue behind it (each for at most its own write
+    timeout of no progress, as always). Reads (``recv``, ``recv_into``,
+    ``readline``, ``readexactly``, iteration, ``unread``) belong to the
+    thread running the handler and are not checked: two threads reading one
+    connection would split its bytes between them unpredictably. To send to
+    many connections without waiting for any one of them, use a ``Group``.
+
+    Writes end with the connection. Once the server has begun its goodbye
+    (after the handler returned, or at stop) the notice is the last thing
+    written: a ``sendall`` from another thread from then on, or after the
+    connection is closed, raises ``ConnectionClosed`` (a ``BrokenPipeError``),
+    and one already under way finishes before the notice.
 
     Error handling: a client that resets or vanishes raises the builtin
     ``ConnectionResetError``/``BrokenPipeError``; a deadline raises
@@ -125,6 +156,18 @@ class Connection:
         # Reads with no deadline to compute and no TLS buffer to consult.
         self._plain_reads = timeouts.idle is None and timeouts.lifetime is None
         self._write_poller: select.poll | None = None
+        # Held by whoever writes to the socket, so writes from several
+        # threads never interleave, and by the goodbye, so nothing follows it.
+        self._write_lock = WriteLock()
+        # Why sendall now raises ConnectionClosed (None: writes go through).
+        self._write_closed: str | None = None
+        # Set when a Group cut this client off for not reading: its reads then end.
+        self._cut_reason: str | None = None
+        # Bytes queued by a Group that the socket has not taken yet (see _outbox.py);
+        # made on the first join, so connections outside groups pay nothing.
+        self._outbox: Outbox | None = None
+        # Called at the start of the close, before the goodbye (Group membership).
+        self._closing_hooks: list[ClosingHook] = []
         self._peer_eof = False  # The client sent FIN.
         # Once the stop is seen: how many more bytes to read (those that had
         # already arrived), then end of stream.
@@ -279,22 +322,170 @@ class Connection:
     # ------------------------------------------------------------------ writing
 
     def sendall(self, data: bytes | bytearray | memoryview) -> None:
-        """Send every byte, blocking while the client is slow to read.
+        """Send every byte, blocking while the client is slow to read. Safe from any thread.
 
         Raises ``WriteTimeout`` when the client takes no byte for the
-        ``write`` timeout, and the builtin connection errors if it is gone.
+        ``write`` timeout, the builtin connection errors if it is gone, and
+        ``ConnectionClosed`` once the connection takes no more writes (closed,
+        or the server's goodbye has begun).
         """
-        total = len(data) if type(data) is bytes else memoryview(data).nbytes
+        lock = self._write_lock
+        # The lock taken inline (see _writelock.py): this runs once per reply.
         try:
-            sent = self._sock.send(data)  # Usually all of it: the send buffer is free.
-        except _WOULD_BLOCK:
-            sent = 0
-        if sent < total:
-            view = memoryview(data).cast("B")
-            while sent < total:
-                self._wait_writable()
-                sent += self._send_some(view[sent:])
-        self.bytes_sent += total
+            lock.free.pop()
+        except IndexError:
+            lock.acquire()  # Another thread is writing: wait for its turn to end.
+        try:
+            # One test on the usual path: no outbox means no Group, and
+            # closing makes an outbox (_stop_writes), so None also means open.
+            outbox = self._outbox
+            if outbox is not None:
+                if self._write_closed is not None:
+                    raise ConnectionClosed(self._write_closed)
+                if outbox.size:
+                    self._drain_outbox()  # Bytes a Group queued earlier go first.
+            total = len(data) if type(data) is bytes else memoryview(data).nbytes
+            try:
+                sent = self._sock.send(data)  # Usually all of it: the send buffer is free.
+            except _WOULD_BLOCK:
+                sent = 0
+            if sent < total:
+                view = memoryview(data).cast("B")
+                while sent < total:
+                    self._wait_writable()
+                    sent += self._send_some(view[sent:])
+            self.bytes_sent += total
+        finally:
+            lock.free.append(True)
+            if lock.waiters:
+                lock.wake_one()
+        # A Group may have queued bytes while we held the lock (see _outbox.py).
+        if outbox is not None and outbox.size:
+            self._kick()
+
+    # ------------------------------------------------------------------ queued writes (Group)
+
+    def _join_outbox(self) -> Outbox:
+        """This connection's outbox, made on first use."""
+        outbox = self._outbox
+        if outbox is None:
+            with _OUTBOX_MAKING:  # Two groups joining at once make one outbox.
+                outbox = self._outbox
+                if outbox is None:
+                    outbox = self._outbox = Outbox()
+        return outbox
+
+    def _queue(self, data: bytes, limit: int) -> bool:
+        """Hand ``data`` over without waiting: sent now if the socket takes it, else queued.
+
+        Returns False, queueing nothing, if the queue would then hold more
+        than ``limit`` bytes. Raises ``ConnectionClosed`` once writes are closed.
+        """
+        outbox = self._join_outbox()
+        with outbox.lock:
+            if self._write_closed is not None:
+                raise ConnectionClosed(self._write_closed)
+            size = outbox.size
+            if size + len(data) > limit:
+                return False
+            outbox.items.append(data)
+            outbox.size = size + len(data)
+        if not size:  # Otherwise whoever writes the queue's front writes this too.
+            self._kick()
+        return True
+
+    def _kick(self) -> None:
+        """Write queued bytes now if the write lock is free; leave a full socket to the flusher."""
+        outbox = self._outbox
+        if outbox is None:
+            return
+        lock = self._write_lock
+        # Looping: bytes queued while we held the lock had no one else to write them.
+        while outbox.size and not outbox.watched:
+            if not lock.try_acquire():
+                return  # Its holder looks at the queue again when it lets go.
+            try:
+                full = self._flush_nowait()
+            except OSError as exc:  # The client is gone; its own thread will see why.
+                self._write_closed = self._write_closed or f"write failed: {exc}"
+                outbox.clear()
+                return
+            finally:
+                lock.release()
+            if full:
+                with outbox.lock:
+                    if outbox.watched:
+                        return
+                    outbox.watched = True
+                    outbox.stalled_since = self._clock()
+                flusher.watch(self)
+                return
+
+    def _flush_nowait(self) -> bool:
+        """Send queued bytes (write lock held) until none are left (False) or the socket is full."""
+        outbox = self._outbox
+        assert outbox is not None
+        while (batch := outbox.take_batch()) is not None:
+            try:
+                sent = self._sock.send(batch)
+            except _WOULD_BLOCK:
+                return True
+            self.bytes_sent += sent
+            outbox.consumed(sent)
+            if sent < len(batch):
+                return True
+        return False
+
+    def _drain_outbox(self) -> None:
+        """Send every queued byte, waiting for the client (write lock held)."""
+        while self._flush_nowait():
+            self._wait_writable()
+
+    def _cut_off(self, notice: bytes | None, reason: str) -> None:
+        """End a client that does not keep up: drop its queue, try the notice, shut the socket.
+
+        Never waits. The notice goes out only if the socket takes it at once
+        and no write is half done. The shutdown wakes the handler's read,
+        which then raises ``WriteTimeout`` with ``reason``; every later write
+        raises ``ConnectionClosed``.
+        """
+        outbox = self._join_outbox()
+        with outbox.lock:
+            if self._write_closed is not None:
+                return
+            self._write_closed = self._cut_reason = reason
+            outbox.items.clear()
+            outbox.size = 0
+            half_written = outbox.partial
+        if notice and not half_written and self._write_lock.try_acquire():
+            try:
+                with contextlib.suppress(OSError):  # _WOULD_BLOCK included.
+                    self._sock.send(notice)
+            finally:
+                self._write_lock.release()
+        self._force_close()
+
+    def _add_closing_hook(self, hook: ClosingHook) -> None:
+        self._closing_hooks.append(hook)
+
+    def _remove_closing_hook(self, hook: ClosingHook) -> None:
+        with contextlib.suppress(ValueError):
+            self._closing_hooks.remove(hook)
+
+    def _run_closing_hooks(self, deadline: float) -> None:
+        hooks, self._closing_hooks = self._closing_hooks, []
+        for hook in hooks:
+            try:
+                hook(self, deadline)
+            except Exception:
+                logger.exception("closing hook %r failed for %s", hook, self.peer)
+
+    def _stop_writes(self, why: str) -> None:
+        """From now on sendall raises ConnectionClosed; queued bytes are the closer's to write."""
+        if self._write_closed is None:
+            self._write_closed = why
+        # sendall looks at _write_closed only when there is an outbox.
+        self._join_outbox()
 
     def _send_some(self, data: bytes | bytearray | memoryview) -> int:
         try:
@@ -385,6 +576,8 @@ class Connection:
     def _mark_eof(self) -> None:
         self._reading_done = True
         self._peer_eof = True
+        if self._cut_reason is not None:  # Our shutdown ended the reads, not the client.
+            raise WriteTimeout(self._cut_reason)
 
     def _idle_deadline(self) -> float | None:
         idle = self._timeouts.idle
@@ -460,14 +653,24 @@ class Connection:
         unless the client already closed its side, we shut down our writing
         side only and wait (until ``linger_until``) for the client to close.
         """
+        # Group members leave here; until then, broadcasts still reach them.
+        self._run_closing_hooks(linger_until)
+        self._stop_writes("the server has said goodbye")
         try:
-            # No TLS session, no notice: the client could not decrypt it.
-            if notice and self._tls == self._tls_established:
-                self.sendall(notice)
-            if self._tls_established:
-                self._send_close_notify()
+            # Under the write lock: a sendall from another thread already
+            # under way finishes first; any later one raises ConnectionClosed.
+            with self._write_lock:
+                if self._cut_reason is None:
+                    if self._outbox is not None:
+                        self._drain_outbox()  # Queued before the goodbye: sent before it.
+                    # No TLS session, no notice: the client could not decrypt it.
+                    if notice and self._tls == self._tls_established:
+                        self._sendall_locked(notice)
+                    if self._tls_established:
+                        self._send_close_notify()
+                if not self._peer_eof:
+                    self._sock.shutdown(socket.SHUT_WR)
             if not self._peer_eof:
-                self._sock.shutdown(socket.SHUT_WR)
                 # Told and FIN sent: if the stop's deadline cuts this short,
                 # it is still a clean drain (see Server._stop_sequence).
                 self._lingering = True
@@ -478,7 +681,26 @@ class Connection:
             pass
         finally:
             self._lingering = False
+            self._forget_outbox()
             self._sock.close()
+
+    def _sendall_locked(self, data: bytes) -> None:
+        """sendall's sending, for the closing path, which holds the write lock already."""
+        view = memoryview(data)
+        sent = 0
+        while sent < len(data):
+            count = self._send_some(view[sent:])
+            if not count:
+                self._wait_writable()
+            sent += count
+        self.bytes_sent += len(data)
+
+    def _forget_outbox(self) -> None:
+        """Drop what is still queued and stop the flusher watching (before the socket closes)."""
+        outbox = self._outbox
+        if outbox is not None:
+            outbox.clear()
+            flusher.unwatch(self)
 
     def _send_close_notify(self) -> None:
         tls_sock: ssl.SSLSocket = self._sock  # type: ignore[assignment]
@@ -513,7 +735,22 @@ class Connection:
             socket.socket.shutdown(self._sock, socket.SHUT_RDWR)
 
     def _close_socket(self) -> None:
-        self._sock.close()
+        """Close at once, with no goodbye (the client is gone, stalled, or was never served)."""
+        self._run_closing_hooks(self._clock())
+        self._stop_writes("the connection is closed")
+        self._forget_outbox()
+        lock = self._write_lock
+        locked = lock.try_acquire()
+        if not locked:
+            # Another thread is writing, maybe waiting for this very client:
+            # wake it (its send fails) rather than wait for its write timeout.
+            self._force_close()
+            locked = lock.acquire(timeout=CLOSE_LOCK_WAIT)
+        try:
+            self._sock.close()
+        finally:
+            if locked:
+                lock.release()
 
 
 def queued_bytes(fd: int) -> int:

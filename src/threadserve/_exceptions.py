@@ -7,6 +7,8 @@ knows nothing about threadserve (urllib3 v2 does the same).
 
 from __future__ import annotations
 
+import errno
+
 
 class ThreadserveError(Exception):
     """Base class of every exception threadserve raises on purpose."""
@@ -34,6 +36,22 @@ class WriteTimeout(ConnectionTimeout):
 
 class HandshakeTimeout(ConnectionTimeout):
     """The client did not complete the TLS handshake in time."""
+
+
+class ConnectionClosed(ThreadserveError, BrokenPipeError):
+    """A write to a connection that takes no more writes.
+
+    Raised by ``Connection.sendall`` (from any thread) once the connection is
+    closed, once the server has begun its goodbye (the notice must stay the
+    last thing written), or once a ``Group`` cut it off as too slow. It is a
+    ``BrokenPipeError`` (``errno.EPIPE``), so code that already catches
+    ``BrokenPipeError``, ``ConnectionError`` or ``OSError`` around a send
+    catches it too.
+    """
+
+    def __init__(self, why: str) -> None:
+        super().__init__(errno.EPIPE, f"connection closed: {why}")
+        self.why = why
 
 
 class IncompleteRead(ThreadserveError, EOFError):
