@@ -776,6 +776,13 @@ class Server:
         logger.exception("handler failed for %s", conn.peer)
 
     def _finish_connection(self, conn: Connection, cutoff_notice: bytes | None) -> None:
+        # Group members leave first; at stop, a member waits (up to the grace
+        # deadline) for the others to finish reading, so that what they had
+        # read reaches it before its notice. Then its linger starts.
+        stopping = self._stopping
+        conn._run_closing_hooks(
+            self._stop_deadline - FORCE_MARGIN if stopping else time.monotonic() + self.linger
+        )
         now = time.monotonic()
         linger_until = now + self.linger
         notice = cutoff_notice
