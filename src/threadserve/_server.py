@@ -78,6 +78,7 @@ from ._exceptions import (
     ReadTimeout,
     WriteTimeout,
 )
+from ._gil import threads_changed
 from ._keepalive import keepalive_options
 from ._listeners import (
     LISTEN_BACKLOG,
@@ -204,6 +205,7 @@ class Server:
         metrics: CollectorRegistry | None = None,
         idle_threads: int = DEFAULT_MAX_IDLE,
         idle_thread_timeout: float = DEFAULT_IDLE_TIMEOUT,
+        adapt_switch_interval: bool = True,
     ) -> None:
         if not callable(handler):
             raise ConfigurationError(f"handler {handler!r} is not callable")
@@ -265,6 +267,9 @@ class Server:
         # Live connections and the thread serving each (None until a thread
         # picks the connection up: see _run_connection).
         self._connections: dict[Connection, threading.Thread | None] = {}
+        # Raise sys.setswitchinterval with the number of connections, so
+        # thousands of GIL waiters cannot start a convoy (see _gil.py).
+        self._adapt_switch_interval = adapt_switch_interval
         # Connection threads park between connections (see _threads.py).
         self._threads: ParkingThreads[Connection] = ParkingThreads(
             self._run_connection, max_idle=idle_threads, idle_timeout=idle_thread_timeout
@@ -660,6 +665,8 @@ class Server:
         with self._lock:
             self._connections[conn] = None
             self._group_live[group] += 1
+        if self._adapt_switch_interval:
+            threads_changed(+1)
         # A parked thread takes it at once (one wake-up, no thread start).
         if self._threads.hand_off(conn):
             return
@@ -821,6 +828,8 @@ class Server:
                 self._finishing.add(threading.current_thread())
             del self._connections[conn]
             self._group_live[conn._stop_group] -= 1
+            if self._adapt_switch_interval:
+                threads_changed(-1)
             self._admission.release(conn._client_ip)
             self._closed += 1
             self._closed_bytes_in += conn.bytes_received
