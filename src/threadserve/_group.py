@@ -32,10 +32,10 @@ different members in different relative orders. A member's own
 ``sendall`` goes after whatever a broadcast already queued for it.
 
 Stopping: a member leaves when its connection ends (its handler returned and
-the server closes it). At stop, a member first waits (until the end of its
-lingering time at most) for the other members the same stop woke with it or
-before it to finish reading, so that lines they had read before the stop and
-broadcast while draining still reach it; then it leaves, its queue is
+the server closes it). At stop, a member first waits (until shortly before
+the grace deadline at most) for the other members the same stop woke with it
+or before it to finish reading, so that lines they had read before the stop
+and broadcast while draining still reach it; then it leaves, its queue is
 written, and only then the goodbye notice. Nothing is written to a member
 after its notice: a broadcast reaching a member whose goodbye has begun
 simply skips it.
