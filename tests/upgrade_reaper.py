@@ -34,7 +34,9 @@ def main(command: list[str]) -> int:
         except ChildProcessError:
             return last
         last = os.waitstatus_to_exitcode(status)
-        print(f"reaped {pid} {last}", file=sys.stderr, flush=True)
+        # One write for the whole line: the servers below write to the same
+        # file, and print() may write the text and its newline apart.
+        os.write(sys.stderr.fileno(), f"reaped {pid} {last}\n".encode())
 
 
 if __name__ == "__main__":
