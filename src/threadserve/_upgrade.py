@@ -42,6 +42,15 @@ then, it leaves the clients waiting in them to the old supervisor instead
 of telling them goodbye. A successor whose channel ends before "take over"
 (the old supervisor was killed) takes over at once, since nobody else will
 serve.
+
+With ``--reuse-port`` the old supervisor also binds one more set of
+listeners into each group for the successor's first worker, and keeps them
+until the successor is ready: if it fails, the clients waiting in them are
+told goodbye by the old supervisor instead of being reset.
+
+A ``unix:PATH`` socket's file is removed only by the process that bound it
+(see Listener), so after an upgrade it stays behind at the final stop; the
+next start finds it stale and removes it.
 """
 
 from __future__ import annotations
