@@ -209,4 +209,7 @@ def test_sigterm_in_a_process_with_a_request_in_flight(web: Web) -> None:
             assert server.wait_exit(timeout=10) == 0, server.output()
         finally:
             client.close()
-        assert server.exited_at - sent_at < 5.0, server.output()  # The grace period.
+        # Exit 0 already says the stop drained within the 5 s grace (a forced
+        # stop exits 3); the web server would have stalled for 30 s. The wall
+        # time also covers interpreter shutdown, slow on a busy machine.
+        assert server.exited_at - sent_at < 25.0, server.output()
