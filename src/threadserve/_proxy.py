@@ -328,7 +328,9 @@ class ProxyHeaderParser:
 # v1 numbers: no leading zeros ("to avoid any possible confusion with octal").
 _V1_PORT = re.compile(rb"0|[1-9][0-9]{0,4}")
 _V1_IPV4 = re.compile(rb"(?:(?:0|[1-9][0-9]{0,2})\.){3}(?:0|[1-9][0-9]{0,2})")
-_V1_IPV6 = re.compile(rb"[0-9A-Fa-f:]{2,39}")
+# Dots too: an IPv4-mapped address may end in dotted quads (::ffff:192.0.2.1),
+# which is how Python 3.13's ipaddress writes them. ipaddress checks the rest.
+_V1_IPV6 = re.compile(rb"[0-9A-Fa-f:.]{2,45}")
 
 
 def _parse_v1(buf: bytes) -> tuple[ProxyInfo, int] | None:
