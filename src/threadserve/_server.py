@@ -924,14 +924,21 @@ class Server:
             # Forced sockets wake their threads at once; give them a moment to end.
             self._wait_for_connections(time.monotonic() + FORCE_MARGIN, until_forced=False)
             stuck = self._report_stuck_threads(leftover)
-        # A thread leaves the registry a few lines before it ends; wait for
-        # those last lines, so no thread outlives the stop (stuck ones aside).
-        join_deadline = time.monotonic() + FORCE_MARGIN
+        # A thread leaves the registry a few lines before it ends, and parked
+        # threads (woken by _threads.close() above) have only their last lines
+        # to run; wait for those, so no thread outlives the stop (stuck ones
+        # aside). None of them is stuck, but on a loaded machine hundreds can
+        # take longer than FORCE_MARGIN to get the GIL: they get until the
+        # grace deadline, unless the stop was forced.
+        hooks_deadline = time.monotonic() + FORCE_MARGIN
+        join_deadline = hooks_deadline
+        if not self._force_requested:
+            join_deadline = max(join_deadline, self._stop_deadline)
         with self._lock:
             finishing = list(self._finishing)
         for thread in finishing:
             thread.join(max(0.0, join_deadline - time.monotonic()))
-        stuck_hook = self._hook_runner.close(max(0.0, join_deadline - time.monotonic()))
+        stuck_hook = self._hook_runner.close(max(0.0, hooks_deadline - time.monotonic()))
         if stuck_hook is not None:
             stuck.append(_report_stuck_hook(*stuck_hook))
         duration = time.monotonic() - started
