@@ -348,3 +348,14 @@ def test_command_line_flags() -> None:
         assert server.agent_address is not None
     finally:
         server.stop()
+
+
+def test_the_connection_thread_is_named_after_the_reported_client(serve: ServerFactory) -> None:
+    def tell_thread(conn: Connection) -> None:
+        conn.sendall(threading.current_thread().name.encode() + b"\n")
+        while line := conn.readline():
+            conn.sendall(line)
+
+    server = serve(tell_thread, proxy_protocol="v2")
+    answer = talk(server, tcp4("203.0.113.9", 40000, version=2))
+    assert answer == b"threadserve 203.0.113.9:40000\nping\n"

@@ -714,6 +714,8 @@ class Server:
         abandon = False
         try:
             _setup.set_up(conn, self._setup_steps)  # PROXY header, then TLS handshake.
+            if self._proxy is not None:
+                thread.name = f"threadserve {conn.peer}"  # The client the proxy reported.
             self.handler(conn)
         except ProxyProtocolError as exc:
             # Malformed, truncated or late: the handler never runs. Close at
