@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support import recv_until_eof
+from support import SETTLE, recv_until_eof
 
 from threadserve import BindError
 from threadserve._agent import AgentResponder
@@ -26,7 +26,7 @@ def agent() -> Iterator[AgentResponder]:
 
 def ask(address: str) -> bytes:
     host, _, port = address.rpartition(":")
-    with socket.create_connection((host, int(port)), timeout=10) as sock:
+    with socket.create_connection((host, int(port)), timeout=SETTLE) as sock:
         return recv_until_eof(sock)
 
 
@@ -55,7 +55,7 @@ def test_many_checks_at_once(agent: AgentResponder) -> None:
     for thread in threads:
         thread.start()
     for thread in threads:
-        thread.join(10)
+        thread.join(SETTLE)
     assert answers == [b"up ready\n"] * 20
 
 
@@ -76,7 +76,7 @@ def test_unix_socket(tmp_path: Path) -> None:
     responder.start()
     try:
         with socket.socket(socket.AF_UNIX) as sock:
-            sock.settimeout(10)
+            sock.settimeout(SETTLE)
             sock.connect(str(path))
             assert recv_until_eof(sock) == b"up ready\n"
     finally:

@@ -117,7 +117,9 @@ class AgentResponder:
             with contextlib.suppress(BlockingIOError, InterruptedError):
                 sock.recv(_DISCARD_LIMIT, socket.MSG_DONTWAIT)
             sock.send(DRAIN if self._draining else UP, socket.MSG_DONTWAIT)
+            # Counted before the EOF goes out: a checker that has read the
+            # whole answer then sees it counted.
+            self.answered += 1
             sock.shutdown(socket.SHUT_WR)
         except OSError:
             return  # The checker already left.
-        self.answered += 1
