@@ -189,8 +189,16 @@ def test_sigterm_mid_chat_delivers_everything_sent_then_the_notice_then_eof(
         for number in range(rounds):
             for index, client in enumerate(clients):
                 client.sock.sendall(b"c%d %d\n" % (index, number))
-        # Every line above was in the server's hands (sendall returned on
-        # loopback) before the stop began; none is sent after it.
+        # The stop contract covers what a handler has read before the stop,
+        # not bytes still in the kernel's receive queue (sendall returning
+        # means only that). So stop once the server has read and broadcast
+        # every line, which one client having them all shows; the others may
+        # still have some of them queued in the room, and must get them
+        # before the notice.
+        wait_until(
+            functools.partial(clients[0].has, CLIENTS * rounds),
+            what="the server to read and broadcast every line",
+        )
         chat.send_signal(signal.SIGTERM)
         for client in clients:
             client.join()
