@@ -6,7 +6,7 @@ import socket
 import threading
 
 import pytest
-from support import wait_until
+from support import SETTLE, wait_until
 
 from threadserve import ConfigurationError, Connection, Server, echo
 from threadserve._threads import PARKED_NAME, ParkingThreads
@@ -14,7 +14,7 @@ from threadserve.testing import running_server
 
 
 def _one_exchange(address: tuple[str, int]) -> None:
-    with socket.create_connection(address, timeout=10) as client:
+    with socket.create_connection(address, timeout=SETTLE) as client:
         client.sendall(b"ping")
         assert client.recv(16) == b"ping"
 
@@ -36,10 +36,10 @@ def test_a_finished_thread_runs_the_next_job_instead_of_ending() -> None:
 
     threads: ParkingThreads[int] = ParkingThreads(run, max_idle=4, idle_timeout=30)
     threads.start(1, name="threadserve test")
-    assert done.acquire(timeout=10)
+    assert done.acquire(timeout=SETTLE)
     wait_until(lambda: threads.idle == 1, what="the thread to park")
     assert threads.hand_off(2)
-    assert done.acquire(timeout=10)
+    assert done.acquire(timeout=SETTLE)
     assert [job for job, _ in ran] == [1, 2]
     assert ran[0][1] == ran[1][1], "the second job ran on a new thread"
     assert (threads.started, threads.reused) == (1, 1)
@@ -107,7 +107,7 @@ def test_hand_offs_racing_with_idle_timeouts_lose_no_job() -> None:
         if not threads.hand_off(job):
             threads.start(job, name="threadserve test")
         jobs += 1
-        assert served.acquire(timeout=10), f"job {job} was lost"
+        assert served.acquire(timeout=SETTLE), f"job {job} was lost"
     threads.close()
     wait_until(lambda: not _parked(), what="parked threads to end at close")
     assert threads.started + threads.reused == jobs
@@ -151,7 +151,9 @@ def test_parked_threads_end_at_stop_and_hold_no_connection() -> None:
     # stop's short margin for forced threads: stop() must still wait for them.
     count = 200
     with running_server(echo) as server:
-        clients = [socket.create_connection(server.tcp_address, timeout=10) for _ in range(count)]
+        clients = [
+            socket.create_connection(server.tcp_address, timeout=SETTLE) for _ in range(count)
+        ]
         for client in clients:
             client.sendall(b"x")
             assert client.recv(1) == b"x"
@@ -181,7 +183,7 @@ def test_max_connections_still_holds_with_parked_threads() -> None:
         for _ in range(4):
             _one_exchange(server.tcp_address)
         wait_until(lambda: server.statistics().threads_idle >= 1, what="park")
-        held = [socket.create_connection(server.tcp_address, timeout=10) for _ in range(3)]
+        held = [socket.create_connection(server.tcp_address, timeout=SETTLE) for _ in range(3)]
         for client in held[:2]:
             client.sendall(b"y")
             assert client.recv(1) == b"y"
@@ -192,7 +194,7 @@ def test_max_connections_still_holds_with_parked_threads() -> None:
             held[2].recv(1)
         assert server.statistics().connections_active == 2
         held[0].close()
-        held[2].settimeout(10)
+        held[2].settimeout(SETTLE)
         assert held[2].recv(1) == b"z"
         for client in held[1:]:
             client.close()
