@@ -11,12 +11,13 @@ import logging
 import socket
 import ssl
 import threading
+import time
 from pathlib import Path
 
 import pytest
 import trustme
 from conftest import ServerFactory
-from support import recv_exactly, recv_until_eof, wait_until
+from support import SETTLE, recv_exactly, recv_until_eof, wait_until
 
 from threadserve import ConfigurationError, Connection, Server, echo
 from threadserve._proxy import (
@@ -143,13 +144,18 @@ def test_rejections_are_logged_once_a_second_not_each(
     serve: ServerFactory, caplog: pytest.LogCaptureFixture
 ) -> None:
     server = serve(echo, proxy_protocol="v1")
+    started = time.monotonic()
     for _ in range(5):
         with socket.create_connection(server.tcp_address, timeout=10) as sock:
             sock.sendall(b"HELLO\r\n")
             recv_until_eof_or_reset(sock)
     wait_until(lambda: server.statistics().proxy_rejected == 5, what="five rejections")
+    elapsed = time.monotonic() - started
     warnings = [r for r in caplog.records if "PROXY protocol" in r.getMessage()]
-    assert len([r for r in warnings if r.levelno == logging.WARNING]) < 5
+    logged = len([r for r in warnings if r.levelno == logging.WARNING])
+    # One a second at most, over however long a busy machine took for the
+    # five: usually one, and never one per rejection while they come fast.
+    assert 1 <= logged <= 1 + int(elapsed), (logged, elapsed)
 
 
 def recv_until_eof_or_reset(sock: socket.socket) -> None:
@@ -190,7 +196,7 @@ def test_max_connections_per_ip_counts_the_reported_client(serve: ServerFactory)
 
     def hold(conn: Connection) -> None:
         conn.sendall(b"in\n")
-        release.wait(10)
+        release.wait(SETTLE)
 
     server = serve(hold, proxy_protocol="v2", max_connections_per_ip=1)
     socks = []
@@ -292,7 +298,7 @@ def test_drain_delay_keeps_serving_while_the_agent_says_drain() -> None:
         finally:
             # A forced stop (or a second signal) cuts the drain short.
             server.stop(grace=0)
-            stopper.join(10)
+            stopper.join(SETTLE)
     assert not stopper.is_alive()
     with pytest.raises(ConnectionRefusedError):
         ask_agent(agent)
