@@ -22,7 +22,7 @@ import pytest
 import redis
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from support import ServerProcess, subprocess_env, wait_until
+from support import SETTLE, ServerProcess, subprocess_env, wait_until
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 sys.path.insert(0, str(EXAMPLES))
@@ -182,10 +182,10 @@ def test_expiry(client: redis.Redis) -> None:
     client.set(key, "v", px=50)
     client.set(key + ":kept", "v")
     assert client.expire(key + ":kept", 100) is True
-    assert 99 <= client.ttl(key + ":kept") <= 100
+    assert 95 <= client.ttl(key + ":kept") <= 100  # Whole seconds; a busy machine may take one.
     assert client.expire(key + ":missing", 100) is False
     # Expiry is wall-clock time passing: wait for it, bounded.
-    wait_until(lambda: client.get(key) is None, timeout=10, what="the key to expire")
+    wait_until(lambda: client.get(key) is None, timeout=SETTLE, what="the key to expire")
     assert client.exists(key) == 0
     assert client.ttl(key) == -2
     assert client.delete(key) == 0  # An expired key is gone for every command.
@@ -234,7 +234,7 @@ def test_dbsize_and_flushdb(tmp_path: Path) -> None:
             assert client.dbsize() == 0
             client.mset({"a": 1, "b": 2, "c": 3})
             client.set("d", 4, px=1)
-            wait_until(lambda: client.get("d") is None, timeout=10, what="d to expire")
+            wait_until(lambda: client.get("d") is None, timeout=SETTLE, what="d to expire")
             assert client.dbsize() == 3  # Expired keys do not count.
             assert client.flushdb() is True
             assert client.dbsize() == 0
@@ -439,7 +439,7 @@ def test_acknowledged_writes_survive_a_restart(tmp_path: Path, signum: int) -> N
             server.send_signal(signum)
         finally:
             writer.join(30)
-        exit_code = server.wait_exit(timeout=15)
+        exit_code = server.wait_exit(timeout=SETTLE)
     acknowledged, after = outcome[0]
     assert acknowledged >= 500
     if signum == signal.SIGTERM:
@@ -468,7 +468,7 @@ def test_stop_notice_is_a_redis_error(tmp_path: Path) -> None:
         with pytest.raises(redis.ResponseError, match="server shutting down"):
             connection.read_response()
         connection.disconnect()  # type: ignore[no-untyped-call]  # The server lingers until the client closes.
-        assert server.wait_exit(timeout=15) == 0
+        assert server.wait_exit(timeout=SETTLE) == 0
 
 
 # ---------------------------------------------------------------------- the parser alone

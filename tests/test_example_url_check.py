@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import pytest
 import url_check
 from example_process import example_process
-from support import NOTICE, recv_until_eof
+from support import NOTICE, SETTLE, recv_until_eof
 
 from threadserve.testing import RunningServer, running_server
 
@@ -206,7 +206,7 @@ def test_sigterm_in_a_process_with_a_request_in_flight(web: Web) -> None:
             sent_at = server.send_signal(signal.SIGTERM)
             assert recv_until_eof(client.sock) == url_check.CANCELLED + NOTICE
             client.close()
-            assert server.wait_exit(timeout=10) == 0, server.output()
+            assert server.wait_exit(timeout=SETTLE) == 0, server.output()
         finally:
             client.close()
         # Exit 0 already says the stop drained within the 5 s grace (a forced
