@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from support import (
     NOTICE,
+    SETTLE,
     TESTS_DIR,
     ServerProcess,
     connect,
@@ -48,7 +49,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
         capture_output=True,
         text=True,
         env=subprocess_env(),
-        timeout=20,
+        timeout=SETTLE,
     )
 
 

@@ -180,7 +180,7 @@ def workdir() -> Iterator[Path]:
 
 def query(prometheus: str, expression: str) -> list[dict[str, object]]:
     url = f"{prometheus}/api/v1/query?" + urllib.parse.urlencode({"query": expression})
-    with urllib.request.urlopen(url, timeout=10) as response:
+    with urllib.request.urlopen(url, timeout=SETTLE) as response:
         answer = json.load(response)
     assert answer["status"] == "success", answer
     result: list[dict[str, object]] = answer["data"]["result"]
