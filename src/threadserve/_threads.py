@@ -73,9 +73,17 @@ class ParkingThreads(Generic[Job]):
     def start(self, job: Job, name: str) -> None:
         """Run ``job`` on a new thread. Raises RuntimeError when no thread can be started."""
         thread = threading.Thread(target=self._serve, args=(job,), name=name, daemon=True)
-        thread.start()
+        # Counted before the start: once started, the thread may serve its
+        # job and finish before this one gets the GIL back, and statistics
+        # read by then must already include it.
         with self._lock:
             self.started += 1
+        try:
+            thread.start()
+        except BaseException:
+            with self._lock:
+                self.started -= 1
+            raise
 
     def close(self) -> None:
         """End every parked thread; threads still running a job end when it is done."""
