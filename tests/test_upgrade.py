@@ -199,7 +199,15 @@ def test_two_upgrades_under_load_lose_no_client_and_hand_everything_over(
     )
     assert outcomes["refused"] == 0, outcomes
     assert outcomes["reset"] == 0, outcomes
-    assert outcomes["told"] == 0, outcomes
+    if mode == "shared":
+        # One kernel queue, served by whichever workers are up: nobody is told.
+        assert outcomes["told"] == 0, outcomes
+    else:
+        # With a queue per worker, a stopping old worker takes what its own
+        # queue holds and tells those clients (issue: "serves or tells"): a
+        # client the kernel queued there in the last instant hears the notice,
+        # never a reset. Told clients stay a rare few, not a wave.
+        assert outcomes["told"] <= max(2, outcomes["served"] // 500), outcomes
     assert outcomes["error"] == 0, (outcomes, load.errors[:5])
     assert outcomes["served"] > 200, outcomes
     # A new supervisor and two new workers each time, the old ones gone.
