@@ -402,7 +402,12 @@ class Supervisor:
         how = f"was killed by {_signal_name(-status)}" if status < 0 else f"exited with {status}"
         if worker.stopping:
             logger.info("worker %d stopped: %s", worker.pid, how)
-            if status != 0 and self._stopping:
+            # SIGTERM kills a worker only before its server installs its
+            # signal handlers, which is before it accepts anyone: stopping a
+            # worker that was still starting (SIGTTOU, a stop right after a
+            # start) loses no client and is not a forced stop.
+            started_late = not worker.ready and status == -signal.SIGTERM
+            if status != 0 and self._stopping and not started_late:
                 self._forced = True
             return
         if not worker.ready:
