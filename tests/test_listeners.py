@@ -14,7 +14,7 @@ from conftest import ServerFactory
 from support import NOTICE, connect, recv_exactly, recv_until_eof, wait_until
 
 from threadserve import BindError, ConfigurationError, Server, echo
-from threadserve._listeners import BindAddress, parse_bind_address
+from threadserve._listeners import BindAddress, open_listeners, parse_bind_address
 
 
 @pytest.fixture
@@ -308,3 +308,34 @@ def test_stopping_does_not_remove_a_socket_file_another_server_now_owns(
             assert os.path.exists(path)
     finally:
         stop_once(server)
+
+
+def test_refusing_new_clients_keeps_the_queued_ones_acceptable() -> None:
+    """The stop's first step: nobody new enters the queue, those in it can still be told."""
+    (listener,) = open_listeners([parse_bind_address("127.0.0.1:0")])
+    try:
+        port = listener.socket.getsockname()[1]
+        queued = socket.create_connection(("127.0.0.1", port), timeout=10)
+        assert listener.refuse_new_clients()
+        late = socket.socket()
+        late.settimeout(0.5)
+        # Its SYN is dropped: no answer (not even a refusal) while the listener lives.
+        with pytest.raises(TimeoutError):
+            late.connect(("127.0.0.1", port))
+        late.close()
+        listener.socket.settimeout(10)
+        accepted, _ = listener.socket.accept()
+        with accepted:
+            accepted.sendall(b"told")
+            assert queued.recv(4) == b"told"
+        queued.close()
+    finally:
+        listener.close()
+
+
+def test_refusing_new_clients_is_a_no_op_for_unix_sockets(socket_dir: str) -> None:
+    (listener,) = open_listeners([parse_bind_address(f"unix:{socket_dir}/s.sock")])
+    try:
+        assert not listener.refuse_new_clients()
+    finally:
+        listener.close()

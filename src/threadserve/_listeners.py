@@ -21,6 +21,7 @@ waiting in it are theirs to serve, not this worker's to dismiss.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import os
 import socket
@@ -169,6 +170,28 @@ class Listener:
     def fileno(self) -> int:
         return self.socket.fileno()
 
+    def refuse_new_clients(self) -> bool:
+        """Stop taking new connections into the queue; those queued stay acceptable.
+
+        Between the last accept of the stop's queue-emptying loop and
+        ``close()``, a new client can still land in the queue, and closing then
+        resets it after its connect succeeded: a load balancer counts that as
+        a failure of an established connection and cannot retry it. A socket
+        filter that drops every packet, attached to the listener first, makes
+        the kernel drop new SYNs (the client retries its connect later and
+        finds the port closed: a refusal, which a load balancer retries on
+        another server) while connections already queued can still be
+        accepted. TCP on Linux only (SO_ATTACH_FILTER); False where it is not
+        available, and the stop then works as before.
+        """
+        if self.socket.family not in (socket.AF_INET, socket.AF_INET6):
+            return False
+        try:
+            self.socket.setsockopt(socket.SOL_SOCKET, _SO_ATTACH_FILTER, _DROP_ALL_PROGRAM)
+        except (OSError, AttributeError):
+            return False
+        return True
+
     def close(self) -> None:
         self.socket.close()
         if self._unix_path is not None:
@@ -178,6 +201,30 @@ class Listener:
 
     def __repr__(self) -> str:
         return f"<Listener {self.address}>"
+
+
+class _SockFilter(ctypes.Structure):
+    _fields_ = [
+        ("code", ctypes.c_uint16),
+        ("jt", ctypes.c_uint8),
+        ("jf", ctypes.c_uint8),
+        ("k", ctypes.c_uint32),
+    ]
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [
+        ("len", ctypes.c_ushort),
+        ("filter", ctypes.POINTER(_SockFilter)),
+    ]
+
+
+#: Linux's SO_ATTACH_FILTER (the socket module does not name it).
+_SO_ATTACH_FILTER = getattr(socket, "SO_ATTACH_FILTER", 26)
+#: A classic BPF program of one instruction, "return 0": keep no byte of any
+#: packet. The kernel copies it during setsockopt; the array stays alive here.
+_DROP_ALL = (_SockFilter * 1)(_SockFilter(0x06, 0, 0, 0))  # BPF_RET | BPF_K, 0
+_DROP_ALL_PROGRAM = bytes(_SockFprog(1, _DROP_ALL))
 
 
 def open_listeners(

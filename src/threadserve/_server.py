@@ -878,7 +878,12 @@ class Server:
         self._stop_deadline = started + self.grace
         self._dismissed_until = min(started + self.linger, self._stop_deadline - FORCE_MARGIN / 2)
         # A queue that other processes go on serving (a supervisor's shared
-        # listener) is not ours to dismiss: its clients are theirs.
+        # listener) is not ours to dismiss: its clients are theirs. Ours stop
+        # taking new clients first, so that none lands in the queue between
+        # its emptying and the close (which would reset it).
+        for listener in self._listeners:
+            if listener.owns_queue:
+                listener.refuse_new_clients()
         queued = sum(
             self._dismiss_listen_queue(listener)
             for listener in self._listeners
