@@ -143,8 +143,9 @@ def in_process(requests: int, rounds: int) -> dict[str, list[float]]:
 # ---------------------------------------------------------------- server
 
 
-_SERVE_UNLOCKED = (
-    "import sys; import bench.write_lock as w; w.install_unlocked();"
+# Both variants start the same way, so the only difference is ``sendall``.
+_SERVE = (
+    "import sys; import bench.write_lock as w; {install}"
     " from threadserve.cli import main; sys.exit(main(sys.argv[1:]))"
 )
 
@@ -160,8 +161,8 @@ def _server_run(locked: bool, seconds: float) -> tuple[float, float]:
     loadgen = build_all()["loadgen"]
     port = free_port()
     serve = ["serve", "echo", "--bind", f"127.0.0.1:{port}", "--log-level", "warning"]
-    python = [sys.executable, "-m", "threadserve"] if locked else [sys.executable, "-c"]
-    argv = [*pin_prefix(0), *python, *([] if locked else [_SERVE_UNLOCKED]), *serve]
+    code = _SERVE.format(install="" if locked else "w.install_unlocked();")
+    argv = [*pin_prefix(0), sys.executable, "-c", code, *serve]
     process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, env=server_env())
     try:
         deadline = time.monotonic() + 30
@@ -208,7 +209,10 @@ def server(seconds: float, repeats: int) -> dict[str, tuple[float, float]]:
     runs: dict[bool, list[tuple[float, float]]] = {True: [], False: []}
     for repeat in range(repeats):
         for locked in (True, False) if repeat % 2 == 0 else (False, True):
-            runs[locked].append(_server_run(locked, seconds))
+            rate, cpu = _server_run(locked, seconds)
+            runs[locked].append((rate, cpu))
+            name = "with lock" if locked else "without lock"
+            print(f"  {name:14}{rate:12,.0f} requests/s{cpu:8.2f} µs", file=sys.stderr)
     return {
         "with lock" if locked else "without lock": (
             statistics.median(rate for rate, _ in results),
