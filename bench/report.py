@@ -169,6 +169,58 @@ def table(header: list[str], rows: list[list[str]]) -> list[str]:
     return [*lines, ""]
 
 
+# What a table shows of one peer in one case, from the peer's runs and every
+# peer's runs of that case (a ratio needs its baseline's). A list fills
+# several columns.
+Cell = Callable[[list[Run], dict[str, list[Run]]], str | list[str]]
+
+
+def peer_rows(
+    grouped: dict[CaseKey, dict[str, list[Run]]],
+    peers: list[str],
+    keys: list[CaseKey],
+    cell: Cell,
+) -> list[list[str]]:
+    """A row per peer, its name then ``cell`` for each case in ``keys``."""
+    rows = []
+    for peer in peers:
+        row = [peer]
+        for key in keys:
+            value = cell(grouped[key].get(peer, []), grouped[key])
+            row += [value] if isinstance(value, str) else value
+        rows.append(row)
+    return rows
+
+
+def peers_in(
+    grouped: dict[CaseKey, dict[str, list[Run]]], peers: list[str], keys: list[CaseKey]
+) -> list[str]:
+    """The peers that ran at least one of these cases, in order."""
+    return [peer for peer in peers if any(grouped[key].get(peer) for key in keys)]
+
+
+def range_cell(metric: str, fmt: Callable[[float], str]) -> Cell:
+    """Median (min-max) of ``metric`` with the runs' marks; blank where the peer did not run."""
+    return lambda runs, _case: (
+        (fmt_range(metric_summary(runs, metric), fmt) if runs else "") + marks(runs)
+    )
+
+
+def ratio_cell(baseline: str, metric: str) -> Cell:
+    """The peer's ``metric`` over ``baseline``'s, repeat by repeat, summarised."""
+    return lambda runs, case: fmt_ratio(ratio_summary(runs, case.get(baseline, []), metric))
+
+
+def latency_cell(metrics: tuple[str, ...]) -> Cell:
+    """Medians of several latency metrics, ``p50 / p99 / ...``."""
+
+    def cell(runs: list[Run], _case: dict[str, list[Run]]) -> str:
+        parts = [metric_summary(runs, m) for m in metrics]
+        return " / ".join(fmt_us(p.median) if p else DASH for p in parts)
+
+    return cell
+
+
 # ---- sections ----
 
 
@@ -185,56 +237,32 @@ def _load_sections(
     conns = [k[1] for k in keys]
     header = ["peer", *[f"{n:,} conns" for n in conns]]
     lines = [f"## {title}", ""]
-    peers = [peer for peer in peers if any(grouped[key].get(peer) for key in keys)]
+    peers = peers_in(grouped, peers, keys)
+
+    def rows(cell: Cell) -> list[str]:
+        return table(header, peer_rows(grouped, peers, keys, cell))
 
     lines += [f"Requests per second, median (min{DASH}max) over repeats.", ""]
-    rows = []
-    for peer in peers:
-        row = [peer]
-        for key in keys:
-            runs = grouped[key].get(peer, [])
-            cell = fmt_range(metric_summary(runs, "throughput_rps"), fmt_count) if runs else ""
-            row.append(cell + marks(runs))
-        rows.append(row)
-    lines += table(header, rows)
+    lines += rows(range_cell("throughput_rps", fmt_count))
 
     if workload == "blocking":
+
+        def fraction(runs: list[Run], _case: dict[str, list[Run]]) -> str:
+            summary = metric_summary(runs, "fraction_of_ideal")
+            return f"{summary.median:.1%}" if summary else DASH
+
         lines += ["Fraction of the ideal (connections / 10 ms), median.", ""]
-        rows = []
-        for peer in peers:
-            row = [peer]
-            for key in keys:
-                summary = metric_summary(grouped[key].get(peer, []), "fraction_of_ideal")
-                row.append(f"{summary.median:.1%}" if summary else DASH)
-            rows.append(row)
-        lines += table(header, rows)
+        lines += rows(fraction)
 
     baselines = ("asyncio-pool", *BASELINES) if workload == "blocking" else BASELINES
     for baseline in baselines:
         if not any(baseline in grouped[key] for key in keys):
             continue
         lines += [f"Throughput ratio to {baseline}, same repeat, median (min{DASH}max).", ""]
-        rows = []
-        for peer in peers:
-            row = [peer]
-            for key in keys:
-                theirs = grouped[key].get(baseline, [])
-                row.append(
-                    fmt_ratio(ratio_summary(grouped[key].get(peer, []), theirs, "throughput_rps"))
-                )
-            rows.append(row)
-        lines += table(header, rows)
+        lines += rows(ratio_cell(baseline, "throughput_rps"))
 
     lines += ["Latency p50 / p99 / p99.9, medians over repeats.", ""]
-    rows = []
-    for peer in peers:
-        row = [peer]
-        for key in keys:
-            runs = grouped[key].get(peer, [])
-            parts = [metric_summary(runs, m) for m in ("p50_us", "p99_us", "p999_us")]
-            row.append(" / ".join(fmt_us(p.median) if p else DASH for p in parts))
-        rows.append(row)
-    lines += table(header, rows)
+    lines += rows(latency_cell(("p50_us", "p99_us", "p999_us")))
     return lines
 
 
@@ -254,26 +282,22 @@ def _idle_section(grouped: dict[CaseKey, dict[str, list[Run]]], peers: list[str]
     for key in keys:
         n = f"{key[1]:,}"
         header += [f"RSS/conn @{n}", f"PTE/conn @{n}", f"threads/conn @{n}", f"accept all @{n}"]
-    rows = []
-    for peer in peers:
-        row = [peer]
-        for key in keys:
-            runs = grouped[key].get(peer, [])
-            if not runs:
-                row += ["", "", "", ""]
-                continue
-            rss = metric_summary(runs, "rss_per_conn_kib")
-            pte = metric_summary(runs, "pte_per_conn_kib")
-            threads = metric_summary(runs, "threads_per_conn")
-            accept = metric_summary(runs, "accept_seconds")
-            row += [
-                (f"{rss.median:.1f} KiB" if rss else DASH) + marks(runs),
-                f"{pte.median * 1024:.0f} B" if pte else DASH,
-                f"{threads.median:.2f}" if threads else DASH,
-                fmt_range(accept, lambda v: f"{v:.2f} s"),
-            ]
-        rows.append(row)
-    return lines + table(header, rows)
+
+    def cells(runs: list[Run], _case: dict[str, list[Run]]) -> list[str]:
+        if not runs:
+            return ["", "", "", ""]
+        rss = metric_summary(runs, "rss_per_conn_kib")
+        pte = metric_summary(runs, "pte_per_conn_kib")
+        threads = metric_summary(runs, "threads_per_conn")
+        accept = metric_summary(runs, "accept_seconds")
+        return [
+            (f"{rss.median:.1f} KiB" if rss else DASH) + marks(runs),
+            f"{pte.median * 1024:.0f} B" if pte else DASH,
+            f"{threads.median:.2f}" if threads else DASH,
+            fmt_range(accept, lambda v: f"{v:.2f} s"),
+        ]
+
+    return lines + table(header, peer_rows(grouped, peers, keys, cells))
 
 
 def _stop_section(grouped: dict[CaseKey, dict[str, list[Run]]], peers: list[str]) -> list[str]:
@@ -291,45 +315,40 @@ def _stop_section(grouped: dict[CaseKey, dict[str, list[Run]]], peers: list[str]
         "",
     ]
     header = ["peer", *[f"{k[3]} {k[1]:,}" for k in keys]]
-    rows = []
-    for peer in peers:
-        row = [peer]
-        for key in keys:
-            runs = grouped[key].get(peer, [])
-            if not runs:
-                row.append("")
-                continue
-            exit_time = summarize(
-                float(run["metrics"]["exit_seconds"])
-                for run in runs
-                if "exit_seconds" in run["metrics"]
-            )
-            last = runs[-1]["metrics"]
-            seen = [
-                f"{last.get(name, 0)} {label}"
-                for name, label in (
-                    ("notice_eof", "notice"),
-                    ("notice_reset", "notice+RST"),
-                    ("eof", "EOF"),
-                    ("reset", "RST"),
-                    ("open", "open"),
-                    ("other", "other"),
-                )
-                if last.get(name)
-            ]
-            if last.get("unanswered"):
-                seen.append(f"{last['unanswered']} unanswered")
-            if last.get("partial_echoes"):
-                seen.append(f"{last['partial_echoes']} partial echoes")
-            killed = " (killed)" if last.get("killed") else ""
-            code = last.get("returncode")
-            row.append(
-                f"{fmt_range(exit_time, _fmt_seconds)}, exit {code}{killed}; "
-                + ", ".join(seen)
-                + marks(runs).replace(CLIENT_BOUND_MARK, "")
-            )
-        rows.append(row)
-    return lines + table(header, rows)
+    return lines + table(header, peer_rows(grouped, peers, keys, _stop_cell))
+
+
+def _stop_cell(runs: list[Run], _case: dict[str, list[Run]]) -> str:
+    """The time to exit, the exit code, and what the last repeat's clients saw."""
+    if not runs:
+        return ""
+    exit_time = summarize(
+        float(run["metrics"]["exit_seconds"]) for run in runs if "exit_seconds" in run["metrics"]
+    )
+    last = runs[-1]["metrics"]
+    seen = [
+        f"{last.get(name, 0)} {label}"
+        for name, label in (
+            ("notice_eof", "notice"),
+            ("notice_reset", "notice+RST"),
+            ("eof", "EOF"),
+            ("reset", "RST"),
+            ("open", "open"),
+            ("other", "other"),
+        )
+        if last.get(name)
+    ]
+    if last.get("unanswered"):
+        seen.append(f"{last['unanswered']} unanswered")
+    if last.get("partial_echoes"):
+        seen.append(f"{last['partial_echoes']} partial echoes")
+    killed = " (killed)" if last.get("killed") else ""
+    code = last.get("returncode")
+    return (
+        f"{fmt_range(exit_time, _fmt_seconds)}, exit {code}{killed}; "
+        + ", ".join(seen)
+        + marks(runs).replace(CLIENT_BOUND_MARK, "")
+    )
 
 
 def _fmt_seconds(value: float) -> str:
@@ -522,42 +541,16 @@ def _absolute_goal(
 def goals(grouped: dict[CaseKey, dict[str, list[Run]]]) -> list[Goal]:
     """The goals of issue 7, each from the runs of this results file."""
     out: list[Goal] = []
-    for n in (10, 100, 1_000):
-        out.append(
-            _ratio_goal(
-                grouped,
-                f"echo 1 KiB x{n:,}: throughput >= 1.0{TIMES} threads-bare",
-                "echo",
-                n,
-                "threads-bare",
-                "throughput_rps",
-                floor=1.0,
-            )
-        )
-    for n in (10, 100):
-        out.append(
-            _ratio_goal(
-                grouped,
-                f"echo 1 KiB x{n:,}: throughput >= 1.0{TIMES} asyncio-protocol",
-                "echo",
-                n,
-                "asyncio-protocol",
-                "throughput_rps",
-                floor=1.0,
-            )
-        )
-    for n in (10, 100):
-        out.append(
-            _ratio_goal(
-                grouped,
-                f"short x{n}: connections/s >= 1.0{TIMES} asyncio-protocol",
-                "short",
-                n,
-                "asyncio-protocol",
-                "conns_per_s",
-                floor=1.0,
-            )
-        )
+    # threadserve at least level with a baseline, at each connection count.
+    level = [
+        ("echo", "echo 1 KiB", "throughput", "threads-bare", "throughput_rps", (10, 100, 1_000)),
+        ("echo", "echo 1 KiB", "throughput", "asyncio-protocol", "throughput_rps", (10, 100)),
+        ("short", "short", "connections/s", "asyncio-protocol", "conns_per_s", (10, 100)),
+    ]
+    for workload, label, what, baseline, metric, counts in level:
+        for n in counts:
+            text = f"{label} x{n:,}: {what} >= 1.0{TIMES} {baseline}"
+            out.append(_ratio_goal(grouped, text, workload, n, baseline, metric, floor=1.0))
     out.append(
         _ratio_goal(
             grouped,
@@ -660,13 +653,16 @@ def _short_section(grouped: dict[CaseKey, dict[str, list[Run]]], peers: list[str
         f"Connections completed per second, median (min{DASH}max) over repeats.",
         "",
     ]
-    lines += table(header, _cells(grouped, peers, keys, "conns_per_s", fmt_count))
+    peers = peers_in(grouped, peers, keys)
+    lines += table(header, peer_rows(grouped, peers, keys, range_cell("conns_per_s", fmt_count)))
     for baseline in ("asyncio-protocol", "threads-bare"):
         if any(baseline in grouped[key] for key in keys):
             lines += [f"Ratio to {baseline}, same repeat.", ""]
-            lines += table(header, _ratio_cells(grouped, peers, keys, baseline, "conns_per_s"))
+            cell = ratio_cell(baseline, "conns_per_s")
+            lines += table(header, peer_rows(grouped, peers, keys, cell))
     lines += ["Connect to close (the server's EOF), p50 / p99, medians over repeats.", ""]
-    lines += table(header, _latency_cells(grouped, peers, keys, ("short_p50_us", "short_p99_us")))
+    cell = latency_cell(("short_p50_us", "short_p99_us"))
+    lines += table(header, peer_rows(grouped, peers, keys, cell))
     return lines
 
 
@@ -713,63 +709,6 @@ def _mixed_section(grouped: dict[CaseKey, dict[str, list[Run]]], peers: list[str
         "busy ratio",
     ]
     return lines + table(header, rows)
-
-
-def _cells(
-    grouped: dict[CaseKey, dict[str, list[Run]]],
-    peers: list[str],
-    keys: list[CaseKey],
-    metric: str,
-    fmt: Callable[[float], str],
-) -> list[list[str]]:
-    rows = []
-    for peer in peers:
-        if not any(grouped[key].get(peer) for key in keys):
-            continue
-        row = [peer]
-        for key in keys:
-            runs = grouped[key].get(peer, [])
-            row.append((fmt_range(metric_summary(runs, metric), fmt) if runs else "") + marks(runs))
-        rows.append(row)
-    return rows
-
-
-def _ratio_cells(
-    grouped: dict[CaseKey, dict[str, list[Run]]],
-    peers: list[str],
-    keys: list[CaseKey],
-    baseline: str,
-    metric: str,
-) -> list[list[str]]:
-    rows = []
-    for peer in peers:
-        if not any(grouped[key].get(peer) for key in keys):
-            continue
-        row = [peer]
-        for key in keys:
-            theirs = grouped[key].get(baseline, [])
-            row.append(fmt_ratio(ratio_summary(grouped[key].get(peer, []), theirs, metric)))
-        rows.append(row)
-    return rows
-
-
-def _latency_cells(
-    grouped: dict[CaseKey, dict[str, list[Run]]],
-    peers: list[str],
-    keys: list[CaseKey],
-    metrics: tuple[str, ...],
-) -> list[list[str]]:
-    rows = []
-    for peer in peers:
-        if not any(grouped[key].get(peer) for key in keys):
-            continue
-        row = [peer]
-        for key in keys:
-            runs = grouped[key].get(peer, [])
-            parts = [metric_summary(runs, m) for m in metrics]
-            row.append(" / ".join(fmt_us(p.median) if p else DASH for p in parts))
-        rows.append(row)
-    return rows
 
 
 def _steady_section(runs: list[Run], peers: list[str]) -> list[str]:
