@@ -8,12 +8,12 @@ it (asyncio's default).
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 
 import asyncpg
 from psycopg.conninfo import conninfo_to_dict
 
+from .common import arguments, serve_lines
 from .protocol import BAD_REQUEST, GET_SQL_NUMBERED, SLOW_SQL_NUMBERED, parse, reply
 
 
@@ -30,37 +30,22 @@ async def serve(port: int, dsn: str, size: int, name: str) -> None:
         server_settings={"application_name": name},
     )
 
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while line := await reader.readline():
-                request = parse(line)
-                if request is None:
-                    writer.write(BAD_REQUEST)
-                    continue
-                async with pool.acquire() as pg:
-                    if request.slow:
-                        await pg.execute(SLOW_SQL_NUMBERED, request.value)
-                        row = None
-                    else:
-                        row = await pg.fetchval(GET_SQL_NUMBERED, int(request.value))
-                writer.write(reply(request, row))
-                await writer.drain()
-        except ConnectionError:
-            pass
-        finally:
-            writer.close()
+    async def answer(line: bytes) -> bytes:
+        request = parse(line)
+        if request is None:
+            return BAD_REQUEST
+        async with pool.acquire() as pg:
+            if request.slow:
+                await pg.execute(SLOW_SQL_NUMBERED, request.value)
+                return reply(request, None)
+            return reply(request, await pg.fetchval(GET_SQL_NUMBERED, int(request.value)))
 
-    server = await asyncio.start_server(handle, "127.0.0.1", port, backlog=4096)
-    async with server:
-        await server.serve_forever()
+    await serve_lines(port, answer)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--dsn", required=True)
+    parser = arguments(__doc__, "bench asyncpg")
     parser.add_argument("--pool", type=int, required=True)
-    parser.add_argument("--name", default="bench asyncpg")
     args = parser.parse_args()
     asyncio.run(serve(args.port, args.dsn, args.pool, args.name))
 

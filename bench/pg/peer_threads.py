@@ -8,7 +8,6 @@ the gap between this and threadserve is what threadserve's safety costs.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import socket
 import threading
@@ -16,6 +15,7 @@ from typing import Any
 
 import psycopg_pool
 
+from .common import arguments
 from .psycopg_peer import answer, open_pool
 
 
@@ -31,11 +31,8 @@ def serve_client(sock: socket.socket, pool: psycopg_pool.ConnectionPool[Any]) ->
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--dsn", required=True)
+    parser = arguments(__doc__, "bench threads")
     parser.add_argument("--pool", type=int, required=True)
-    parser.add_argument("--name", default="bench threads")
     args = parser.parse_args()
     pool = open_pool(args.dsn, args.pool, args.name)
     listener = socket.create_server(("127.0.0.1", args.port), backlog=4096)

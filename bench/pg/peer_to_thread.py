@@ -10,12 +10,12 @@ connection per worker thread. SIGTERM kills it (asyncio's default).
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import os
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
+from .common import arguments, serve_lines
 from .psycopg_peer import answer, open_pool
 
 
@@ -28,27 +28,15 @@ async def serve(port: int, dsn: str, workers: int, name: str) -> None:
     pool = open_pool(dsn, workers, name)
     ask = partial(answer, pool)
 
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while line := await reader.readline():
-                writer.write(await asyncio.to_thread(ask, line))
-                await writer.drain()
-        except ConnectionError:
-            pass
-        finally:
-            writer.close()
+    async def answer_in_thread(line: bytes) -> bytes:
+        return await asyncio.to_thread(ask, line)
 
-    server = await asyncio.start_server(handle, "127.0.0.1", port, backlog=4096)
-    async with server:
-        await server.serve_forever()
+    await serve_lines(port, answer_in_thread)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--dsn", required=True)
+    parser = arguments(__doc__, "bench to_thread")
     parser.add_argument("--workers", type=int, default=0, help="0: the default executor")
-    parser.add_argument("--name", default="bench to_thread")
     args = parser.parse_args()
     asyncio.run(serve(args.port, args.dsn, args.workers, args.name))
 
