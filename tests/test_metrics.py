@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import urllib.parse
 import urllib.request
@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 
+import psutil
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
@@ -139,27 +140,109 @@ def test_promtool_finds_nothing_wrong_with_a_scrape() -> None:
     assert result.stderr == b""
 
 
-def test_metrics_with_workers_is_refused_for_now() -> None:
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "threadserve",
-            "serve",
-            "--bind",
-            "127.0.0.1:0",
-            "--workers",
-            "2",
-            "--metrics",
-            "127.0.0.1:0",
-        ],
-        capture_output=True,
-        text=True,
+# ------------------------------------------------------------------ with workers
+
+WORKERS_READY = r"(\d+) workers ready, serving on 127\.0\.0\.1:(\d+)$"
+METRICS_LINE = r"metrics on (http://127\.0\.0\.1:\d+/metrics)"
+
+
+def scrape(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=SETTLE) as response:
+        text: str = response.read().decode()
+        return text
+
+
+def scraped_samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def live_workers(server: ServerProcess) -> set[int]:
+    children = psutil.Process(server.process.pid).children()
+    return {child.pid for child in children if child.status() != psutil.STATUS_ZOMBIE}
+
+
+def test_workers_one_scrape_sums_every_worker_and_counts_restarts() -> None:
+    """--workers 2 --metrics: the supervisor's scrape is the sum, and it never goes back.
+
+    A worker killed (SIGKILL: no last word) and two replaced by a reload
+    leave what they had reported in the sums; the restarts are counted by
+    reason.
+    """
+    with ServerProcess(
+        ["echo", "--bind", "127.0.0.1:0", "--workers", "2", "--metrics", "127.0.0.1:0"],
         env=subprocess_env(),
-        timeout=60,
-    )
-    assert result.returncode == 1, result.stderr
-    assert "--metrics does not work with --workers yet" in result.stderr
+    ) as server:
+        url = server.wait_for_log(METRICS_LINE).group(1)
+        port = int(server.wait_for_log(WORKERS_READY).group(2))
+        last: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+
+        def sums(accepted: float, closed: float) -> bool:
+            nonlocal last
+            last = scraped_samples(scrape(url))
+            return (
+                last[("threadserve_connections_accepted_total", ())] == accepted
+                and last[("threadserve_connections_closed_total", (("reason", "completed"),))]
+                == closed
+            )
+
+        clients = 12
+        for number in range(clients):
+            echo_once(("127.0.0.1", port), b"client %d\n" % number)
+        # Accepted is counted before the echo, closed once the worker's
+        # side has closed: the second can lag the client by a moment.
+        wait_until(lambda: sums(clients, clients), what="the sums", state=lambda: last)
+        text = scrape(url)
+        samples_now = scraped_samples(text)
+        assert samples_now[("threadserve_workers", ())] == 2
+        assert samples_now[("threadserve_bytes_received_total", ())] == sum(
+            len(b"client %d\n" % n) for n in range(clients)
+        )
+        assert samples_now[("threadserve_connection_duration_seconds_count", ())] == clients
+        assert samples_now[("threadserve_threads", ())] >= 2  # Every worker's main thread.
+        result = subprocess.run(
+            ["promtool", "check", "metrics"], input=text.encode(), capture_output=True, timeout=60
+        )
+        assert result.returncode == 0, (result.stdout, result.stderr)
+        assert result.stdout == result.stderr == b""
+
+        # SIGKILL one worker: replaced, counted as crashed, and what it had
+        # reported (every connection above was scraped already) stays.
+        victim = min(live_workers(server))
+        os.kill(victim, signal.SIGKILL)
+        server.wait_for_log(rf"worker {victim} was killed by SIGKILL unexpectedly")
+        restarts = ("threadserve_worker_restarts_total", (("reason", "crashed"),))
+        wait_until(
+            lambda: (
+                sums(clients, clients)
+                and last[restarts] == 1
+                and last[("threadserve_workers", ())] == 2
+            ),
+            what="the crash counted and a replacement serving",
+            state=lambda: last,
+        )
+
+        # A reload replaces both; their last snapshots keep the sums.
+        server.send_signal(signal.SIGHUP)
+        server.wait_for_log(r"reloaded: 2 new workers ready")
+        reloads = ("threadserve_worker_restarts_total", (("reason", "reload"),))
+        wait_until(
+            lambda: sums(clients, clients) and last[reloads] == 2,
+            what="the reload counted",
+            state=lambda: last,
+        )
+        more = 5
+        for number in range(more):
+            echo_once(("127.0.0.1", port), b"after %d\n" % number)
+        wait_until(
+            lambda: sums(clients + more, clients + more), what="the new sums", state=lambda: last
+        )
+        assert last[("threadserve_worker_restarts_total", (("reason", "hung"),))] == 0
+        server.send_signal(signal.SIGTERM)
+        assert server.wait_exit() == 0, server.output()
 
 
 # ------------------------------------------------------------------ a real Prometheus
@@ -194,21 +277,35 @@ def sample_value(sample: dict[str, object]) -> float:
     return float(pair[1])
 
 
-def test_a_real_prometheus_scrapes_the_accepted_count(workdir: Path) -> None:
+@pytest.mark.parametrize("workers", [None, 2], ids=["one-process", "workers-2"])
+def test_a_real_prometheus_scrapes_the_accepted_count(workdir: Path, workers: int | None) -> None:
     clients = 7
+    extra = [] if workers is None else ["--workers", str(workers)]
     with ServerProcess(
-        ["echo", "--bind", "127.0.0.1:0", "--metrics", "127.0.0.1:0"], env=subprocess_env()
+        ["echo", "--bind", "127.0.0.1:0", "--metrics", "127.0.0.1:0", *extra],
+        env=subprocess_env(),
     ) as server:
         target = server.wait_for_log(r"metrics on http://(127\.0\.0\.1:\d+)/metrics").group(1)
         port = int(server.wait_for_log(r"serving on 127\.0\.0\.1:(\d+)$").group(1))
+        if workers is not None:
+            server.wait_for_log(WORKERS_READY)
         for number in range(clients):
             echo_once(("127.0.0.1", port), b"client %d\n" % number)
+        # A connection is counted closed once the server's side has closed,
+        # a moment after the client's: wait for that before Prometheus looks.
+        completed = ("threadserve_connections_closed_total", (("reason", "completed"),))
+        wait_until(
+            lambda: scraped_samples(scrape(f"http://{target}/metrics"))[completed] == clients,
+            what="every connection closed",
+        )
 
         prometheus_port = free_port()
         (workdir / "prometheus.yml").write_text(
             "global:\n"
-            "  scrape_interval: 500ms\n"
-            "  scrape_timeout: 400ms\n"
+            # With workers a scrape waits for their answers: a busy
+            # machine gets a second, rather than a failed scrape.
+            "  scrape_interval: 1s\n"
+            "  scrape_timeout: 1s\n"
             "scrape_configs:\n"
             "  - job_name: threadserve\n"
             "    static_configs:\n"
@@ -253,6 +350,11 @@ def test_a_real_prometheus_scrapes_the_accepted_count(workdir: Path) -> None:
             print(f"Prometheus query threadserve_connections_accepted_total: {seen}")
             (closed,) = query(api, 'threadserve_connections_closed_total{reason="completed"}')
             assert sample_value(closed) == clients
+            if workers is not None:
+                (serving,) = query(api, "threadserve_workers")
+                assert sample_value(serving) == workers
+                restarts = query(api, "sum(threadserve_worker_restarts_total)")
+                assert [sample_value(total) for total in restarts] == [0]
         finally:
             prometheus.terminate()
             try:

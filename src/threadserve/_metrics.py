@@ -24,9 +24,23 @@ connection_duration_seconds            histogram  how long connections lasted
 threads                                gauge      threads in this process
 stops_total{outcome}                   counter    stops, clean or forced
 stop_duration_seconds                  histogram  how long stops took
+proxy_rejected_total                   counter    bad, late or untrusted PROXY headers
+workers                                gauge      worker processes serving (with workers)
+worker_restarts_total{reason}          counter    workers replaced, by RestartReason
 =====================================  =========  ==========================================
 
-Every label value comes from an enum (_events.py): a fixed, small set.
+Every label value comes from an enum (_events.py, _workerstats.py): a
+fixed, small set.
+
+With ``--workers`` the supervisor serves the metrics (``SupervisorCollector``):
+at scrape time it asks every worker for its statistics and reports their
+sums, plus what the workers gone before had counted (see _workerstats.py):
+counters do not go back when a worker is replaced, and ``threads`` is the
+workers' threads. Each worker's stop counts in ``stops_total`` (a reload
+stops the old workers). The ``process_*`` and ``python_*`` metrics of the
+default registry are the supervisor's own. An upgrade (SIGUSR2) hands over
+to a new supervisor whose counts start at zero: Prometheus sees a counter
+reset, which ``rate()`` and ``increase()`` take in their stride.
 
 This module imports ``prometheus_client``; nothing in the core imports it
 unless a server is given ``metrics=``.
@@ -50,9 +64,11 @@ from prometheus_client.registry import Collector, CollectorRegistry
 
 from ._events import Histogram
 from ._exceptions import ConfigurationError
+from ._server import ServerStatistics
 
 if TYPE_CHECKING:
     from ._server import Server
+    from ._supervisor import Supervisor
 
 PREFIX = "threadserve_"
 
@@ -64,57 +80,83 @@ class ServerCollector(Collector):
         self._server = server
 
     def collect(self) -> Iterator[Metric]:
-        stats = self._server.statistics()
-        counters = stats.counters
-        yield _gauge(
-            "connections_active", "Connections being served now.", stats.connections_active
-        )
-        yield _counter(
-            "connections_accepted",
-            "Clients admitted and given a thread.",
-            stats.connections_accepted,
-        )
-        closed = CounterMetricFamily(
-            PREFIX + "connections_closed", "Connections that ended, by reason.", labels=["reason"]
-        )
-        for reason, count in counters.closed.items():
-            closed.add_metric([reason.value], count)
-        yield closed
-        rejected = CounterMetricFamily(
-            PREFIX + "connections_rejected",
-            "Clients turned away without a thread, by reason.",
+        return statistics_families(self._server.statistics(), threading.active_count())
+
+
+class SupervisorCollector(Collector):
+    """Sums over a supervisor's workers, at scrape time (see the module docstring)."""
+
+    def __init__(self, supervisor: Supervisor) -> None:
+        self._supervisor = supervisor
+
+    def collect(self) -> Iterator[Metric]:
+        total = self._supervisor.collect()
+        yield from statistics_families(total.statistics, total.threads)
+        record = self._supervisor.statistics
+        yield _gauge("workers", "Worker processes serving now.", record.workers)
+        restarts = CounterMetricFamily(
+            PREFIX + "worker_restarts",
+            "Worker processes replaced by the supervisor, by reason.",
             labels=["reason"],
         )
-        for why, count in counters.rejected.items():
-            rejected.add_metric([why.value], count)
-        yield rejected
-        yield _counter("bytes_received", "Bytes read from clients.", stats.bytes_received)
-        yield _counter("bytes_sent", "Bytes written to clients.", stats.bytes_sent)
-        yield _counter(
-            "handler_errors", "Unexpected exceptions raised by the handler.", stats.handler_errors
-        )
-        yield _counter(
-            "accept_errors",
-            "accept() failures for want of a resource (descriptors, memory, threads).",
-            stats.accept_errors,
-        )
-        yield _histogram(
-            "connection_duration_seconds",
-            "How long connections lasted, from accept to close.",
-            counters.connection_durations,
-        )
-        yield _gauge("threads", "Threads in this process.", threading.active_count())
-        stops = CounterMetricFamily(
-            PREFIX + "stops", "Server stops, by outcome.", labels=["outcome"]
-        )
-        for outcome, count in counters.stops.items():
-            stops.add_metric([outcome.value], count)
-        yield stops
-        yield _histogram(
-            "stop_duration_seconds",
-            "How long stops took, from the request to the last connection closed.",
-            counters.stop_durations,
-        )
+        for reason, count in record.restarts().items():
+            restarts.add_metric([reason.value], count)
+        yield restarts
+
+
+def statistics_families(stats: ServerStatistics, threads: int) -> Iterator[Metric]:
+    """The metric families of one server's statistics, or of a sum over workers."""
+    counters = stats.counters
+    yield _gauge("connections_active", "Connections being served now.", stats.connections_active)
+    yield _counter(
+        "connections_accepted",
+        "Clients admitted and given a thread.",
+        stats.connections_accepted,
+    )
+    closed = CounterMetricFamily(
+        PREFIX + "connections_closed", "Connections that ended, by reason.", labels=["reason"]
+    )
+    for reason, count in counters.closed.items():
+        closed.add_metric([reason.value], count)
+    yield closed
+    rejected = CounterMetricFamily(
+        PREFIX + "connections_rejected",
+        "Clients turned away without a thread, by reason.",
+        labels=["reason"],
+    )
+    for why, count in counters.rejected.items():
+        rejected.add_metric([why.value], count)
+    yield rejected
+    yield _counter("bytes_received", "Bytes read from clients.", stats.bytes_received)
+    yield _counter("bytes_sent", "Bytes written to clients.", stats.bytes_sent)
+    yield _counter(
+        "handler_errors", "Unexpected exceptions raised by the handler.", stats.handler_errors
+    )
+    yield _counter(
+        "accept_errors",
+        "accept() failures for want of a resource (descriptors, memory, threads).",
+        stats.accept_errors,
+    )
+    yield _histogram(
+        "connection_duration_seconds",
+        "How long connections lasted, from accept to close.",
+        counters.connection_durations,
+    )
+    yield _gauge("threads", "Threads serving: this process's, or all workers'.", threads)
+    stops = CounterMetricFamily(PREFIX + "stops", "Server stops, by outcome.", labels=["outcome"])
+    for outcome, count in counters.stops.items():
+        stops.add_metric([outcome.value], count)
+    yield stops
+    yield _histogram(
+        "stop_duration_seconds",
+        "How long stops took, from the request to the last connection closed.",
+        counters.stop_durations,
+    )
+    yield _counter(
+        "proxy_rejected",
+        "Connections closed for a bad, late or untrusted PROXY header.",
+        stats.proxy_rejected,
+    )
 
 
 def register(server: Server, registry: CollectorRegistry) -> ServerCollector:

@@ -13,7 +13,10 @@ control channel; nothing polls on a timer except the deadlines it knows of
 Signal handlers only queue the signal and write a byte to the self-pipe;
 the main loop handles them in order (gunicorn's arbiter has this shape):
 
-* SIGINT, SIGTERM: stop. Every worker gets SIGTERM at once and stops
+* SIGINT, SIGTERM: stop. With a drain delay, the workers first go on
+  serving for that long while the agent (``--agent-bind``, answered here,
+  not by the workers) says ``drain``; a second signal during the delay
+  ends it and forces. Then every worker gets SIGTERM at once and stops
   gracefully in parallel, keeping the stop contract. Once they have all
   closed their listeners, the supervisor tells the clients still waiting in
   the shared listen queue (notice, FIN, lingering close) and closes it. A
@@ -21,7 +24,11 @@ the main loop handles them in order (gunicorn's arbiter has this shape):
   worker drained, 3 when any was forced.
 * SIGHUP: reload. N new workers start (importing the handler afresh); once
   every one has said ``ready``, the old ones stop gracefully. A new worker
-  that cannot start aborts the reload and the old ones keep serving.
+  that cannot start aborts the reload and the old ones keep serving. The
+  agent says ``up ready`` throughout, with no drain delay: the old workers
+  hand the shared queue over to ready new ones, so the instance as a whole
+  never stops accepting, and telling the load balancer to drain it would
+  only move its clients elsewhere for nothing.
 * SIGTTIN, SIGTTOU: one worker more, one fewer (never fewer than one).
 * SIGUSR2: upgrade the supervisor itself (see _upgrade.py). A successor
   (``sys.executable -m threadserve`` with the same arguments: a new
@@ -46,6 +53,11 @@ Boot failure: a worker that exits before ``ready`` at the first start makes
 the supervisor stop the others and exit 1 with the worker's message. Later
 (replacing a dead worker, recycling, scaling) the failure is logged and not
 retried, so a broken handler on disk never becomes a restart loop.
+
+Metrics (``--metrics``): the supervisor serves them, summed over its
+workers (see _workerstats.py): a scrape wakes this loop, which asks every
+worker for a snapshot over its channel and waits a moment for the answers.
+Restarts are counted here by reason.
 """
 
 from __future__ import annotations
@@ -58,20 +70,26 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from ._agent import AgentResponder
 from ._connection import DEFAULT_CHUNK_SIZE
 from ._exceptions import ConfigurationError
 from ._listeners import LISTEN_BACKLOG, BindAddress, Listener, open_listeners
 from ._pidfile import remove_pid_file, write_pid_file
-from ._server import _tell
+from ._stop import _tell
 from ._systemd import Notifier
 from ._upgrade import FATAL as UPGRADE_FATAL
 from ._upgrade import READY as UPGRADE_READY
 from ._upgrade import TAKE_OVER, Predecessor, Successor
 from ._worker import BEAT, CLOSED, DUMP_SIGNAL, FATAL, PAUSE, READY, RECYCLE
+from ._workerstats import REPLY as STATS_REPLY
+from ._workerstats import REQUEST as STATS_REQUEST
+from ._workerstats import RestartReason, Snapshot, WorkerStatistics
+from ._workerstats import decode as decode_statistics
 
 logger = logging.getLogger("threadserve")
 
@@ -93,6 +111,9 @@ HANDOVER_SETTLE = 0.25
 #: A successor (SIGUSR2) not ready after this many worker timeouts is
 #: stopped: it has its own interpreter and all its workers to start.
 UPGRADE_TIMEOUTS = 2
+#: How long a metrics scrape waits for the workers' snapshots; a worker
+#: that has not answered by then counts with its latest one.
+STATISTICS_WAIT = 1.0
 SIGNALS = (
     signal.SIGINT,
     signal.SIGTERM,
@@ -140,7 +161,9 @@ class Supervisor:
     worker TCP listeners of its own, bound like the ones given.
     ``predecessor``: this supervisor is an upgrade's successor, taking over
     from that one (see _upgrade.py). ``pid_file``: kept naming the
-    supervisor to signal (see _pidfile.py).
+    supervisor to signal (see _pidfile.py). ``agent``: the HAProxy agent
+    responder, bound already, answered from here. ``drain_delay``: on a
+    stop signal, keep serving this long while the agent says ``drain``.
     """
 
     def __init__(
@@ -158,8 +181,23 @@ class Supervisor:
         environ: dict[str, str] | None = None,
         predecessor: Predecessor | None = None,
         pid_file: str | None = None,
+        agent: AgentResponder | None = None,
+        drain_delay: float = 0.0,
     ) -> None:
         self.command = list(command)
+        self.agent = agent
+        self.drain_delay = drain_delay
+        self._drain_until: float | None = None
+        #: What the workers counted, for --metrics (see _workerstats.py).
+        self.statistics = WorkerStatistics()
+        # A scrape (another thread) asks for round N; the main loop asks the
+        # workers and marks the round done once all answered or left.
+        self._stats_changed = threading.Condition()
+        self._stats_asked = 0
+        self._stats_done = 0
+        self._stats_round = 0
+        self._stats_awaited: set[int] = set()
+        self._stats_round_until = 0.0
         self.listeners = listeners
         self.wanted = workers
         self.reuse_port = reuse_port
@@ -257,6 +295,7 @@ class Supervisor:
             self._reap()
             self._check_deadlines()
             self._advance()
+            self._ask_statistics()
 
     def _wait(self, deadline: float | None) -> None:
         poller = select.poll()
@@ -300,6 +339,8 @@ class Supervisor:
                 deadlines.append(worker.last_beat + self.worker_timeout)
         if self._dismissed:
             deadlines.append(self._dismiss_until)
+        if self._drain_until is not None and not self._stopping:
+            deadlines.append(self._drain_until)
         if self._successor is not None:
             deadlines += [
                 t for t in (self._successor.terminate_at, self._successor.kill_at) if t is not None
@@ -327,7 +368,13 @@ class Supervisor:
             if self._per_worker:
                 own = self._spare or open_listeners(self._per_worker, reuse_port=True)
                 self._spare = []
-            args = [*self.command, "--worker-control", str(child.fileno())]
+            args = [
+                *self.command,
+                "--worker-control",
+                str(child.fileno()),
+                "--worker-supervisor",
+                str(os.getpid()),
+            ]
             for listener in self.listeners:
                 args += ["--worker-listen", str(listener.fileno())]
             for listener in own:
@@ -373,15 +420,23 @@ class Supervisor:
                 message = b""
             if not message:
                 worker.channel.close()  # Exiting: SIGCHLD and the reap do the rest.
+                self._answered(worker.pid)
                 return
             worker.last_beat = time.monotonic()
-            if message == READY:
+            if message.startswith(STATS_REPLY):
+                try:
+                    self.statistics.update(worker.pid, decode_statistics(message))
+                except ValueError as exc:
+                    logger.warning("worker %d: %s", worker.pid, exc)
+                self._answered(worker.pid)
+            elif message == READY:
                 worker.ready = True
                 logger.info("worker %d ready", worker.pid)
             elif message == CLOSED:
                 worker.accepting = False
             elif message == RECYCLE and not worker.stopping and worker.replaced_by is None:
                 logger.info("worker %d reached its connection limit: replacing it", worker.pid)
+                self.statistics.restarted(RestartReason.RECYCLED)
                 self._spawn(replacing=worker)
             elif message.startswith(FATAL):
                 worker.fatal = message[len(FATAL) :].decode(errors="replace")
@@ -395,7 +450,11 @@ class Supervisor:
                 continue
             worker.exit_status = status
             self.workers.remove(worker)
+            if worker.channel.fileno() >= 0:
+                self._read_channel(worker)  # Its last words: a final snapshot.
             worker.channel.close()
+            self.statistics.retire(worker.pid)
+            self._answered(worker.pid)
             self._on_exit(worker, status)
 
     def _on_exit(self, worker: Worker, status: int) -> None:
@@ -436,8 +495,10 @@ class Supervisor:
             logger.error(
                 "hung worker %d ended (%s) after its stacks: replacing it", worker.pid, how
             )
+            self.statistics.restarted(RestartReason.HUNG)
         else:
             logger.error("worker %d %s unexpectedly: replacing it", worker.pid, how)
+            self.statistics.restarted(RestartReason.CRASHED)
         if not self._stopping and not self._handed_over():
             self._spawn()
 
@@ -463,6 +524,13 @@ class Supervisor:
                 worker.terminate_at = None
                 _forward(worker, signal.SIGTERM)
         self._check_successor(now)
+        if self._drain_until is not None and now >= self._drain_until and not self._stopping:
+            logger.warning(
+                "drain delay over: stopping %d workers gracefully (grace %.1f s)",
+                len(self.workers),
+                self.grace,
+            )
+            self._begin_stop(quiet=True)  # STOPPING=1 went out when the drain began.
         if self._dismissed and now >= self._dismiss_until:
             for sock in self._dismissed.values():
                 sock.close()
@@ -496,6 +564,8 @@ class Supervisor:
                 self._stop_worker(worker, handover=True)
             if not self._booted:
                 self._booted = True
+                if self.agent is not None:
+                    self.agent.start()  # Every worker accepts: "up ready" from now on.
                 logger.info(
                     "%d workers ready, serving on %s", len(new), ", ".join(self._all_addresses())
                 )
@@ -506,12 +576,15 @@ class Supervisor:
                 logger.info(
                     "reloaded: %d new workers ready, %d old ones stopping", len(new), len(old)
                 )
+                for _ in old:
+                    self.statistics.restarted(RestartReason.RELOAD)
             self.notifier.ready(self._status("serving"))
         for worker in self.workers:
             if worker.replaced_by is not None and worker.replaced_by.ready and not worker.stopping:
                 self._stop_worker(worker, handover=True)
         if self._stopping and self.listeners and all(not w.accepting for w in self.workers):
             self._dismiss_queues()
+        self.statistics.set_workers(sum(1 for w in self.workers if w.ready and not w.stopping))
 
     def _adjust(self, change: int) -> None:
         if self._stopping:
@@ -536,7 +609,16 @@ class Supervisor:
             return  # The reap after every wake-up handles it.
         name = _signal_name(signum)
         if signum in (signal.SIGINT, signal.SIGTERM):
-            if self._stopping and self._boot_error is None:
+            if self._drain_until is not None and not self._stopping:
+                logger.warning("%s received again: ending the drain, forcing every worker", name)
+                self._begin_stop(quiet=True)
+                self._forced = True
+                for worker in self.workers:
+                    # SIGTERM went out just now; a worker's server takes a
+                    # different second signal as the second one even if both
+                    # are still pending (the same one twice would merge).
+                    _forward(worker, signal.SIGINT)
+            elif self._stopping and self._boot_error is None:
                 logger.warning("%s received again: forcing every worker", name)
                 self._forced = True
                 for worker in self.workers:
@@ -544,6 +626,18 @@ class Supervisor:
                 if self._upgrading():
                     assert self._successor is not None
                     self._successor.signal(signal.SIGTERM)
+            elif self.drain_delay and self._booted and not self._upgrading():
+                logger.warning(
+                    "%s received: draining for %.1f s (the agent says drain, the workers "
+                    "go on serving), then stopping; send it again to force",
+                    name,
+                    self.drain_delay,
+                )
+                self._drain_until = time.monotonic() + self.drain_delay
+                self._reload = None
+                if self.agent is not None:
+                    self.agent.drain()
+                self.notifier.stopping(self._status("draining"))
             else:
                 logger.warning(
                     "%s received: stopping %d workers gracefully (grace %.1f s); send it "
@@ -553,7 +647,7 @@ class Supervisor:
                     self.grace,
                 )
                 self._begin_stop()
-        elif self._stopping:
+        elif self._stopping or self._drain_until is not None:
             logger.info("%s ignored: stopping", name)
         elif self._successor is not None:
             what = "handing over to" if self._successor.handed_over else "upgrading to"
@@ -577,6 +671,8 @@ class Supervisor:
             return
         self._stopping = True
         self._reload = None
+        if self.agent is not None:
+            self.agent.drain()
         if not quiet:
             self.notifier.stopping(self._status("stopping"))
         for worker in self.workers:
@@ -585,6 +681,59 @@ class Supervisor:
             assert self._successor is not None
             logger.info("stopping the new supervisor %d too", self._successor.pid)
             self._successor.signal(signal.SIGTERM)
+
+    # ------------------------------------------------------------------ statistics
+
+    def collect(self, timeout: float = STATISTICS_WAIT) -> Snapshot:
+        """Fresh sums over every worker (from another thread: a metrics scrape).
+
+        Wakes the main loop, which asks each worker; returns once all have
+        answered, or after ``timeout`` with the latest snapshots known.
+        """
+        with self._stats_changed:
+            self._stats_asked += 1
+            wanted = self._stats_asked
+        with contextlib.suppress(BlockingIOError, OSError):
+            os.write(self._wake_w, b"\0")
+        with self._stats_changed:
+            self._stats_changed.wait_for(lambda: self._stats_done >= wanted, timeout)
+        return self.statistics.total()
+
+    def _ask_statistics(self) -> None:
+        """A scrape asked and no round is out: ask every worker that can answer."""
+        with self._stats_changed:
+            if self._stats_asked <= self._stats_round:
+                return
+            if self._stats_awaited:
+                if time.monotonic() < self._stats_round_until:
+                    return  # This round's answers are still coming.
+                # A worker that never answered (a hung one, killed soon):
+                # give the round up, so the next scrape asks anew.
+                self._stats_awaited = set()
+                self._stats_done = self._stats_round
+                self._stats_changed.notify_all()
+            self._stats_round = self._stats_asked
+        awaited = set()
+        for worker in self.workers:
+            if worker.channel.fileno() >= 0:
+                with contextlib.suppress(OSError):
+                    worker.channel.send(STATS_REQUEST)
+                    awaited.add(worker.pid)
+        with self._stats_changed:
+            self._stats_awaited = awaited
+            if not awaited:
+                self._stats_done = self._stats_round
+                self._stats_changed.notify_all()
+            self._stats_round_until = time.monotonic() + STATISTICS_WAIT
+
+    def _answered(self, pid: int) -> None:
+        with self._stats_changed:
+            if pid not in self._stats_awaited:
+                return
+            self._stats_awaited.discard(pid)
+            if not self._stats_awaited:
+                self._stats_done = self._stats_round
+                self._stats_changed.notify_all()
 
     # ------------------------------------------------------------------ the shared queue
 
@@ -804,6 +953,8 @@ class Supervisor:
     def _close(self) -> None:
         if self._stopping and self.listeners:
             self._dismiss_queues()
+        if self.agent is not None:
+            self.agent.close()
         for sock in self._dismissed.values():
             sock.close()
         self._dismissed.clear()

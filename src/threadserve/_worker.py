@@ -10,9 +10,14 @@ stops gracefully, a second forces. Nothing of the supervisor's threads,
 pipes or eventfds exists here, since nothing was forked.
 
 The control channel is a ``SOCK_SEQPACKET`` socket pair, one message per
-packet. The supervisor sends one message, ``pause``: stop accepting (the
-other workers take over the shared queue) but go on serving; SIGTERM
-follows a moment later. The worker sends:
+packet. The supervisor sends two messages:
+
+* ``pause``: stop accepting (the other workers take over the shared queue)
+  but go on serving; SIGTERM follows a moment later.
+* ``stats?``: answer with a statistics snapshot (see _workerstats.py); the
+  supervisor sums them for ``--metrics``.
+
+The worker sends:
 
 * ``ready``: the handler imported, the server built, its accept loop and
   signal handlers about to run; send clients.
@@ -23,9 +28,16 @@ follows a moment later. The worker sends:
 * ``recycle``: ``--max-worker-connections`` reached; the supervisor starts a
   replacement and stops this worker once the replacement is ready.
 * ``fatal MESSAGE``: the worker could not start; it exits 1.
+* ``stats {...}``: a statistics snapshot, asked for or (once its server has
+  stopped, just before it exits) its last word.
 
 The same thread watches the channel for end-of-file: the supervisor is gone,
-so the worker stops gracefully instead of living on as an orphan.
+so the worker stops gracefully instead of living on as an orphan. On Linux
+the worker also asks the kernel for SIGTERM when its parent dies
+(``PR_SET_PDEATHSIG``): the same graceful stop, even if the channel were
+somehow still open elsewhere. (A worker wedged holding the GIL runs no
+Python signal handler either; that one the supervisor's heartbeat kills,
+while the supervisor lives.)
 
 SIGUSR2 is ignored: it is for the supervisor (an upgrade), and ``systemctl
 kill -s USR2`` sends it to every process of the unit, workers included.
@@ -39,6 +51,8 @@ leaves the stacks in the log and the exit status says the dump is complete.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import faulthandler
 import logging
 import os
@@ -52,6 +66,8 @@ from collections.abc import Callable
 
 from ._exceptions import ThreadserveError
 from ._server import Server
+from ._workerstats import REQUEST as STATS_REQUEST
+from ._workerstats import encode as encode_statistics
 
 logger = logging.getLogger("threadserve")
 
@@ -61,6 +77,9 @@ CLOSED = b"closed"
 RECYCLE = b"recycle"
 FATAL = b"fatal "
 PAUSE = b"pause"
+
+#: Linux's prctl option: a signal for this process when its parent dies.
+PR_SET_PDEATHSIG = 1
 
 #: Asks a worker for its stacks (then it ends): see the module docstring.
 DUMP_SIGNAL = signal.SIGUSR1
@@ -81,14 +100,18 @@ def run_worker(
     *,
     beat_interval: float,
     max_connections: int | None = None,
+    supervisor: int | None = None,
 ) -> int:
     """Serve as a worker until stopped; return the exit status.
 
     ``build_server(on_serving, on_stop_accepting)`` builds the Server on the
     inherited listeners; a ThreadserveError from it (the handler does not import, say)
     goes to the supervisor as ``fatal`` and the exit status is 1.
+    ``supervisor``: the supervisor's pid, for the parent-death signal.
     """
     channel = socket.socket(fileno=control_fd)
+    if supervisor is not None:
+        stop_with_parent(supervisor)
     # A do-nothing handler rather than SIG_IGN: an ignored signal would stay
     # ignored in every program a handler starts.
     signal.signal(signal.SIGUSR2, _ignore)
@@ -123,6 +146,9 @@ def run_worker(
                     finished.set()
                     os.write(wake_w, b"\0")
                     watcher.join(beat_interval + 1.0)
+                    # The last word: what this worker counted up to its end,
+                    # so the supervisor's sums keep it once the worker is gone.
+                    _send(channel, encode_statistics(server.statistics(), threading.active_count()))
         finally:
             os.close(wake_r)
             os.close(wake_w)
@@ -153,6 +179,9 @@ def _watch(
                 message = channel.recv(64, socket.MSG_DONTWAIT)
                 if message == PAUSE:
                     server.pause_accepting()
+                elif message == STATS_REQUEST:
+                    stats = server.statistics()
+                    _send(channel, encode_statistics(stats, threading.active_count()))
                 if message:
                     continue
             if not finished.is_set():
@@ -166,6 +195,26 @@ def _watch(
         if limit is not None and accepted >= limit and not recycle_sent:
             logger.info("served %d connections (limit %d): asking to be recycled", accepted, limit)
             recycle_sent = _send(channel, RECYCLE)
+
+
+def stop_with_parent(parent: int) -> bool:
+    """Ask Linux for SIGTERM when ``parent`` (the supervisor) dies; False where unsupported.
+
+    The request binds to the parent as it is when made, so a supervisor
+    that died before it leaves this worker reparented already: then it is
+    stopped at once, the same way.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0) != 0:
+            return False
+    except (OSError, AttributeError):
+        return False
+    if os.getppid() != parent:
+        os.kill(os.getpid(), signal.SIGTERM)
+    return True
 
 
 def _ignore(signum: int, frame: object) -> None:

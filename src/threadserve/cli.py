@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import __version__
 from ._admission import OverloadPolicy, default_max_connections
+from ._agent import AgentResponder
 from ._environ import HELP as ENVIRONMENT_HELP
 from ._environ import parse_args
 from ._exceptions import ConfigurationError, ThreadserveError
@@ -217,7 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.0,
         metavar="S",
         help="on SIGTERM or SIGINT keep serving this long while the agent says drain, "
-        "then stop as usual (default: 0)",
+        "then stop as usual; with --workers the supervisor answers the agent, which says "
+        "'up ready' through a SIGHUP reload (default: 0)",
     )
     serve.add_argument(
         "--log-level",
@@ -236,7 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--metrics",
         metavar="ADDR",
-        help="serve Prometheus metrics at http://ADDR/metrics, ADDR being HOST:PORT "
+        help="serve Prometheus metrics at http://ADDR/metrics, ADDR being HOST:PORT; with "
+        "--workers the supervisor serves the sums over every worker "
         "(needs pip install 'threadserve[metrics]'; default: off)",
     )
     _add_worker_options(serve)
@@ -283,6 +286,7 @@ def _add_worker_options(serve: argparse.ArgumentParser) -> None:
     )
     # Set by the supervisor on its workers' command lines only.
     serve.add_argument("--worker-control", type=int, help=argparse.SUPPRESS)
+    serve.add_argument("--worker-supervisor", type=int, help=argparse.SUPPRESS)
     serve.add_argument("--worker-listen", action="append", default=[], help=argparse.SUPPRESS)
 
 
@@ -363,10 +367,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         activated = activated_sockets()
         bind = [] if handover else resolve_binds(args.bind, activated) or [DEFAULT_BIND]
         if args.workers is not None or handover is not None:
-            if args.agent_bind:
-                raise ConfigurationError("--agent-bind does not work with --workers yet")
-            if args.metrics:
-                raise ConfigurationError("--metrics does not work with --workers yet")
             return _run_supervisor(args, argv, bind, handover)
         notifier = Notifier()
         registry = _metrics_registry() if args.metrics else None
@@ -491,6 +491,25 @@ def _run_supervisor(
         listeners = open_listeners(
             [parse_bind_address(spec) for spec in bind], reuse_port=args.reuse_port
         )
+    agent: AgentResponder | None = None
+    endpoint: MetricsEndpoint | None = None
+    try:
+        # Bound here, before any worker starts, so a bad address fails at once.
+        if args.agent_bind:
+            agent = AgentResponder(args.agent_bind)
+            logger.info("agent-check answered on %s (by the supervisor)", agent.addresses[0])
+        registry = _metrics_registry() if args.metrics else None
+        if registry is not None:
+            from ._metrics import MetricsEndpoint
+
+            endpoint = MetricsEndpoint(args.metrics, registry)
+            logger.info("metrics on %s (the sums over every worker)", endpoint.url)
+    except BaseException:
+        if agent is not None:
+            agent.close()
+        for listener in listeners:
+            listener.close()
+        raise
     supervisor = Supervisor(
         # The workers run this same command line; the options that make a
         # supervisor are ignored there (--worker-control wins).
@@ -504,7 +523,13 @@ def _run_supervisor(
         notifier=Notifier(),
         predecessor=predecessor,
         pid_file=args.pid_file,
+        agent=agent,
+        drain_delay=args.drain_delay,
     )
+    if registry is not None:
+        from ._metrics import SupervisorCollector
+
+        registry.register(SupervisorCollector(supervisor))
     logger.info(
         "supervisor %d: %d workers on %s%s",
         os.getpid(),
@@ -512,11 +537,19 @@ def _run_supervisor(
         ", ".join(supervisor.addresses),
         f" (upgrade: taking over from supervisor {predecessor.pid})" if predecessor else "",
     )
-    return supervisor.run()
+    try:
+        return supervisor.run()
+    finally:
+        if endpoint is not None:
+            endpoint.close()
 
 
 def _run_worker(args: argparse.Namespace) -> int:
     """This process is one of a supervisor's workers (see _worker.py)."""
+    # The supervisor answers the agent, drains and serves the metrics; a
+    # worker runs the same command line but does none of these itself.
+    args.agent_bind = None
+    args.drain_delay = 0.0
     listeners: list[str | Listener] = []
     try:
         for spec in args.worker_listen:
@@ -532,6 +565,7 @@ def _run_worker(args: argparse.Namespace) -> int:
         ),
         beat_interval=min(1.0, args.worker_timeout / 4),
         max_connections=args.max_worker_connections,
+        supervisor=args.worker_supervisor,
     )
 
 
