@@ -29,9 +29,10 @@ and talk with ``nc 127.0.0.1 7002`` from a few terminals.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from collections.abc import Sequence
+
+import _run  # The options, logging and exit status the examples share.
 
 import threadserve
 
@@ -66,15 +67,11 @@ class Chat:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="chat.py",
-        description="A chat server: every line a client sends goes to every connected client.",
-    )
-    parser.add_argument(
-        "--bind",
-        action="append",
-        metavar="ADDR",
-        help="HOST:PORT, [IPV6]:PORT or unix:PATH; repeat for several (default: 127.0.0.1:7002)",
+    parser = _run.arguments(
+        "chat",
+        "A chat server: every line a client sends goes to every connected client.",
+        bind="127.0.0.1:7002",
+        max_connections=None,
     )
     parser.add_argument(
         "--max-queued",
@@ -83,32 +80,19 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="BYTES",
         help="cut off a client once this many bytes wait for it (default: %(default)s)",
     )
-    parser.add_argument("--max-connections", type=int, default=None, metavar="N")
-    parser.add_argument("--grace", type=float, default=5.0, metavar="S")
-    parser.add_argument("--log-level", default="info")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    try:
-        server = threadserve.Server(
+    args = _run.parse(build_parser(), argv)
+    with _run.start_up_errors("chat"):
+        report = threadserve.serve(
             Chat(args.max_queued),
-            args.bind or ["127.0.0.1:7002"],
+            args.bind,
             max_connections=args.max_connections,
             grace=args.grace,
         )
-    except (threadserve.ThreadserveError, ValueError) as exc:
-        print(f"chat: error: {exc}", file=sys.stderr)
-        return 1
-    with server:
-        report = server.serve_forever()
-    return 0 if report.clean else 3
+    return _run.exit_status(report)
 
 
 if __name__ == "__main__":

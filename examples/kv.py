@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import itertools
-import logging
 import re
 import sqlite3
 import sys
@@ -41,6 +40,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+import _run  # The options, logging and exit status the examples share.
 import resp
 from resp import OK, Encoder, Limits, ProtocolError, RequestParser
 
@@ -565,15 +565,12 @@ class KeyValueHandler:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description="A Redis-protocol key-value server on threadserve, stored in SQLite.",
+    parser = _run.arguments(
+        "kv",
+        "A Redis-protocol key-value server on threadserve, stored in SQLite.",
+        bind="127.0.0.1:6379",
+        max_connections=None,
         epilog="example: python examples/kv.py --bind 127.0.0.1:6380 --db kv.sqlite3",
-    )
-    parser.add_argument(
-        "--bind",
-        action="append",
-        metavar="ADDR",
-        help="HOST:PORT, [IPV6]:PORT or unix:PATH; repeatable (default 127.0.0.1:6379)",
     )
     parser.add_argument("--db", default="kv.sqlite3", metavar="FILE", help="the SQLite file")
     parser.add_argument(
@@ -582,38 +579,27 @@ def build_parser() -> argparse.ArgumentParser:
         default="normal",
         help="normal: commits survive the process ending (the default); full: also power loss",
     )
-    parser.add_argument("--grace", type=float, default=5.0, help="seconds to drain at stop")
-    parser.add_argument("--max-connections", type=int, default=None)
     parser.add_argument("--idle-timeout", type=float, default=None, help="close idle clients")
     parser.add_argument(
         "--max-bulk", type=int, default=Limits.max_bulk, help="largest argument, in bytes"
-    )
-    parser.add_argument(
-        "--log-level", choices=["debug", "info", "warning", "error"], default="info"
     )
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(message)s"
-    )
+    args = _run.parse(build_parser(), argv)
     handler = KeyValueHandler(Database(args.db, args.synchronous), Limits(max_bulk=args.max_bulk))
-    try:
+    with _run.start_up_errors("kv"):
         report = threadserve.serve(
             handler,
-            args.bind or ["127.0.0.1:6379"],
+            args.bind,
             grace=args.grace,
             goodbye=GOODBYE,
             notices=NOTICES,
             max_connections=args.max_connections,
             timeouts=threadserve.Timeouts(idle=args.idle_timeout),
         )
-    except threadserve.ThreadserveError as exc:
-        print(f"kv: {exc}", file=sys.stderr)
-        return 1
-    return 0 if report.clean else 3
+    return _run.exit_status(report)
 
 
 if __name__ == "__main__":

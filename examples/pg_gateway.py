@@ -35,6 +35,7 @@ import sys
 import threading
 from collections.abc import Sequence
 
+import _run  # The options, logging and exit status the examples share.
 import psycopg
 import psycopg_pool
 
@@ -206,17 +207,14 @@ def create_demo_table(dsn: str, rows: int) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description="Answer 'GET <id>' lines with rows of a PostgreSQL table, as JSON."
+    parser = _run.arguments(
+        "pg_gateway",
+        "Answer 'GET <id>' lines with rows of a PostgreSQL table, as JSON.",
+        bind="127.0.0.1:7000",
+        max_connections=20,
+        max_connections_help="clients served at once, and so the pool's largest size",
     )
-    parser.add_argument("--bind", action="append", help="HOST:PORT or unix:PATH (repeatable)")
     parser.add_argument("--dsn", required=True, help="libpq connection string or URI")
-    parser.add_argument(
-        "--max-connections",
-        type=int,
-        default=20,
-        help="clients served at once, and so the pool's largest size (default: 20)",
-    )
     parser.add_argument(
         "--pool-min",
         type=int,
@@ -232,26 +230,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--max-sleep", type=float, default=60.0, help="longest SLOW accepted (default: 60 s)"
     )
-    parser.add_argument("--grace", type=float, default=5.0, help="stop grace period (default: 5 s)")
     parser.add_argument("--demo-rows", type=int, default=0, help="create and fill table items")
     parser.add_argument(
         "--application-name",
         default=APPLICATION_NAME,
         help="how the pool's connections show in pg_stat_activity (default: pg_gateway)",
     )
-    parser.add_argument(
-        "--log-level", default="info", choices=["debug", "info", "warning", "error"]
-    )
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    args = _run.parse(build_parser(), argv)
     if not 1 <= args.pool_min <= args.max_connections:
         print("pg_gateway: error: need 1 <= --pool-min <= --max-connections", file=sys.stderr)
         return 1
@@ -280,16 +269,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         name=args.application_name,
         open=False,
     )
-    try:
+    with _run.start_up_errors("pg_gateway"):
         server = threadserve.Server(
             Gateway(pool, args.max_sleep),
-            args.bind or ["127.0.0.1:7000"],
+            args.bind,
             max_connections=args.max_connections,
             grace=args.grace,
         )
-    except threadserve.ThreadserveError as exc:
-        print(f"pg_gateway: error: {exc}", file=sys.stderr)
-        return 1
     with server:
         try:
             pool.open(wait=True, timeout=30.0)
@@ -300,7 +286,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         logger.info("pool of %d to %d database connections", args.pool_min, args.max_connections)
         with pool:
             report = server.serve_forever()
-    return 0 if report.clean else 3
+    return _run.exit_status(report)
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
+import _run  # The options, logging and exit status the examples share.
 import requests
 import urllib3
 from requests.adapters import HTTPAdapter
@@ -217,8 +218,12 @@ def describe(exc: requests.RequestException) -> bytes:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Answer each URL line with '<status> <length>'.")
-    parser.add_argument("--bind", action="append", help="HOST:PORT or unix:PATH (repeatable)")
+    parser = _run.arguments(
+        "url_check",
+        "Answer each URL line with '<status> <length>'.",
+        bind="127.0.0.1:7001",
+        max_connections=100,
+    )
     parser.add_argument("--connect-timeout", type=float, default=3.0, help="seconds (default: 3)")
     parser.add_argument(
         "--read-timeout",
@@ -229,36 +234,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--max-body", type=int, default=10 * 1024 * 1024, help="bytes (default: 10 MiB)"
     )
-    parser.add_argument(
-        "--max-connections", type=int, default=100, help="clients at once (default: 100)"
-    )
-    parser.add_argument("--grace", type=float, default=5.0, help="stop grace period (default: 5 s)")
-    parser.add_argument(
-        "--log-level", default="info", choices=["debug", "info", "warning", "error"]
-    )
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    try:
-        server = threadserve.Server(
+    args = _run.parse(build_parser(), argv)
+    with _run.start_up_errors("url_check"):
+        report = threadserve.serve(
             Checker(args.connect_timeout, args.read_timeout, args.max_body),
-            args.bind or ["127.0.0.1:7001"],
+            args.bind,
             max_connections=args.max_connections,
             grace=args.grace,
         )
-    except threadserve.ThreadserveError as exc:
-        print(f"url_check: error: {exc}", file=sys.stderr)
-        return 1
-    with server:
-        report = server.serve_forever()
-    return 0 if report.clean else 3
+    return _run.exit_status(report)
 
 
 if __name__ == "__main__":

@@ -9,10 +9,12 @@ from support import ServerProcess, subprocess_env
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 # ServerProcess runs COMMAND serve ARGS (made for `threadserve serve`); this
-# command runs the example file given after it with ARGS, dropping "serve".
+# command runs the example file given after it with ARGS, dropping "serve",
+# with the example's folder first on sys.path as `python examples/NAME.py`
+# has it (the examples import their shared helpers from there).
 _RUN_EXAMPLE = (
-    "import runpy, sys; path = sys.argv[1]; sys.argv[:3] = [path];"
-    " runpy.run_path(path, run_name='__main__')"
+    "import os, runpy, sys; path = sys.argv[1]; sys.argv[:3] = [path];"
+    " sys.path.insert(0, os.path.dirname(path)); runpy.run_path(path, run_name='__main__')"
 )
 
 

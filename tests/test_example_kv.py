@@ -20,9 +20,10 @@ from typing import Any
 
 import pytest
 import redis
+from example_process import example_process
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from support import SETTLE, ServerProcess, subprocess_env, wait_until
+from support import SETTLE, ServerProcess, wait_until
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 sys.path.insert(0, str(EXAMPLES))
@@ -30,21 +31,13 @@ import resp  # noqa: E402
 
 pytestmark = pytest.mark.timeout(60)
 
-EXAMPLE = EXAMPLES / "kv.py"
-#: ServerProcess runs COMMAND serve ARGS; this runs the example as a script with ARGS.
-RUN_EXAMPLE = (
-    "import runpy, sys; path = sys.argv[1]; sys.argv[:3] = [path];"
-    " sys.path.insert(0, path.rpartition('/')[0]); runpy.run_path(path, run_name='__main__')"
-)
 MAX_BULK = 64 * 1024  # The servers here take smaller arguments than the default, to test the limit.
 GOODBYE = b"-ERR server shutting down\r\n"
 
 
 def kv_server(db: Path, *args: str) -> ServerProcess:
-    return ServerProcess(
-        ["--bind", "127.0.0.1:0", "--db", str(db), "--max-bulk", str(MAX_BULK), *args],
-        command=[sys.executable, "-c", RUN_EXAMPLE, str(EXAMPLE)],
-        env=subprocess_env(),
+    return example_process(
+        "kv", "--bind", "127.0.0.1:0", "--db", str(db), "--max-bulk", str(MAX_BULK), *args
     )
 
 
