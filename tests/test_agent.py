@@ -1,14 +1,21 @@
-"""The HAProxy agent-check responder (_agent.py) on its own."""
+"""The HAProxy agent-check responder (_agent.py): on its own, and answered by a supervisor."""
 
 from __future__ import annotations
 
+import contextlib
+import re
+import signal
 import socket
+import subprocess
+import sys
 import threading
+import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support import SETTLE, recv_until_eof
+from support import NOTICE, SETTLE, ServerProcess, recv_until_eof, subprocess_env
 
 from threadserve import BindError
 from threadserve._agent import AgentResponder
@@ -87,3 +94,121 @@ def test_unix_socket(tmp_path: Path) -> None:
 def test_busy_address_fails_at_once(agent: AgentResponder) -> None:
     with pytest.raises(BindError):
         AgentResponder(agent.addresses[0])
+
+
+# ---------------------------------------------------- with --workers: the supervisor answers
+
+WORKERS_READY = r"(\d+) workers ready, serving on 127\.0\.0\.1:(\d+)$"
+AGENT_LINE = r"agent-check answered on (127\.0\.0\.1:\d+) \(by the supervisor\)"
+
+
+def echo_exchange(port: int, line: bytes) -> str:
+    """One client: connect, send a line, read it back; its outcome in one word."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=SETTLE) as sock:
+            sock.sendall(line)
+            data = b""
+            while len(data) < len(line):
+                chunk = sock.recv(len(line) - len(data))
+                if not chunk:
+                    break
+                data += chunk
+    except ConnectionRefusedError:
+        return "refused"
+    except ConnectionResetError:
+        return "reset"
+    if data == line:
+        return "served"
+    return "told" if data.startswith(NOTICE[: len(data)]) else f"other {data!r}"
+
+
+def start_workers(*args: str) -> tuple[ServerProcess, int, str]:
+    server = ServerProcess(["echo", "--bind", "127.0.0.1:0", "--workers", "2", *args])
+    try:
+        agent = server.wait_for_log(AGENT_LINE).group(1)
+        port = int(server.wait_for_log(WORKERS_READY).group(2))
+    except BaseException:
+        server.close()
+        raise
+    return server, port, agent
+
+
+def test_workers_the_supervisor_says_up_ready_through_a_reload_and_drain_on_a_stop() -> None:
+    server, port, agent = start_workers("--agent-bind", "127.0.0.1:0", "--drain-delay", "60")
+    with server:
+        assert ask(agent) == b"up ready\n"
+        workers_before = set(re.findall(r"worker (\d+) ready", server.output()))
+        # A reload hands the shared queue to the new workers with no gap:
+        # the instance stays in rotation.
+        server.send_signal(signal.SIGHUP)
+        answers = set()
+        deadline = time.monotonic() + SETTLE
+        while "reloaded:" not in server.output() and time.monotonic() < deadline:
+            answers.add(ask(agent))  # Bounded: the reload's few seconds, at most SETTLE.
+            assert not server.exited.is_set(), server.output()
+        server.wait_for_log(r"reloaded: 2 new workers ready")
+        answers.add(ask(agent))
+        assert answers == {b"up ready\n"}
+        assert set(re.findall(r"worker (\d+) ready", server.output())) > workers_before
+
+        server.send_signal(signal.SIGTERM)
+        server.wait_for_log(r"SIGTERM received: draining for 60\.0 s")
+        assert ask(agent) == b"drain\n"
+        # The workers go on serving during the drain: every client served.
+        outcomes = Counter(echo_exchange(port, b"during the drain %d\n" % n) for n in range(40))
+        assert outcomes == Counter(served=40), outcomes
+        assert ask(agent) == b"drain\n"
+        assert "stopping gracefully" not in server.output()  # Still draining.
+        # A second signal ends the drain and forces the stop.
+        server.send_signal(signal.SIGTERM)
+        assert server.wait_exit() == 3, server.output()
+        assert "ending the drain, forcing every worker" in server.output()
+    with pytest.raises(ConnectionRefusedError):
+        ask(agent)
+
+
+def test_workers_drain_delay_then_the_usual_stop() -> None:
+    server, port, _agent = start_workers("--agent-bind", "127.0.0.1:0", "--drain-delay", "0.5")
+    with server:
+        assert echo_exchange(port, b"before\n") == "served"
+        sent = server.send_signal(signal.SIGTERM)
+        assert server.wait_exit() == 0, server.output()
+        # Not before the delay: the drain is waited out, then the workers stop.
+        assert server.exited_at - sent >= 0.5
+        output = server.output()
+        assert output.index("draining for 0.5 s") < output.index("drain delay over")
+        assert len(re.findall(r"worker \d+ stopped: exited with 0", output)) == 2
+
+
+@contextlib.contextmanager
+def busy_address() -> Iterator[str]:
+    responder = AgentResponder("127.0.0.1:0")
+    try:
+        yield responder.addresses[0]
+    finally:
+        responder.close()
+
+
+def test_workers_the_agent_address_in_use_fails_at_once() -> None:
+    with busy_address() as busy:
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "threadserve",
+                "serve",
+                "--bind",
+                "127.0.0.1:0",
+                "--workers",
+                "2",
+                "--agent-bind",
+                busy,
+            ],
+            capture_output=True,
+            text=True,
+            env=subprocess_env(),
+            timeout=SETTLE,
+        )
+    assert result.returncode == 1, result.stderr
+    assert busy in result.stderr
+    assert "worker" not in result.stderr  # No worker was started.
