@@ -200,6 +200,18 @@ def peers_in(
     return [peer for peer in peers if any(grouped[key].get(peer) for key in keys)]
 
 
+def rows_over_runs(
+    runs: list[Run], peers: list[str], cells: Callable[[list[Run]], list[str]]
+) -> list[list[str]]:
+    """A row per peer with runs among ``runs`` (every case at once): its name, then ``cells``."""
+    rows = []
+    for peer in peers:
+        mine = [run for run in runs if run["peer"] == peer]
+        if mine:
+            rows.append([peer, *cells(mine)])
+    return rows
+
+
 def range_cell(metric: str, fmt: Callable[[float], str]) -> Cell:
     """Median (min-max) of ``metric`` with the runs' marks; blank where the peer did not run."""
     return lambda runs, _case: (
@@ -385,23 +397,19 @@ def _generator_section(runs: list[Run], peers: list[str]) -> list[str]:
         "saturating the compiled server.",
         "",
     ]
-    rows = []
-    for peer in peers:
-        mine = [r for r in load if r["peer"] == peer]
-        if not mine:
-            continue
+
+    def cells(mine: list[Run]) -> list[str]:
         server = summarize(float(r["metrics"]["server_cpu"] or 0) for r in mine)
         client = summarize(float(r["metrics"]["client_cpu"] or 0) for r in mine)
         bound = sum(1 for r in mine if r["metrics"].get("client_bound"))
-        rows.append(
-            [
-                peer,
-                f"{server.median:.0%}" if server else DASH,
-                f"{client.median:.0%}" if client else DASH,
-                f"{bound}/{len(mine)}",
-            ]
-        )
-    return lines + table(["peer", "server CPU", "generator CPU", "client-bound runs"], rows)
+        return [
+            f"{server.median:.0%}" if server else DASH,
+            f"{client.median:.0%}" if client else DASH,
+            f"{bound}/{len(mine)}",
+        ]
+
+    header = ["peer", "server CPU", "generator CPU", "client-bound runs"]
+    return lines + table(header, rows_over_runs(load, peers, cells))
 
 
 def _environment_section(results: dict[str, Any]) -> list[str]:
@@ -729,11 +737,8 @@ def _steady_section(runs: list[Run], peers: list[str]) -> list[str]:
         "peer's load runs.",
         "",
     ]
-    rows = []
-    for peer in peers:
-        mine = [r for r in load if r["peer"] == peer]
-        if not mine:
-            continue
+
+    def cells(mine: list[Run]) -> list[str]:
         ratio = summarize(
             float(r["metrics"]["measured_to_throwaway"])
             for r in mine
@@ -745,15 +750,14 @@ def _steady_section(runs: list[Run], peers: list[str]) -> list[str]:
             if r["metrics"].get("slice_spread") is not None
         )
         unsteady = sum(1 for r in mine if (r["metrics"].get("slice_spread") or 0) > UNSTEADY_SPREAD)
-        rows.append(
-            [
-                peer,
-                f"{ratio.median:.2f} ({ratio.low:.2f}{DASH}{ratio.high:.2f})" if ratio else DASH,
-                f"{spread.median:.0%} (max {spread.high:.0%})" if spread else DASH,
-                f"{unsteady}/{len(mine)}",
-            ]
-        )
-    return lines + table(["peer", "measured/throwaway", "slice spread", "unsteady runs"], rows)
+        return [
+            f"{ratio.median:.2f} ({ratio.low:.2f}{DASH}{ratio.high:.2f})" if ratio else DASH,
+            f"{spread.median:.0%} (max {spread.high:.0%})" if spread else DASH,
+            f"{unsteady}/{len(mine)}",
+        ]
+
+    header = ["peer", "measured/throwaway", "slice spread", "unsteady runs"]
+    return lines + table(header, rows_over_runs(load, peers, cells))
 
 
 # ---- the steps after the runs ----
