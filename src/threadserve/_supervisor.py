@@ -50,9 +50,15 @@ in a ``SO_REUSEPORT`` group; the kernel would reset what sits in a closed
 one's queue, so a stopping worker takes its queue first (see Server).
 
 Boot failure: a worker that exits before ``ready`` at the first start makes
-the supervisor stop the others and exit 1 with the worker's message. Later
-(replacing a dead worker, recycling, scaling) the failure is logged and not
-retried, so a broken handler on disk never becomes a restart loop.
+the supervisor stop the others and exit 1 with the worker's message. A
+reload's new worker that fails calls the reload off (the old workers serve
+on; the operator fixes the code and reloads again). Later (replacing a dead
+worker, recycling, scaling up) the failure is logged and the start tried
+again after a back-off (0.5 s, doubling to 30 s, back to 0.5 s once a worker
+starts), so a passing failure (memory, a database the handler's import
+needed) heals, and a broken handler on disk costs one attempt per 30 s, not
+a restart loop. When no worker is left serving at all, the supervisor stops
+and exits 1.
 
 Metrics (``--metrics``): the supervisor serves them, summed over its
 workers (see _workerstats.py): a scrape wakes this loop, which asks every
@@ -111,6 +117,10 @@ HANDOVER_SETTLE = 0.25
 #: A successor (SIGUSR2) not ready after this many worker timeouts is
 #: stopped: it has its own interpreter and all its workers to start.
 UPGRADE_TIMEOUTS = 2
+#: A replacement worker that could not start is tried again after this,
+#: doubling up to RETRY_MAX (see the module docstring).
+RETRY_FIRST = 0.5
+RETRY_MAX = 30.0
 #: How long a metrics scrape waits for the workers' snapshots; a worker
 #: that has not answered by then counts with its latest one.
 STATISTICS_WAIT = 1.0
@@ -198,6 +208,11 @@ class Supervisor:
         self._stats_round = 0
         self._stats_awaited: set[int] = set()
         self._stats_round_until = 0.0
+        # Starts to try again (see RETRY_FIRST): each entry is the worker a
+        # new one is to replace (recycling) or None (one more of ``wanted``).
+        self._retries: list[Worker | None] = []
+        self._retry_at: float | None = None
+        self._retry_backoff = RETRY_FIRST
         self.listeners = listeners
         self.wanted = workers
         self.reuse_port = reuse_port
@@ -341,6 +356,8 @@ class Supervisor:
             deadlines.append(self._dismiss_until)
         if self._drain_until is not None and not self._stopping:
             deadlines.append(self._drain_until)
+        if self._retry_at is not None:
+            deadlines.append(self._retry_at)
         if self._successor is not None:
             deadlines += [
                 t for t in (self._successor.terminate_at, self._successor.kill_at) if t is not None
@@ -431,6 +448,7 @@ class Supervisor:
                 self._answered(worker.pid)
             elif message == READY:
                 worker.ready = True
+                self._retry_backoff = RETRY_FIRST  # Starting works (again).
                 logger.info("worker %d ready", worker.pid)
             elif message == CLOSED:
                 worker.accepting = False
@@ -484,9 +502,11 @@ class Supervisor:
                     self._stop_worker(other)
                 self._reload = None
                 self.notifier.ready(self._status("reload failed"))
-            for old in self.workers:
-                if old.replaced_by is worker:
-                    old.replaced_by = None  # Not retried: it keeps serving.
+            else:
+                replacing = [old for old in self.workers if old.replaced_by is worker]
+                for old in replacing:
+                    old.replaced_by = None  # It keeps serving until a replacement is ready.
+                self._schedule_retry(replacing[0] if replacing else None)
             if not any(w.ready and not w.stopping for w in self.workers):
                 self._boot_error = f"no worker left serving: {reason}"
                 self._begin_stop()
@@ -501,6 +521,29 @@ class Supervisor:
             self.statistics.restarted(RestartReason.CRASHED)
         if not self._stopping and not self._handed_over():
             self._spawn()
+
+    def _schedule_retry(self, replacing: Worker | None) -> None:
+        """Try that start again after the back-off (see RETRY_FIRST)."""
+        if self._stopping or self._handed_over():
+            return
+        self._retries.append(replacing)
+        if self._retry_at is None:
+            self._retry_at = time.monotonic() + self._retry_backoff
+            logger.warning("trying to start a worker again in %.1f s", self._retry_backoff)
+            self._retry_backoff = min(self._retry_backoff * 2, RETRY_MAX)
+
+    def _retry(self) -> None:
+        retries, self._retries, self._retry_at = self._retries, [], None
+        if self._stopping or self._drain_until is not None or self._handed_over():
+            return
+        for replacing in retries:
+            if replacing is not None:
+                if replacing in self.workers and not replacing.stopping:
+                    self.statistics.restarted(RestartReason.START_FAILED)
+                    self._spawn(replacing=replacing)
+            elif sum(1 for w in self.workers if not w.stopping) < self.wanted:
+                self.statistics.restarted(RestartReason.START_FAILED)
+                self._spawn()
 
     def _stop_worker(self, worker: Worker, *, handover: bool = False) -> None:
         """Stop one worker gracefully; ``handover``: the others go on serving its queue."""
@@ -524,6 +567,8 @@ class Supervisor:
                 worker.terminate_at = None
                 _forward(worker, signal.SIGTERM)
         self._check_successor(now)
+        if self._retry_at is not None and now >= self._retry_at:
+            self._retry()
         if self._drain_until is not None and now >= self._drain_until and not self._stopping:
             logger.warning(
                 "drain delay over: stopping %d workers gracefully (grace %.1f s)",
