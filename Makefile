@@ -9,8 +9,7 @@ STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
 .PHONY: run test test-all-pythons check-package lint typecheck bench bench-quick fuzz clean
 
-# The editable install also builds the compiled helper in place: rebuild when it changes.
-$(STAMP): pyproject.toml setup.py src/threadserve/_speedups.c
+$(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[test]'
@@ -21,18 +20,12 @@ $(STAMP): pyproject.toml setup.py src/threadserve/_speedups.c
 run: $(STAMP)
 	$(BIN)/threadserve serve echo --bind 127.0.0.1:8000
 
-# Run again without the compiled helper (src/threadserve/_nowait.py): what it changes.
-PURE_PYTHON_TESTS := tests/test_connection.py tests/test_stop.py tests/test_property.py \
-	tests/test_nowait.py tests/test_group.py tests/test_tls.py
-
 ## test: the whole suite (the stop contract twice: eventfds, then the pipes used where
-## there are none; the connection tests again without the compiled helper), then strict
-## type checking and lint
+## there are none), then strict type checking and lint
 test: $(STAMP)
 	bash scripts/system-packages
 	$(BIN)/python -m pytest
 	THREADSERVE_FORCE_PIPE_BROADCAST=1 $(BIN)/python -m pytest -q tests/test_stop.py
-	THREADSERVE_PURE_PYTHON=1 $(BIN)/python -m pytest -q $(PURE_PYTHON_TESTS)
 	$(BIN)/python -m mypy
 	$(BIN)/python -m ruff check .
 	$(BIN)/python -m ruff format --check .

@@ -138,16 +138,6 @@ def main() -> None:
         ).strip()
         if not where.startswith(str(venv)):
             fail(f"threadserve was imported from {where}, not from the clean venv")
-        # The compiled helper is optional for the build (no compiler, no helper),
-        # but this machine has one: a wheel without it would be a packaging bug.
-        compiled = run(
-            venv / "bin" / "python",
-            "-c",
-            "from threadserve import _nowait; print(_nowait.COMPILED)",
-            cwd=workdir,
-        ).strip()
-        if compiled != "True":
-            fail(f"the wheel {wheel.name} has no compiled helper (threadserve._speedups)")
         expected = wheel.name.split("-")[1]
         version = run(venv / "bin" / "threadserve", "--version", cwd=workdir).strip()
         if version != f"threadserve {expected}":

@@ -43,7 +43,6 @@ from ._exceptions import (
     ReadTimeout,
     WriteTimeout,
 )
-from ._nowait import recv_nowait, send_nowait
 from ._outbox import Outbox, flusher
 from ._proxy import ProxyDetails
 from ._timeouts import Timeouts
@@ -156,9 +155,6 @@ class Connection:
         self._poll_readable = self._read_poller.poll
         # Reads with no deadline to compute and no TLS buffer to consult.
         self._plain_reads = timeouts.idle is None and timeouts.lifetime is None
-        # The GIL-keeping socket calls of the compiled helper, where built;
-        # never on TLS (they would bypass it): _tls_handshake turns this off.
-        self._nowait = recv_nowait is not None
         self._write_poller: select.poll | None = None
         # Held by whoever writes to the socket, so writes from several
         # threads never interleave, and by the goodbye, so nothing follows it.
@@ -226,26 +222,6 @@ class Connection:
         # recv. Anything unusual (the stop, spurious readiness) falls through
         # to the general path below.
         if self._plain_reads and self._stop_budget is None and not self._reading_done:
-            if self._nowait and not self._stop_begun.is_set():
-                # With the compiled helper: take what is queued without
-                # giving up the GIL, and wait in poll (which does) only when
-                # nothing is (see _nowait.py).
-                chunk = recv_nowait(self._sock, bufsize)  # type: ignore[misc]
-                if chunk is None:
-                    events = self._poll_readable()
-                    if (
-                        len(events) == 1
-                        and events[0][0] == self._fd
-                        and not self._stop_begun.is_set()
-                    ):
-                        chunk = recv_nowait(self._sock, bufsize)  # type: ignore[misc]
-                if chunk is not None:
-                    if chunk:
-                        self.bytes_received += len(chunk)
-                    else:
-                        self._mark_eof()
-                    return chunk
-                return self._recv_from_socket(bufsize, self._idle_deadline())
             events = self._poll_readable()
             # Inlined _only_socket_ready and _count_received: this runs once
             # per message, and each Python call here is a measurable share.
@@ -369,15 +345,10 @@ class Connection:
                 if outbox.size:
                     self._drain_outbox()  # Bytes a Group queued earlier go first.
             total = len(data) if type(data) is bytes else memoryview(data).nbytes
-            if self._nowait:
-                # Usually all of it, the send buffer being free; without
-                # releasing the GIL (see _nowait.py).
-                sent = send_nowait(self._sock, data)  # type: ignore[misc]
-            else:
-                try:
-                    sent = self._sock.send(data)  # Usually all of it: the send buffer is free.
-                except _WOULD_BLOCK:
-                    sent = 0
+            try:
+                sent = self._sock.send(data)  # Usually all of it: the send buffer is free.
+            except _WOULD_BLOCK:
+                sent = 0
             if sent < total:
                 view = memoryview(data).cast("B")
                 while sent < total:
@@ -648,7 +619,6 @@ class Connection:
         self._sock = tls_sock
         self._tls = True
         self._plain_reads = False
-        self._nowait = False
         timeout = self._timeouts.handshake
         deadline = self._earliest(None if timeout is None else self._clock() + timeout)
         while True:
