@@ -23,17 +23,13 @@ class Peer:
         """The argv that serves `workload` on 127.0.0.1:`port` for `conns` connections."""
         # idle and stop measure connections held by the echo server.
         served = "blocking" if workload == "blocking" else "echo"
-        if self.name.startswith("threadserve"):
+        if self.name == "threadserve":
             handler = "bench.handlers:blocking_echo" if served == "blocking" else "echo"
             bind = f"127.0.0.1:{port}"
             # warning: the default (info) logs a line per connection, which
             # would charge threadserve for logging the other peers do not do.
             serve = ["serve", handler, "--bind", bind, "--log-level", "warning"]
-            argv = [sys.executable, "-m", "threadserve", *serve]
-            if self.name == "threadserve-pure":
-                # The same server without its compiled helper (src/threadserve/_nowait.py).
-                return ["env", "THREADSERVE_PURE_PYTHON=1", *argv]
-            return argv
+            return [sys.executable, "-m", "threadserve", *serve]
         if self.module is None:
             return [str(BUILD_DIR / "refserver"), "--port", str(port)]
         argv = [sys.executable, "-m", self.module, "--port", str(port), "--workload", served]
@@ -44,7 +40,7 @@ class Peer:
 
     def available(self) -> str | None:
         """None when the peer can run here, else the reason it cannot."""
-        if self.name.startswith("threadserve"):
+        if self.name == "threadserve":
             if importlib.util.find_spec("threadserve") is None:
                 return "threadserve is not installed"
             if importlib.util.find_spec("threadserve.__main__") is None:
@@ -68,13 +64,6 @@ PEERS: dict[str, Peer] = {
             None,
             ALL_WORKLOADS,
             "CLI `threadserve serve echo`; blocking via bench.handlers:blocking_echo",
-        ),
-        Peer(
-            "threadserve-pure",
-            None,
-            ALL_WORKLOADS,
-            "threadserve without its compiled helper (THREADSERVE_PURE_PYTHON=1): "
-            "what the GIL-keeping socket calls of _speedups.c gain",
         ),
         Peer(
             "threads-bare",

@@ -33,7 +33,6 @@ BASELINES = ("threads-bare", "asyncio-protocol", "uvloop")
 BUSY_SHARE = 0.10
 PEER_ORDER = (
     "threadserve",
-    "threadserve-pure",
     "threads-bare",
     "seed",
     "socketserver",
