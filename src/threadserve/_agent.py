@@ -8,6 +8,10 @@ configured weight. (HAProxy's ``check`` alone would only notice a stopping
 server once it refuses connections, and clients sent to it in between are
 told goodbye unserved.)
 
+With workers (see _supervisor.py) the supervisor answers, not the workers;
+an upgrade (SIGUSR2) hands the agent's socket to the new supervisor like
+the listening sockets, so the address never stops answering.
+
 The responder costs one thread that sleeps in ``select`` on its listening
 socket and a pipe that wakes it to close. Each client gets its line from that
 thread without blocking: the line fits any empty send buffer.
@@ -39,11 +43,14 @@ class AgentResponder:
     Binding happens here, so a bad or busy address fails at once with a
     ``BindError`` or ``ConfigurationError``. ``start()`` begins answering;
     ``draining`` switches the answer; ``close()`` stops the thread and
-    closes the socket.
+    closes the socket. ``listeners``: sockets inherited already listening
+    (an upgrade's), instead of binding ``bind``.
     """
 
-    def __init__(self, bind: str) -> None:
-        self._listeners: list[Listener] = open_listeners([parse_bind_address(bind)])
+    def __init__(self, bind: str, *, listeners: list[Listener] | None = None) -> None:
+        if listeners is None:
+            listeners = open_listeners([parse_bind_address(bind)])
+        self._listeners: list[Listener] = listeners
         self.addresses = [listener.address for listener in self._listeners]
         self._wake_r, self._wake_w = os.pipe()
         self._draining = False
@@ -70,8 +77,16 @@ class AgentResponder:
         )
         self._thread.start()
 
-    def close(self, timeout: float = 1.0) -> None:
-        """Stop answering; a check that connects afterwards is refused."""
+    def filenos(self) -> list[int]:
+        """The listening descriptors (to hand over to a new supervisor)."""
+        return [listener.fileno() for listener in self._listeners]
+
+    def close(self, timeout: float = 1.0, *, handed_over: bool = False) -> None:
+        """Stop answering; a check that connects afterwards is refused.
+
+        ``handed_over``: another process answers on the same sockets now;
+        only this process's descriptors close (a Unix socket's file stays).
+        """
         if self._wake_w >= 0:
             with contextlib.suppress(OSError):
                 os.write(self._wake_w, b"\0")
@@ -80,7 +95,10 @@ class AgentResponder:
             if self._thread.is_alive():
                 return  # Leave its descriptors to it rather than pull them from under it.
         for listener in self._listeners:
-            listener.close()
+            if handed_over:
+                listener.socket.close()
+            else:
+                listener.close()
         for fd in (self._wake_r, self._wake_w):
             if fd >= 0:
                 with contextlib.suppress(OSError):

@@ -49,9 +49,12 @@ unless a server is given ``metrics=``.
 from __future__ import annotations
 
 import math
+import socket
 import threading
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from socketserver import ThreadingMixIn
+from typing import TYPE_CHECKING, Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -59,11 +62,12 @@ from prometheus_client.core import (
     HistogramMetricFamily,
     Metric,
 )
-from prometheus_client.exposition import start_http_server
+from prometheus_client.exposition import make_wsgi_app
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from ._events import Histogram
 from ._exceptions import ConfigurationError
+from ._listeners import LISTEN_BACKLOG
 from ._server import ServerStatistics
 
 if TYPE_CHECKING:
@@ -167,26 +171,103 @@ def register(server: Server, registry: CollectorRegistry) -> ServerCollector:
 
 
 class MetricsEndpoint:
-    """``/metrics`` over HTTP, served by prometheus-client's server on a daemon thread."""
+    """``/metrics`` over HTTP, prometheus-client's WSGI app on a daemon thread.
 
-    def __init__(self, address: str, registry: CollectorRegistry) -> None:
+    The socket is bound here (a bad or busy address fails at once) or
+    given (``sock``: inherited by an upgrade's new supervisor); serving
+    starts with ``start()``, at once unless ``start=False``. Its own socket
+    rather than prometheus-client's ``start_http_server``, which binds
+    itself, so that a supervisor can hand the same socket over on SIGUSR2
+    and scrapes never meet a refused port.
+    """
+
+    def __init__(
+        self,
+        address: str,
+        registry: CollectorRegistry,
+        *,
+        sock: socket.socket | None = None,
+        start: bool = True,
+    ) -> None:
         host, sep, port = address.rpartition(":")
         host = host.strip("[]")
         if not sep or not host or not port.isdigit():
             raise ConfigurationError(
                 f"--metrics {address!r}: use HOST:PORT or [IPV6]:PORT (port 0 for any free one)"
             )
-        try:
-            self._httpd, self._thread = start_http_server(int(port), addr=host, registry=registry)
-        except OSError as exc:
-            raise ConfigurationError(f"--metrics {address!r}: {exc.strerror or exc}") from None
+        if sock is None:
+            sock = _bind(address, host, int(port))
+        self._httpd = _HTTPServer(sock, make_wsgi_app(registry))
+        self._thread: threading.Thread | None = None
+        self._closed = False
         shown = f"[{host}]" if ":" in host else host
-        self.url = f"http://{shown}:{self._httpd.server_port}/metrics"
+        self.url = f"http://{shown}:{sock.getsockname()[1]}/metrics"
+        if start:
+            self.start()
+
+    def fileno(self) -> int:
+        """The listening descriptor (to hand over to a new supervisor)."""
+        return self._httpd.socket.fileno()
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(
+                target=self._httpd.serve_forever, name="threadserve metrics", daemon=True
+            )
+            self._thread.start()
 
     def close(self) -> None:
-        self._httpd.shutdown()
+        """Stop serving and close this process's descriptor of the socket (once)."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._thread is not None:
+            self._httpd.shutdown()  # Waits for serve_forever: only when it runs.
+            self._thread.join(5.0)
         self._httpd.server_close()
-        self._thread.join(5.0)
+
+
+class _SilentHandler(WSGIRequestHandler):
+    """Logs no line per scrape."""
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+class _HTTPServer(ThreadingMixIn, WSGIServer):
+    """A thread per scrape, on a socket bound beforehand (see MetricsEndpoint)."""
+
+    daemon_threads = True
+
+    def __init__(self, sock: socket.socket, app: Any) -> None:
+        self.address_family = sock.family
+        super().__init__(sock.getsockname()[:2], _SilentHandler, bind_and_activate=False)
+        self.socket.close()  # The one socketserver made; ours is already listening.
+        self.socket = sock
+        self.server_address = sock.getsockname()
+        # What server_bind would have set, without its reverse DNS lookup.
+        self.server_name = str(self.server_address[0])
+        self.server_port = int(self.server_address[1])
+        self.setup_environ()
+        self.set_app(app)
+
+
+def _bind(address: str, host: str, port: int) -> socket.socket:
+    try:
+        family, _type, _proto, _name, sockaddr = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+    except OSError as exc:
+        raise ConfigurationError(f"--metrics {address!r}: {exc.strerror or exc}") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(sockaddr)
+        sock.listen(LISTEN_BACKLOG)
+    except OSError as exc:
+        sock.close()
+        raise ConfigurationError(f"--metrics {address!r}: {exc.strerror or exc}") from None
+    return sock
 
 
 def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:

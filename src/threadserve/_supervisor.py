@@ -80,6 +80,7 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from ._agent import AgentResponder
 from ._connection import DEFAULT_CHUNK_SIZE
@@ -135,6 +136,14 @@ SIGNALS = (
 )
 
 
+class MetricsServing(Protocol):
+    """The metrics endpoint as the supervisor sees it (_metrics.MetricsEndpoint)."""
+
+    def start(self) -> None: ...
+    def close(self) -> None: ...
+    def fileno(self) -> int: ...
+
+
 @dataclass(eq=False)
 class Worker:
     """What the supervisor knows of one worker process."""
@@ -174,6 +183,9 @@ class Supervisor:
     supervisor to signal (see _pidfile.py). ``agent``: the HAProxy agent
     responder, bound already, answered from here. ``drain_delay``: on a
     stop signal, keep serving this long while the agent says ``drain``.
+    ``metrics``: the metrics endpoint, bound already; started here (by a
+    successor once it has taken over), handed over on an upgrade, closed
+    at the end.
     """
 
     def __init__(
@@ -193,9 +205,11 @@ class Supervisor:
         pid_file: str | None = None,
         agent: AgentResponder | None = None,
         drain_delay: float = 0.0,
+        metrics: MetricsServing | None = None,
     ) -> None:
         self.command = list(command)
         self.agent = agent
+        self.metrics = metrics
         self.drain_delay = drain_delay
         self._drain_until: float | None = None
         #: What the workers counted, for --metrics (see _workerstats.py).
@@ -273,6 +287,8 @@ class Supervisor:
             write_pid_file(self.pid_file, os.getpid())
         previous = {signum: signal.signal(signum, self._on_signal) for signum in SIGNALS}
         try:
+            if self.metrics is not None and self._predecessor is None:
+                self.metrics.start()
             self._start_generation()
             self._loop()
         except BaseException:
@@ -854,7 +870,12 @@ class Supervisor:
         environ = {**self.environ, **self.notifier.environment()}
         try:
             self._successor = Successor(
-                self.command, environ, [*self.listeners, *spare], self.wanted
+                self.command,
+                environ,
+                [*self.listeners, *spare],
+                self.wanted,
+                agent=[] if self.agent is None else self.agent.filenos(),
+                metrics=None if self.metrics is None else self.metrics.fileno(),
             )
         except OSError as exc:
             for listener in spare:
@@ -911,6 +932,14 @@ class Supervisor:
                 logger.error("%s", exc)
         successor.send(TAKE_OVER)
         successor.handed_over = True
+        # The successor answers the agent and serves the metrics from now
+        # on, on the same sockets: this process lets go of its descriptors.
+        if self.agent is not None:
+            self.agent.close(handed_over=True)
+            self.agent = None
+        if self.metrics is not None:
+            self.metrics.close()
+            self.metrics = None
         successor.terminate_at = successor.kill_at = None
         for worker in old:
             self._stop_worker(worker, handover=True)
@@ -984,6 +1013,8 @@ class Supervisor:
         if self._notifier_after_takeover is not None:
             self.notifier = self._notifier_after_takeover
             self._notifier_after_takeover = None
+        if self.metrics is not None:
+            self.metrics.start()  # Only now: a scrape sees one supervisor's sums at a time.
         logger.info("%s: supervisor %d is the one serving now", why, os.getpid())
 
     # ------------------------------------------------------------------ helpers
@@ -1000,6 +1031,8 @@ class Supervisor:
             self._dismiss_queues()
         if self.agent is not None:
             self.agent.close()
+        if self.metrics is not None:
+            self.metrics.close()
         for sock in self._dismissed.values():
             sock.close()
         self._dismissed.clear()

@@ -48,6 +48,12 @@ listeners into each group for the successor's first worker, and keeps them
 until the successor is ready: if it fails, the clients waiting in them are
 told goodbye by the old supervisor instead of being reset.
 
+The agent's socket (``--agent-bind``) and the metrics socket (``--metrics``)
+are handed over the same way, so neither address is ever refused: the new
+supervisor answers the agent as soon as its workers are ready (both say
+``up ready`` for that moment), and serves the metrics only once it has taken
+over, so that a scrape never alternates between two supervisors' sums.
+
 A ``unix:PATH`` socket's file is removed only by the process that bound it
 (see Listener), so after an upgrade it stays behind at the final stop; the
 next start finds it stale and removes it.
@@ -75,28 +81,41 @@ FATAL = b"fatal "
 
 @dataclass(frozen=True)
 class Handover:
-    """What a successor inherits: ``parent;channel;workers;fd:owns,fd:owns``."""
+    """What a successor inherits.
+
+    ``parent;channel;workers;fd:owns,fd:owns;agent fd,fd;metrics fd``, the
+    last two possibly empty (and absent when an older threadserve hands over).
+    """
 
     parent: int
     channel: int
     workers: int
     #: (descriptor, owns_queue) for every inherited listener.
     sockets: tuple[tuple[int, bool], ...]
+    #: The agent responder's listening descriptors (``--agent-bind``).
+    agent: tuple[int, ...] = ()
+    #: The metrics endpoint's listening descriptor (``--metrics``).
+    metrics: int | None = None
 
     def encode(self) -> str:
         sockets = ",".join(f"{fd}:{int(owns)}" for fd, owns in self.sockets)
-        return f"{self.parent};{self.channel};{self.workers};{sockets}"
+        agent = ",".join(str(fd) for fd in self.agent)
+        metrics = "" if self.metrics is None else str(self.metrics)
+        return f"{self.parent};{self.channel};{self.workers};{sockets};{agent};{metrics}"
 
     @classmethod
     def decode(cls, text: str) -> Handover:
         try:
-            parent, channel, workers, sockets = text.split(";")
+            parent, channel, workers, sockets, *extra = text.split(";")
+            agent, metrics = extra if extra else ("", "")
             pairs = [item.split(":") for item in sockets.split(",") if item]
             return cls(
                 int(parent),
                 int(channel),
                 int(workers),
                 tuple((int(fd), owns == "1") for fd, owns in pairs),
+                tuple(int(fd) for fd in agent.split(",") if fd),
+                int(metrics) if metrics else None,
             )
         except ValueError:
             raise ConfigurationError(f"malformed {HANDOVER_VARIABLE}={text!r}") from None
@@ -135,6 +154,9 @@ class Successor:
         environ: dict[str, str],
         listeners: Sequence[Listener],
         workers: int,
+        *,
+        agent: Sequence[int] = (),
+        metrics: int | None = None,
     ) -> None:
         self.channel, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
@@ -143,11 +165,14 @@ class Successor:
                 child.fileno(),
                 workers,
                 tuple((listener.fileno(), listener.owns_queue) for listener in listeners),
+                tuple(agent),
+                metrics,
             )
+            extra = [*agent, *([] if metrics is None else [metrics])]
             self.process = subprocess.Popen(
                 list(command),
                 stdin=subprocess.DEVNULL,
-                pass_fds=[child.fileno(), *(listener.fileno() for listener in listeners)],
+                pass_fds=[child.fileno(), *(listener.fileno() for listener in listeners), *extra],
                 env={**environ, HANDOVER_VARIABLE: handover.encode()},
                 # The same process group as this one: once it has taken over,
                 # a Ctrl-C at the terminal reaches it as it reached us.

@@ -6,6 +6,7 @@ import argparse
 import importlib
 import logging
 import os
+import socket
 import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -494,17 +495,30 @@ def _run_supervisor(
     agent: AgentResponder | None = None
     endpoint: MetricsEndpoint | None = None
     try:
-        # Bound here, before any worker starts, so a bad address fails at once.
+        # Bound here, before any worker starts, so a bad address fails at once;
+        # or inherited from the supervisor this one takes over from.
         if args.agent_bind:
-            agent = AgentResponder(args.agent_bind)
+            inherited = handover.agent if handover is not None else ()
+            agent = AgentResponder(
+                args.agent_bind,
+                listeners=[Listener.inherit(fd) for fd in inherited] if inherited else None,
+            )
             logger.info("agent-check answered on %s (by the supervisor)", agent.addresses[0])
         registry = _metrics_registry() if args.metrics else None
         if registry is not None:
             from ._metrics import MetricsEndpoint
 
-            endpoint = MetricsEndpoint(args.metrics, registry)
+            fd = handover.metrics if handover is not None else None
+            endpoint = MetricsEndpoint(
+                args.metrics,
+                registry,
+                sock=None if fd is None else socket.socket(fileno=fd),
+                start=False,  # The supervisor starts it (a successor once it has taken over).
+            )
             logger.info("metrics on %s (the sums over every worker)", endpoint.url)
     except BaseException:
+        if endpoint is not None:
+            endpoint.close()
         if agent is not None:
             agent.close()
         for listener in listeners:
@@ -525,6 +539,7 @@ def _run_supervisor(
         pid_file=args.pid_file,
         agent=agent,
         drain_delay=args.drain_delay,
+        metrics=endpoint,
     )
     if registry is not None:
         from ._metrics import SupervisorCollector
@@ -537,11 +552,7 @@ def _run_supervisor(
         ", ".join(supervisor.addresses),
         f" (upgrade: taking over from supervisor {predecessor.pid})" if predecessor else "",
     )
-    try:
-        return supervisor.run()
-    finally:
-        if endpoint is not None:
-            endpoint.close()
+    return supervisor.run()  # It closes the agent and the metrics endpoint.
 
 
 def _run_worker(args: argparse.Namespace) -> int:
