@@ -58,7 +58,7 @@ def free_port() -> int:
 class Instance:
     """One threadserve process on fixed ports, so it can be started again in the same place."""
 
-    def __init__(self, name: str, proxy: str, drain: bool) -> None:
+    def __init__(self, name: str, proxy: str, drain: bool, workers: int | None = None) -> None:
         self.name = name
         self.port = free_port()
         self.agent_port = free_port()
@@ -76,6 +76,8 @@ class Instance:
             "5",
             "--log-level",
             "warning",
+            # With workers the supervisor answers the agent and drains.
+            *([] if workers is None else ["--workers", str(workers)]),
         ]
         self.process: ServerProcess | None = None
         self.outputs: list[str] = []
@@ -292,8 +294,10 @@ class LineReader:
 
 
 @contextlib.contextmanager
-def cluster(tmp_path: Path, proxy: str, drain: bool) -> Iterator[tuple[HAProxy, list[Instance]]]:
-    instances = [Instance(f"s{n}", proxy, drain) for n in (1, 2)]
+def cluster(
+    tmp_path: Path, proxy: str, drain: bool, workers: int | None = None
+) -> Iterator[tuple[HAProxy, list[Instance]]]:
+    instances = [Instance(f"s{n}", proxy, drain, workers) for n in (1, 2)]
     haproxy = None
     try:
         for instance in instances:
@@ -314,8 +318,13 @@ def cluster(tmp_path: Path, proxy: str, drain: bool) -> Iterator[tuple[HAProxy, 
             instance.close()
 
 
-def rolling_restart(tmp_path: Path, proxy: str, drain: bool) -> Counter[str]:
-    with cluster(tmp_path, proxy, drain) as (haproxy, instances), Load(haproxy.front) as load:
+def rolling_restart(
+    tmp_path: Path, proxy: str, drain: bool, workers: int | None = None
+) -> Counter[str]:
+    with (
+        cluster(tmp_path, proxy, drain, workers) as (haproxy, instances),
+        Load(haproxy.front) as load,
+    ):
         wait_until(lambda: load.served() >= 200, timeout=30, what="the load to get going")
         for instance in instances:
             assert instance.process is not None
@@ -337,7 +346,8 @@ def rolling_restart(tmp_path: Path, proxy: str, drain: bool) -> Counter[str]:
         assert "PROXY protocol" not in logs, logs
     counts = Counter({key: load.counts[key] for key in ("served", "refused", "reset", "told")})
     counts.update({k: v for k, v in load.counts.items() if k not in counts})
-    print(f"rolling restart, PROXY {proxy}, drain {drain}: {dict(counts)}")
+    shape = "" if workers is None else f", {workers} workers each"
+    print(f"rolling restart, PROXY {proxy}, drain {drain}{shape}: {dict(counts)}")
     assert not load.oddities or all("expected its echo" in o for o in load.oddities), load.oddities
     return counts
 
@@ -356,3 +366,13 @@ def test_rolling_restart(tmp_path: Path, proxy: str) -> None:
     assert plain["wrong"] == 0
     assert (plain["refused"], plain["reset"]) == (0, 0), plain
     print(f"PROXY {proxy}: both runs in {time.monotonic() - started:.1f} s")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_rolling_restart_of_instances_with_workers(tmp_path: Path) -> None:
+    """Each instance a supervisor with two workers: its agent says drain, then it stops."""
+    drained = rolling_restart(tmp_path / "drain", "v2", drain=True, workers=2)
+    assert drained["served"] > 0
+    assert drained["wrong"] == 0
+    assert (drained["refused"], drained["reset"], drained["told"]) == (0, 0, 0), drained
