@@ -245,6 +245,37 @@ def test_workers_one_scrape_sums_every_worker_and_counts_restarts() -> None:
         assert server.wait_exit() == 0, server.output()
 
 
+def test_workers_a_recycled_worker_leaves_its_counts_in_the_sums() -> None:
+    """Nobody scrapes before the worker goes: its last word alone carries its counts."""
+    with ServerProcess(
+        [
+            "echo",
+            "--bind",
+            "127.0.0.1:0",
+            "--workers",
+            "1",
+            "--max-worker-connections",
+            "5",
+            "--metrics",
+            "127.0.0.1:0",
+        ],
+        env=subprocess_env(),
+    ) as server:
+        url = server.wait_for_log(METRICS_LINE).group(1)
+        port = int(server.wait_for_log(WORKERS_READY).group(2))
+        clients = 6
+        for number in range(clients):
+            echo_once(("127.0.0.1", port), b"client %d\n" % number)
+        server.wait_for_log(r"reached its connection limit: replacing it")
+        server.wait_for_log(r"worker \d+ stopped: exited with 0")
+        last = scraped_samples(scrape(url))
+        assert last[("threadserve_worker_restarts_total", (("reason", "recycled"),))] == 1
+        assert last[("threadserve_connections_accepted_total", ())] == clients, last
+        assert last[("threadserve_stops_total", (("outcome", "clean"),))] == 1
+        server.send_signal(signal.SIGTERM)
+        assert server.wait_exit() == 0, server.output()
+
+
 # ------------------------------------------------------------------ a real Prometheus
 
 

@@ -462,6 +462,10 @@ class Supervisor:
                 except ValueError as exc:
                     logger.warning("worker %d: %s", worker.pid, exc)
                 self._answered(worker.pid)
+            elif worker.exit_status is not None:
+                # Read after its exit for its last snapshot only: a late
+                # "recycle" would start a replacement besides the one its exit starts.
+                continue
             elif message == READY:
                 worker.ready = True
                 self._retry_backoff = RETRY_FIRST  # Starting works (again).
