@@ -83,6 +83,17 @@ def test_peer_is_the_reported_client(serve: ServerFactory, version: int) -> None
     assert answer == b"203.0.113.9:40000 127.0.0.1 -\nping\n"
 
 
+@pytest.mark.parametrize("version", [1, 2])
+def test_header_bytes_count_as_received(serve: ServerFactory, version: int) -> None:
+    server = serve(tell_peer, proxy_protocol=f"v{version}")
+    header = tcp4("203.0.113.9", 40000, version=version)
+    answer = talk(server, header)
+    wait_until(lambda: server.statistics().connections_closed == 1, what="connection closed")
+    stats = server.statistics()
+    assert stats.bytes_received == len(header) + len(b"ping\n")
+    assert stats.bytes_sent >= len(answer)
+
+
 def test_any_mode_takes_both_versions_and_tlvs(serve: ServerFactory) -> None:
     server = serve(tell_peer, proxy_protocol="any")
     assert talk(server, tcp4("203.0.113.9", 1, version=1)).startswith(b"203.0.113.9:1 ")

@@ -167,6 +167,9 @@ def read_proxy_header(conn: Connection, settings: ProxySettings) -> ProxyInfo:
         except OSError as exc:
             raise Aborted(exc.strerror or str(exc)) from None
         header += taken
+        # The header came off this connection's socket: its bytes count as
+        # received, as a packet capture or the proxy's own counters see them.
+        conn.bytes_received += len(taken)
         if result is not None and len(taken) == wanted:
             return result[0]
 
