@@ -11,7 +11,7 @@ import pytest
 from conftest import ServerFactory
 from support import NOTICE, StopInBackground, connect, recv_exactly, recv_until_eof, wait_until
 
-import threadserve._server
+import threadserve._stop
 from threadserve import Connection, Server, echo
 
 
@@ -278,7 +278,7 @@ def test_client_in_the_listen_queue_is_told_even_if_its_bytes_arrive_late(
     # socket with unread input sends a reset, which destroys the notice in
     # the client's buffer. Hiding the bytes from that look recreates the race
     # every time; the server must then linger for the client's EOF instead.
-    monkeypatch.setattr(threadserve._server, "queued_bytes", lambda fd: 0)
+    monkeypatch.setattr(threadserve._stop, "queued_bytes", lambda fd: 0)
     stopping = StopInBackground(server)
     assert recv_until_eof(queued) == NOTICE
     queued.close()

@@ -21,7 +21,8 @@ from ._notices import Notices
 from ._proxy import ProxyAddress, ProxyDetails, ProxyInfo, ProxyMode
 from ._proxy import build_header as build_proxy_header
 from ._proxy import parse_header as parse_proxy_header
-from ._server import Handler, Server, ServerStatistics, StopReport, serve
+from ._server import Handler, Server, ServerStatistics, serve
+from ._stop import StopReport
 from ._timeouts import Timeouts
 from ._tls import server_tls_context
 from .handlers import discard, echo, echo_lines

@@ -1,4 +1,4 @@
-"""The server: accept loop, connection registry, and the stop sequence.
+"""The server: accept loop, connection registry, and each connection's thread.
 
 Theory of operation
 ===================
@@ -15,26 +15,12 @@ last connection just finished") writes one byte to the control pipe. Writing
 to a pipe takes no lock, which is what makes it safe from a signal handler
 that may have interrupted code holding one.
 
-Stopping (``stop()``, SIGINT, SIGTERM) runs in the serving thread:
-
-1. Clients still in the listen queue are accepted and told (notice, FIN);
-   then the listeners close: a new connect is refused.
-2. The *stop descriptors* become readable (eventfds, or pipes where there
-   are none, one per group of connections, woken a group at a time: see
-   _broadcast.py). Every
-   connection polls its group's descriptor next to its socket, so a blocked
-   reader wakes; it then gets what had already arrived, then end-of-stream.
-   Every cancel token is set (handlers doing non-socket work can see it or
-   run a hook; hooks run on a thread of their own, so one that blocks cannot
-   hold up the stop).
-3. Handlers finish the work they had read and return; the connection thread
-   writes the goodbye notice, sends FIN and lingers until the client's EOF.
-4. The serving thread waits, in ``poll`` on the control pipe, until the
-   registry is empty or the grace deadline passes or a second signal
-   arrives. Whatever is left is forced: ``shutdown(SHUT_RDWR)`` wakes any
-   socket call. Threads that still do not end (stuck in a call that ignores
-   the token) are logged with their stack; as daemon threads they do not keep
-   the process alive.
+Stopping (``stop()``, SIGINT, SIGTERM) ends the accept loop; the serving
+thread then runs the stop sequence (_stop.py: tell the listen queue, close
+the listeners, wake connections in waves, drain, force at the grace
+deadline, report stuck threads). Each connection thread, seeing the stop,
+finishes what it had read, writes the goodbye notice, sends FIN and lingers
+(``_finish_connection``).
 
 Shared state is changed under ``_lock``; socket I/O happens outside it.
 """
@@ -50,12 +36,10 @@ import select
 import selectors
 import socket
 import ssl
-import sys
 import threading
 import time
-import traceback
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -65,8 +49,7 @@ from . import _setup
 from ._admission import Admission, OverloadPolicy
 from ._agent import AgentResponder
 from ._broadcast import MAX_GROUPS, StopBroadcast
-from ._cancel import CallbackRunner, CancelCallback
-from ._connection import DEFAULT_CHUNK_SIZE, PEER_GONE_ERRNOS, Connection, queued_bytes
+from ._connection import DEFAULT_CHUNK_SIZE, PEER_GONE_ERRNOS, Connection
 from ._events import CloseReason, Counters, RejectReason, StopOutcome
 from ._exceptions import (
     ConfigurationError,
@@ -81,7 +64,6 @@ from ._exceptions import (
 from ._gil import threads_changed
 from ._keepalive import keepalive_options
 from ._listeners import (
-    LISTEN_BACKLOG,
     Listener,
     format_address,
     open_listeners,
@@ -90,6 +72,7 @@ from ._listeners import (
 from ._notices import Notices
 from ._proxy import ProxyMode
 from ._ratelimit import RateLimitedLog
+from ._stop import FORCE_MARGIN, StopReport, StopSequence, _tell
 from ._threads import DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_IDLE, ParkingThreads
 from ._timeouts import Timeouts
 
@@ -104,11 +87,6 @@ DEFAULT_BIND = "127.0.0.1:8000"
 DEFAULT_GRACE = 5.0
 DEFAULT_GOODBYE = b"Shutting down!\n"
 DEFAULT_LINGER = 2.0
-#: After forcing, how long stuck threads get to notice before they are reported.
-FORCE_MARGIN = 0.25
-#: At stop, wake the next group of connections once fewer than this many of
-#: those already woken are still finishing (see _broadcast.py).
-STOP_WAVE = 128
 #: Accept at most this many clients per wake-up, so the control pipe is heard promptly.
 ACCEPT_BATCH = 64
 #: accept() failures that mean "out of a resource": back off instead of spinning.
@@ -124,17 +102,6 @@ ACCEPT_BACKOFF_MAX = 1.0
 KEEPALIVE_IDLE, KEEPALIVE_INTERVAL, KEEPALIVE_PROBES = 60, 10, 3
 
 _current = threading.local()
-
-
-@dataclass(frozen=True)
-class StopReport:
-    """How a stop went. ``clean`` is False when anything had to be forced."""
-
-    clean: bool
-    drained: int
-    forced: int
-    stuck_threads: tuple[str, ...]
-    duration: float
 
 
 @dataclass(frozen=True)
@@ -275,16 +242,9 @@ class Server:
             self._run_connection, max_idle=idle_threads, idle_timeout=idle_thread_timeout
         )
         self._group_live = [0] * MAX_GROUPS  # Live connections per stop group.
-        # During a stop, a connection thread wakes the serving thread once the
-        # live count falls to this (-1: only when the last one ends).
-        self._wake_at_live = -1
         # Set without the lock (a signal handler may set them); read by the serving thread.
         self._stop_requested = False
         self._force_requested = False
-        self._stopping = False
-        # Busy connections watch this; idle ones wait for their wave (_connection.py).
-        self._stop_begun = threading.Event()
-        self._stop_deadline = 0.0
         self._serving_started = False
         self._serving_thread: threading.Thread | None = None
         self._stopped = threading.Event()
@@ -308,12 +268,21 @@ class Server:
         self._accept_errors = 0
         self._rejected = 0
         self._counters = Counters()  # Per reason, and histograms (see _events.py).
-        # Listen-queue clients told of the stop, their FIN sent, waiting for
-        # their EOF (by descriptor), and when to stop waiting for them.
-        self._dismissed: dict[int, socket.socket] = {}
-        self._dismissed_until = 0.0
-        # Cancel hooks run here at stop, off the stopping thread (see _cancel.py).
-        self._hook_runner = CallbackRunner("threadserve cancel hooks")
+        # The stop sequence, and the stop state connections read (_stop.py).
+        self._stop = StopSequence(
+            lock=self._lock,
+            connections=self._connections,
+            group_live=self._group_live,
+            finishing=self._finishing,
+            listeners=self._listeners,
+            threads=self._threads,
+            broadcast=self._broadcast,
+            wait=self._wait_control,
+            forced=lambda: self._force_requested,
+            on_stop_accepting=lambda: self._call_hook(self.on_stop_accepting),
+            count_dismissed=self._count_dismissed,
+            count_stop=self._count_stop,
+        )
         if metrics is not None:
             # A collector that reads statistics() at scrape time (_metrics.py):
             # nothing is added to the per-message path.
@@ -446,7 +415,7 @@ class Server:
     @property
     def draining(self) -> bool:
         """True while a stop waits out its drain delay (the agent answers ``drain``)."""
-        return self._drain_until is not None and not self._stopping
+        return self._drain_until is not None and not self._stop.stopping
 
     def connections(self) -> list[Connection]:
         """The live connections right now (a copy)."""
@@ -660,7 +629,7 @@ class Server:
             chunk_size=self.chunk_size,
             client_ip=ip,
             stop_group=group,
-            stop_begun=self._stop_begun,
+            stop_begun=self._stop.begun,
         )
         with self._lock:
             self._connections[conn] = None
@@ -726,7 +695,7 @@ class Server:
         except _setup.Aborted as exc:
             # Stopping: the proxy (and its client) still hear the goodbye.
             outcome, abandon = str(exc), not exc.stopping
-            reason = CloseReason.STOPPED if self._stopping else CloseReason.RESET
+            reason = CloseReason.STOPPED if self._stop.stopping else CloseReason.RESET
         except _setup.Refused as exc:
             outcome, cutoff_notice = str(exc), None if self.tls else self.notices.busy
             reason = CloseReason.REFUSED
@@ -760,7 +729,7 @@ class Server:
             reason = CloseReason.RESET
             # The client going away is expected; the same error from the
             # handler's own sockets (a database connection, say) is a bug to see.
-            expected = exc.errno in PEER_GONE_ERRNOS or self._stopping
+            expected = exc.errno in PEER_GONE_ERRNOS or self._stop.stopping
             if not (expected and _raised_by_connection(exc)):
                 reason = CloseReason.HANDLER_ERROR
                 self._count_handler_error(conn)
@@ -769,7 +738,7 @@ class Server:
             reason = CloseReason.HANDLER_ERROR
             self._count_handler_error(conn)
         finally:
-            if reason is CloseReason.COMPLETED and self._stopping:
+            if reason is CloseReason.COMPLETED and self._stop.stopping:
                 reason = CloseReason.STOPPED
             try:
                 if abandon:
@@ -788,19 +757,19 @@ class Server:
         # Group members leave first; at stop, a member waits (up to the grace
         # deadline) for the others to finish reading, so that what they had
         # read reaches it before its notice. Then its linger starts.
-        stopping = self._stopping
+        stopping = self._stop.stopping
         conn._run_closing_hooks(
-            self._stop_deadline - FORCE_MARGIN if stopping else time.monotonic() + self.linger
+            self._stop.deadline - FORCE_MARGIN if stopping else time.monotonic() + self.linger
         )
         now = time.monotonic()
         linger_until = now + self.linger
         notice = cutoff_notice
-        if self._stopping:
+        if self._stop.stopping:
             if notice is None and not conn._peer_eof:
                 notice = self.goodbye
             # Finish lingering just before the grace deadline, so a client
             # that never closes does not turn a clean drain into a forced one.
-            linger_until = min(linger_until, self._stop_deadline - FORCE_MARGIN / 2)
+            linger_until = min(linger_until, self._stop.deadline - FORCE_MARGIN / 2)
         conn._close_gracefully(notice, linger_until)
 
     def _unregister(
@@ -839,12 +808,8 @@ class Server:
             self._counters.closed[reason] += 1
             self._counters.connection_durations.observe(duration)
             wake = self._accept_paused
-            if self._stopping:
-                if len(self._connections) <= self._wake_at_live:
-                    self._wake_at_live = -1  # One wake-up per wave is enough.
-                    wake = True
-                elif not self._connections:
-                    wake = True
+            if self._stop.connection_left(len(self._connections)):
+                wake = True
         if wake:
             self._wake()
 
@@ -874,253 +839,40 @@ class Server:
             os.write(control, b"\0")  # A full pipe already means "wake up".
 
     def _stop_sequence(self) -> StopReport:
-        started = time.monotonic()
-        self._stop_deadline = started + self.grace
-        self._dismissed_until = min(started + self.linger, self._stop_deadline - FORCE_MARGIN / 2)
-        # A queue that other processes go on serving (a supervisor's shared
-        # listener) is not ours to dismiss: its clients are theirs. Ours stop
-        # taking new clients first, so that none lands in the queue between
-        # its emptying and the close (which would reset it).
-        for listener in self._listeners:
-            if listener.owns_queue:
-                listener.refuse_new_clients()
-        queued = sum(
-            self._dismiss_listen_queue(listener)
-            for listener in self._listeners
-            if listener.owns_queue
+        # A TLS client cannot read a plain-text notice: the listen queue's
+        # clients get a clean EOF instead.
+        self._report = self._stop.run(
+            grace=self.grace, linger=self.linger, notice=None if self.tls else self.goodbye
         )
-        for listener in self._listeners:
-            listener.close()
-        # No connection comes any more: parked threads end now, and threads
-        # that finish from here on end instead of parking.
-        self._threads.close()
-        self._call_hook(self.on_stop_accepting)
-        logger.info(
-            "stopping: %d connections, grace %.1f s; %d waiting in the listen queue were told",
-            len(self._connections),
-            self.grace,
-            queued,
-            extra={"event": "stopping"},
-        )
-        with self._lock:
-            self._stopping = True
-            connections = dict(self._connections)
-        # Only now: a connection that sees this must also see _stopping, or it
-        # would close without the goodbye notice (_finish_connection).
-        self._stop_begun.set()
-        self._wake_in_waves(connections)
-        self._wait_for_connections(self._stop_deadline)
-        self._close_dismissed()
-        with self._lock:
-            # A connection still in its lingering close has had its notice and
-            # FIN: cutting the linger short is not forcing it.
-            lingering = [conn for conn in self._connections if conn._lingering]
-            leftover = {c: t for c, t in self._connections.items() if not c._lingering}
-        for conn in lingering:
-            conn._force_close()
-        stuck: list[str] = []
-        if leftover:
-            logger.warning(
-                "%s: forcing %d connections: %s",
-                "stop forced" if self._force_requested else "grace period over",
-                len(leftover),
-                ", ".join(c.peer for c in leftover),
-            )
-            for conn in leftover:
-                conn._force_close()
-            # Forced sockets wake their threads at once; give them a moment to end.
-            self._wait_for_connections(time.monotonic() + FORCE_MARGIN, until_forced=False)
-            stuck = self._report_stuck_threads(leftover)
-        # A thread leaves the registry a few lines before it ends, and parked
-        # threads (woken by _threads.close() above) have only their last lines
-        # to run; wait for those, so no thread outlives the stop (stuck ones
-        # aside). None of them is stuck, but on a loaded machine hundreds can
-        # take longer than FORCE_MARGIN to get the GIL: they get until the
-        # grace deadline, unless the stop was forced.
-        hooks_deadline = time.monotonic() + FORCE_MARGIN
-        join_deadline = hooks_deadline
-        if not self._force_requested:
-            join_deadline = max(join_deadline, self._stop_deadline)
-        with self._lock:
-            finishing = list(self._finishing)
-        for thread in finishing:
-            thread.join(max(0.0, join_deadline - time.monotonic()))
-        stuck_hook = self._hook_runner.close(max(0.0, hooks_deadline - time.monotonic()))
-        if stuck_hook is not None:
-            stuck.append(_report_stuck_hook(*stuck_hook))
-        duration = time.monotonic() - started
-        report = StopReport(
-            clean=not leftover,
-            drained=len(connections) - len(leftover),
-            forced=len(leftover),
-            stuck_threads=tuple(stuck),
-            duration=duration,
-        )
-        self._report = report
-        outcome = StopOutcome.CLEAN if report.clean else StopOutcome.FORCED
-        with self._lock:
-            self._counters.stops[outcome] += 1
-            self._counters.stop_durations.observe(duration)
-        logger.info(
-            "stopped in %.3f s: %d drained, %d forced",
-            duration,
-            report.drained,
-            report.forced,
-            extra={"event": "stopped", "duration": duration, "reason": outcome.value},
-        )
-        return report
+        return self._report
 
-    def _wake_in_waves(self, connections: dict[Connection, threading.Thread | None]) -> None:
-        """Set every token and wake every reader, a group at a time (see _broadcast.py)."""
-        by_group: dict[int, list[Connection]] = {}
-        for conn in connections:
-            by_group.setdefault(conn._stop_group, []).append(conn)
-        unreleased = sorted(by_group)
-        while unreleased:
-            group = unreleased.pop(0)
-            self._broadcast.release(group)
-            for conn in by_group[group]:
-                conn.cancel_token.cancel("server stopping", self._hook_runner)
-            if unreleased and not self._wait_for_wave_room(unreleased):
-                break  # Deadline or a forced stop: wake the rest at once.
-        for group in unreleased:
-            for conn in by_group[group]:
-                conn.cancel_token.cancel("server stopping", self._hook_runner)
-        self._broadcast.release_all()
-
-    def _wait_for_wave_room(self, unreleased: list[int]) -> bool:
-        """Wait until fewer than STOP_WAVE woken connections are still finishing."""
-
-        def room_for_a_wave() -> bool:
-            waiting = sum(self._group_live[group] for group in unreleased)
-            if len(self._connections) - waiting < STOP_WAVE:
-                return True
-            # Not yet: have the connection threads wake us when there is.
-            self._wake_at_live = waiting + STOP_WAVE // 2
-            return False
-
-        try:
-            return self._wait_until(room_for_a_wave, self._stop_deadline)
-        finally:
-            with self._lock:
-                self._wake_at_live = -1
-
-    def _dismiss_listen_queue(self, listener: Listener) -> int:
-        """Tell the clients still waiting in the listen queue, instead of resetting them.
-
-        Closing a listener resets every connection the kernel had completed
-        but we had not accepted yet. They were never served, so nothing they
-        sent was read; they only need to know. Each gets the notice and a FIN,
-        then a lingering close like a served connection's (see _wait_control):
-        a client that sends just after being told must not turn our close
-        into a reset that destroys the notice. Bounded by the backlog size.
-        """
-        dismissed = 0
-        if listener.reuse_port:
-            # Other sockets in its SO_REUSEPORT group stay open, and the
-            # kernel goes on hashing new clients to this one until it closes:
-            # those landing after our last accept would be reset. A backlog
-            # of 0 leaves them waiting on their SYN instead; their retry
-            # reaches a listener that is still open.
-            with contextlib.suppress(OSError):
-                listener.socket.listen(0)
-        for _ in range(LISTEN_BACKLOG):
-            try:
-                sock, _address = listener.socket.accept()
-            except OSError:
-                break  # Empty (EAGAIN), or out of descriptors: the rest get the reset.
-            # A TLS client cannot read a plain-text notice: it gets a clean EOF.
-            _tell(sock, None if self.tls else self.goodbye)
-            try:
-                sock.shutdown(socket.SHUT_WR)
-            except OSError:
-                sock.close()  # Already gone: nothing to linger for.
-            else:
-                self._dismissed[sock.fileno()] = sock
-            dismissed += 1
+    def _count_dismissed(self, dismissed: int) -> None:
         with self._lock:
             self._rejected += dismissed
             self._counters.rejected[RejectReason.STOPPING] += dismissed
-        return dismissed
 
-    def _discard_from_dismissed(self, fd: int) -> None:
-        sock = self._dismissed[fd]
-        try:
-            if sock.recv(DEFAULT_CHUNK_SIZE, socket.MSG_DONTWAIT):
-                return  # Input dropped (never served); its EOF is still to come.
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            pass  # Reset: the client is gone.
-        del self._dismissed[fd]
-        sock.close()
+    def _count_stop(self, outcome: StopOutcome, duration: float) -> None:
+        with self._lock:
+            self._counters.stops[outcome] += 1
+            self._counters.stop_durations.observe(duration)
 
-    def _close_dismissed(self) -> None:
-        for sock in self._dismissed.values():
-            sock.close()
-        self._dismissed.clear()
-
-    def _wait_for_connections(self, deadline: float, until_forced: bool = True) -> None:
-        self._wait_until(
-            lambda: not self._connections and not self._dismissed, deadline, until_forced
-        )
-
-    def _wait_until(
-        self, done: Callable[[], bool], deadline: float, until_forced: bool = True
-    ) -> bool:
-        """Wait on the control pipe until ``done()`` holds; it is called under the lock.
-
-        Returns True when it holds, False at the deadline or, with
-        ``until_forced``, once the stop is forced.
-        """
-        while True:
-            if self._dismissed and time.monotonic() >= self._dismissed_until:
-                self._close_dismissed()
-            with self._lock:
-                if done():
-                    return True
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or (until_forced and self._force_requested):
-                return False
-            if self._dismissed:
-                remaining = min(remaining, self._dismissed_until - time.monotonic())
-            self._wait_control(max(0.0, remaining))
-
-    def _wait_control(self, timeout: float) -> None:
+    def _wait_control(self, timeout: float, watch: Collection[int] = ()) -> list[int]:
+        """Wait up to ``timeout`` s for a wake-up; return the ``watch`` descriptors readable."""
         # Signal handlers write to the control pipe, so a second Ctrl-C ends
         # this wait at once. poll(), not select(): the pipe's descriptor may
         # be above 1023 in a process that already has many files open. The
-        # dismissed listen-queue clients are watched here too: the stop's
-        # waits are the only time they need.
+        # stop sequence watches its told listen-queue clients here too.
         poller = select.poll()
         poller.register(self._control_r, select.POLLIN)
-        for fd in self._dismissed:
+        for fd in watch:
             poller.register(fd, select.POLLIN)
+        ready = []
         for fd, _events in poller.poll(int(timeout * 1000) + 1):
             if fd == self._control_r:
                 _drain(self._control_r)
             else:
-                self._discard_from_dismissed(fd)
-
-    def _report_stuck_threads(
-        self, leftover: dict[Connection, threading.Thread | None]
-    ) -> list[str]:
-        stuck = []
-        with self._lock:
-            # Still registered: a thread that unregistered is only finishing.
-            still_there = [(c, t) for c, t in leftover.items() if c in self._connections]
-        for _conn, thread in still_there:
-            if thread is None or not thread.is_alive():
-                continue  # Never picked up by a thread, or already gone.
-            stuck.append(thread.name)
-            logger.error(
-                "thread %r did not stop (it ignores its cancel token); abandoning it. Stack:\n%s",
-                thread.name,
-                _stack_of(thread),
-            )
-            # Its socket is already shut down; closing it here would free the
-            # descriptor number while that thread may still use it.
-        return stuck
+                ready.append(fd)
+        return ready
 
     def _release_resources(self) -> None:
         if self._agent is not None:
@@ -1183,40 +935,6 @@ def _raised_by_connection(exc: BaseException) -> bool:
 
 #: Library modules between a Connection method and the system call.
 _IO_WRAPPER_FILES = frozenset({ssl.__file__, socket.__file__})
-
-
-def _report_stuck_hook(thread: threading.Thread, callback: CancelCallback | None) -> str:
-    logger.error(
-        "cancel callback %r did not return; abandoning it. Stack:\n%s", callback, _stack_of(thread)
-    )
-    return thread.name
-
-
-def _stack_of(thread: threading.Thread) -> str:
-    frame = sys._current_frames().get(thread.ident or -1)
-    return "".join(traceback.format_stack(frame)).rstrip() if frame else "(no stack)"
-
-
-def _tell(sock: socket.socket, notice: bytes | None) -> None:
-    """One line to a client that gets no thread.
-
-    Unread input would turn the close into a reset that can destroy the
-    notice in flight, so what the client already sent is read and dropped
-    first (it was never served, so nothing read is lost). The notice is tiny
-    and fits the empty send buffer: no waiting. This runs on the accept
-    loop, where every system call counts (each one hands the GIL to a busy
-    connection thread): usually one ioctl and one send.
-    """
-    try:
-        for _ in range(16):  # Bounded: a client streaming at us gets the reset.
-            if not queued_bytes(sock.fileno()) or not sock.recv(
-                DEFAULT_CHUNK_SIZE, socket.MSG_DONTWAIT
-            ):
-                break
-        if notice:
-            sock.send(notice, socket.MSG_DONTWAIT)
-    except OSError:
-        pass  # The client already left, or its buffer is full: nothing more to tell it.
 
 
 def _tell_and_close(sock: socket.socket, notice: bytes | None) -> None:
