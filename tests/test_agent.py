@@ -6,6 +6,7 @@ import contextlib
 import re
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -15,9 +16,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support import NOTICE, SETTLE, ServerProcess, recv_until_eof, subprocess_env
+from support import NOTICE, SETTLE, ServerProcess, recv_until_eof, subprocess_env, wait_until
 
-from threadserve import BindError
+from threadserve import BindError, _agent
 from threadserve._agent import AgentResponder
 
 
@@ -94,6 +95,136 @@ def test_unix_socket(tmp_path: Path) -> None:
 def test_busy_address_fails_at_once(agent: AgentResponder) -> None:
     with pytest.raises(BindError):
         AgentResponder(agent.addresses[0])
+
+
+# ------------------------------------------- what the checker sends (HAProxy's agent-send)
+
+
+def connect(address: str) -> socket.socket:
+    host, _, port = address.rpartition(":")
+    return socket.create_connection((host, int(port)), timeout=SETTLE)
+
+
+def read_line(sock: socket.socket) -> bytes:
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = sock.recv(100)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def assert_no_reset(sock: socket.socket) -> None:
+    """The responder closed this check cleanly: no reset reached the checker.
+
+    Once the responder has seen the checker's EOF and closed, a reset it had
+    sent would have been taken by the checker's socket on loopback already;
+    SO_ERROR holds it (ECONNRESET, or EPIPE once our FIN was in).
+    """
+    assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0
+
+
+def test_a_string_sent_after_the_answer_is_read_and_the_close_is_clean(
+    agent: AgentResponder,
+) -> None:
+    """The agent-send string reaches us after we answered: dropped, then a clean close.
+
+    Reading the answer first guarantees the responder's first read has
+    passed: the string arrives while the check lingers. Closing then would
+    have answered the string with a reset.
+    """
+    with connect(agent.addresses[0]) as sock:
+        assert read_line(sock) == b"up ready\n"
+        sock.sendall(b"ready-check\n")
+        assert recv_until_eof(sock) == b""
+        sock.shutdown(socket.SHUT_WR)
+        wait_until(lambda: agent.closed_clean == 1, what="the check to end at its EOF")
+        assert_no_reset(sock)
+    assert (agent.answered, agent.closed_early, agent.lingering) == (1, 0, 0)
+
+
+def test_a_string_sent_before_the_answer_is_dropped(agent: AgentResponder) -> None:
+    """HAProxy sends agent-send right after connecting, before it reads anything."""
+    for n in range(20):
+        with connect(agent.addresses[0]) as sock:
+            sock.sendall(b"agent-send string %d\n" % n)
+            assert recv_until_eof(sock) == b"up ready\n"
+            sock.shutdown(socket.SHUT_WR)
+            # Answered (it read our EOF): it ends once the responder saw its EOF.
+            wait_until(
+                lambda: agent.closed_clean + agent.closed_early == agent.answered,
+                what="the check to end",
+            )
+            assert_no_reset(sock)
+    assert (agent.answered, agent.closed_clean, agent.closed_early) == (20, 20, 0)
+
+
+def test_a_checker_that_resets_ends_its_check(agent: AgentResponder) -> None:
+    """HAProxy may end a check with a reset of its own (no TIME_WAIT): that is an end too."""
+    sock = connect(agent.addresses[0])
+    assert read_line(sock) == b"up ready\n"
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+    wait_until(lambda: agent.closed_clean == 1, what="the check to end at the reset")
+    assert agent.lingering == 0
+
+
+def test_a_checker_that_sends_too_much_is_cut_off(agent: AgentResponder) -> None:
+    with connect(agent.addresses[0]) as sock:
+        assert read_line(sock) == b"up ready\n"
+        with contextlib.suppress(ConnectionResetError, BrokenPipeError):
+            for _ in range(4):
+                sock.sendall(b"x" * _agent.DISCARD_LIMIT)
+        wait_until(lambda: agent.closed_early == 1, what="the check to be cut off")
+    assert (agent.closed_clean, agent.lingering) == (0, 0)
+
+
+def test_a_checker_that_never_closes_is_closed_after_the_linger(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(_agent, "LINGER", 0.2)
+    responder = AgentResponder("127.0.0.1:0")
+    responder.start()
+    try:
+        with connect(responder.addresses[0]) as sock:
+            assert read_line(sock) == b"up ready\n"
+            wait_until(lambda: responder.closed_early == 1, what="the linger to run out")
+            assert responder.lingering == 0
+            # Answered and closed after its FIN: the checker still reads a clean end.
+            assert sock.recv(100) == b""
+    finally:
+        responder.close()
+
+
+def test_lingering_checks_are_bounded_and_closed_with_the_responder(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(_agent, "MAX_LINGERING", 3)
+    responder = AgentResponder("127.0.0.1:0")
+    responder.start()
+    socks = []
+    try:
+        for _ in range(5):
+            sock = connect(responder.addresses[0])
+            socks.append(sock)
+            assert read_line(sock) == b"up ready\n"
+        wait_until(lambda: responder.answered == 5, what="five answers")
+        assert (responder.lingering, responder.closed_early) == (3, 2)
+        for sock in socks[2:]:
+            sock.shutdown(socket.SHUT_WR)
+        wait_until(lambda: responder.closed_clean == 3, what="the three to end")
+        assert responder.lingering == 0
+        # One lingering at close: closed with the responder, its thread gone.
+        socks.append(connect(responder.addresses[0]))
+        assert read_line(socks[-1]) == b"up ready\n"
+        wait_until(lambda: responder.lingering == 1, what="a check lingering")
+    finally:
+        responder.close()
+        for sock in socks:
+            sock.close()
+    assert not any(t.name.startswith("threadserve agent") for t in threading.enumerate())
+    assert responder.closed_early == 3
 
 
 # ---------------------------------------------------- with --workers: the supervisor answers

@@ -15,6 +15,16 @@ the listening sockets, so the address never stops answering.
 The responder costs one thread that sleeps in ``select`` on its listening
 socket and a pipe that wakes it to close. Each client gets its line from that
 thread without blocking: the line fits any empty send buffer.
+
+Closing without a reset: HAProxy may send a string first (``agent-send``),
+and it may reach us before or after our answer. Closing a socket that holds
+unread bytes makes Linux answer with a reset, which can destroy the answer
+before the checker reads it. So, like every connection of the project, a
+check ends with a lingering close: answer, FIN (``SHUT_WR``), then the socket
+stays in the same ``select`` and what arrives is read and dropped until the
+checker's EOF, or ``LINGER`` seconds, or ``DISCARD_LIMIT`` bytes (a checker
+that sends more than that is not HAProxy; it gets the reset). At most
+``MAX_LINGERING`` checks linger at once; past that the oldest is closed.
 """
 
 from __future__ import annotations
@@ -25,6 +35,9 @@ import os
 import selectors
 import socket
 import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
 
 from ._listeners import Listener, open_listeners, parse_bind_address
 
@@ -32,9 +45,23 @@ logger = logging.getLogger("threadserve")
 
 UP = b"up ready\n"
 DRAIN = b"drain\n"
-#: Bytes an agent may send first (HAProxy's ``agent-send``) are read and
-#: dropped: closing with unread input would reset the connection instead.
-_DISCARD_LIMIT = 4096
+#: What a checker may send (HAProxy's ``agent-send``, before or after our
+#: answer) is read and dropped up to this many bytes per check: closing with
+#: unread input would reset the connection instead.
+DISCARD_LIMIT = 4096
+#: How long an answered check waits for the checker's EOF before it closes.
+LINGER = 2.0
+#: Answered checks waiting for their EOF at once; past this the oldest closes.
+MAX_LINGERING = 256
+
+
+@dataclass
+class _Lingering:
+    """An answered check waiting for the checker's EOF."""
+
+    sock: socket.socket
+    until: float
+    dropped: int = 0
 
 
 class AgentResponder:
@@ -55,11 +82,25 @@ class AgentResponder:
         self._wake_r, self._wake_w = os.pipe()
         self._draining = False
         self._thread: threading.Thread | None = None
-        self.answered = 0  # Agent checks answered so far (for tests and logs).
+        # Answered checks in their lingering close, oldest first (the
+        # responder's thread alone touches it).
+        self._lingering: OrderedDict[int, _Lingering] = OrderedDict()
+        # Counts for tests and logs: checks answered; checks that ended with
+        # the checker's EOF (or its own reset); checks closed before that
+        # (linger over, too many bytes or checks, responder closing), the
+        # only ones that may have reset the checker.
+        self.answered = 0
+        self.closed_clean = 0
+        self.closed_early = 0
 
     @property
     def draining(self) -> bool:
         return self._draining
+
+    @property
+    def lingering(self) -> int:
+        """Answered checks still waiting for the checker's EOF."""
+        return len(self._lingering)
 
     def drain(self) -> None:
         """From now on, answer ``drain``: the load balancer sends no new clients."""
@@ -110,13 +151,27 @@ class AgentResponder:
             selector.register(self._wake_r, selectors.EVENT_READ, None)
             for listener in self._listeners:
                 selector.register(listener.socket, selectors.EVENT_READ, listener)
-            while True:
-                for key, _events in selector.select():
-                    if key.data is None:
-                        return
-                    self._answer_all(key.data)
+            try:
+                while True:
+                    for key, _events in selector.select(self._next_timeout()):
+                        if key.data is None:
+                            return
+                        if isinstance(key.data, Listener):
+                            self._answer_all(selector, key.data)
+                        else:
+                            self._discard(selector, key.data)
+                    self._expire(selector, time.monotonic())
+            finally:
+                for entry in list(self._lingering.values()):
+                    self._end(selector, entry, clean=False)
 
-    def _answer_all(self, listener: Listener) -> None:
+    def _next_timeout(self) -> float | None:
+        if not self._lingering:
+            return None
+        oldest = next(iter(self._lingering.values()))
+        return max(0.0, oldest.until - time.monotonic())
+
+    def _answer_all(self, selector: selectors.BaseSelector, listener: Listener) -> None:
         while True:
             try:
                 sock, _address = listener.socket.accept()
@@ -125,19 +180,59 @@ class AgentResponder:
             except OSError as exc:
                 logger.warning("agent check on %s: accept failed: %s", listener.address, exc)
                 return
-            try:
-                self._answer(sock)
-            finally:
+            sock.setblocking(False)
+            entry = _Lingering(sock, time.monotonic() + LINGER)
+            if not self._answer(entry):
                 sock.close()
+                continue
+            if len(self._lingering) >= MAX_LINGERING:
+                self._end(selector, next(iter(self._lingering.values())), clean=False)
+            self._lingering[sock.fileno()] = entry
+            selector.register(sock, selectors.EVENT_READ, entry)
 
-    def _answer(self, sock: socket.socket) -> None:
+    def _answer(self, entry: _Lingering) -> bool:
+        """Read what the checker sent so far, answer, send FIN; False if it already left."""
+        sock = entry.sock
         try:
             with contextlib.suppress(BlockingIOError, InterruptedError):
-                sock.recv(_DISCARD_LIMIT, socket.MSG_DONTWAIT)
-            sock.send(DRAIN if self._draining else UP, socket.MSG_DONTWAIT)
+                entry.dropped += len(sock.recv(DISCARD_LIMIT))
+            sock.send(DRAIN if self._draining else UP)
             # Counted before the EOF goes out: a checker that has read the
             # whole answer then sees it counted.
             self.answered += 1
             sock.shutdown(socket.SHUT_WR)
         except OSError:
-            return  # The checker already left.
+            return False
+        return True
+
+    def _discard(self, selector: selectors.BaseSelector, entry: _Lingering) -> None:
+        """Read and drop what the checker sends after the answer; end at its EOF."""
+        try:
+            data = entry.sock.recv(DISCARD_LIMIT)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""  # The checker reset: it has what it wanted.
+        entry.dropped += len(data)
+        if not data:
+            self._end(selector, entry, clean=True)
+        elif entry.dropped > DISCARD_LIMIT:
+            logger.warning("agent check: the checker sent over %d bytes; closed", DISCARD_LIMIT)
+            self._end(selector, entry, clean=False)
+
+    def _expire(self, selector: selectors.BaseSelector, now: float) -> None:
+        while self._lingering:
+            oldest = next(iter(self._lingering.values()))
+            if oldest.until > now:
+                return
+            self._end(selector, oldest, clean=False)
+
+    def _end(self, selector: selectors.BaseSelector, entry: _Lingering, *, clean: bool) -> None:
+        if clean:
+            self.closed_clean += 1
+        else:
+            self.closed_early += 1
+        self._lingering.pop(entry.sock.fileno(), None)
+        with contextlib.suppress(KeyError, ValueError):
+            selector.unregister(entry.sock)
+        entry.sock.close()
