@@ -89,6 +89,8 @@ class Load:
         self.address = address
         self.outcomes: Counter[str] = Counter()
         self.errors: list[str] = []
+        #: Connects that took a second or more: a SYN dropped and retried.
+        self.slow_connects: list[float] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._deadline = time.monotonic() + limit
@@ -110,7 +112,12 @@ class Load:
 
     def _exchange(self, line: bytes) -> str:
         try:
+            began = time.monotonic()
             with socket.create_connection(self.address, timeout=10) as sock:
+                took = time.monotonic() - began
+                if took >= 0.9:
+                    with self._lock:
+                        self.slow_connects.append(took)
                 sock.sendall(line)
                 data = b""
                 while len(data) < len(line):
@@ -155,8 +162,10 @@ def exchange_lines(socks: list[socket.socket], tag: str) -> None:
 # ---------------------------------------------------------------- reload
 
 
-def test_reload_under_load_loses_no_client_and_replaces_every_worker() -> None:
-    server, address = start_supervisor("--workers", "2")
+@pytest.mark.parametrize("mode", ["shared", "reuse-port"])
+def test_reload_under_load_loses_no_client_and_replaces_every_worker(mode: str) -> None:
+    extra = ["--reuse-port"] if mode == "reuse-port" else []
+    server, address = start_supervisor("--workers", "2", *extra)
     with server:
         generations = [workers_of(server)]
         assert len(generations[0]) == 2
@@ -181,9 +190,11 @@ def test_reload_under_load_loses_no_client_and_replaces_every_worker() -> None:
         server.send_signal(signal.SIGTERM)
         assert server.wait_exit(SETTLE) == 0, server.output()
         output = server.output()
+    slow = sorted(load.slow_connects)
     print(
-        f"\n3 reloads under load (16 clients): {dict(outcomes)}; SIGHUP to every old worker "
-        f"gone: {', '.join(f'{t:.2f}' for t in times)} s"
+        f"\n{mode}: 3 reloads under load (16 clients): {dict(outcomes)}; SIGHUP to every old "
+        f"worker gone: {', '.join(f'{t:.2f}' for t in times)} s; connects of 0.9 s or more "
+        f"(a dropped SYN retried): {len(slow)}{f', {slow[0]:.2f}-{slow[-1]:.2f} s' if slow else ''}"
     )
     assert outcomes["refused"] == 0, outcomes
     assert outcomes["reset"] == 0, outcomes

@@ -433,8 +433,18 @@ class Server:
         others (see _supervisor.py): clients it accepted a moment ago still
         get their request answered before the stop, and new ones wait in
         the kernel's queue for the other workers. Safe from any thread.
+
+        A queue of its own (``SO_REUSEPORT``) nobody else serves: it stops
+        taking new clients (their SYNs are dropped and retried, and the retry
+        lands on another listener of the group once this one closes) while
+        this server goes on accepting and serving what waits in it, so the
+        stop finds it empty. With no shared listener, accepting goes on.
         """
-        self._accept_handed_over = True
+        own = [x for x in self._listeners if x.reuse_port and x.owns_queue]
+        for listener in own:
+            listener.refuse_new_clients()
+        if len(own) < len(self._listeners):
+            self._accept_handed_over = True
         self._wake()
 
     def __enter__(self) -> Server:

@@ -47,7 +47,12 @@ accept it. A worker that stops for a reload therefore leaves the queue
 alone (its listeners do not own the queue), and only the final stop
 dismisses it. With ``reuse_port`` each worker gets TCP listeners of its own
 in a ``SO_REUSEPORT`` group; the kernel would reset what sits in a closed
-one's queue, so a stopping worker takes its queue first (see Server).
+one's queue. A worker handing over (reload, recycling, one fewer, upgrade)
+is paused first as in the shared mode, which for its own queue means: new
+SYNs are dropped (the client's retry, a second later, lands on another
+listener of the group once this one has closed) while what already waits is
+accepted and served. Its stop then finds the queue empty; at the final stop
+what still waits is told, as one server's stop does.
 
 Boot failure: a worker that exits before ``ready`` at the first start makes
 the supervisor stop the others and exit 1 with the worker's message. A
@@ -571,7 +576,10 @@ class Supervisor:
             return
         worker.stopping = True
         now = time.monotonic()
-        settle = HANDOVER_SETTLE if handover and self.listeners and worker.ready else 0.0
+        # reuse_port: a worker's own queue has the same moment to be taken
+        # and served (Server.pause_accepting) rather than told at its stop.
+        hands_over = handover and worker.ready and bool(self.listeners or self._per_worker)
+        settle = HANDOVER_SETTLE if hands_over else 0.0
         worker.kill_at = now + settle + self.grace + STOP_MARGIN
         if settle:
             with contextlib.suppress(OSError):
