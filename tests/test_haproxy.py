@@ -36,6 +36,8 @@ from pathlib import Path
 import pytest
 from support import NOTICE, SETTLE, ServerProcess, wait_until
 
+from threadserve._agent import AgentResponder
+
 CLIENTS = 16
 #: How long each instance drains. HAProxy sees ``drain`` within an agent
 #: interval (100 ms here), but the sessions it had already sent the instance
@@ -376,3 +378,107 @@ def test_rolling_restart_of_instances_with_workers(tmp_path: Path) -> None:
     assert drained["served"] > 0
     assert drained["wrong"] == 0
     assert (drained["refused"], drained["reset"], drained["told"]) == (0, 0, 0), drained
+
+
+def stat_rows(stats_socket: Path) -> list[dict[str, str]]:
+    """HAProxy's ``show stat``, one dict per row (empty until HAProxy answers)."""
+    if not stats_socket.exists():
+        return []
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(5)
+        try:
+            sock.connect(str(stats_socket))
+        except (ConnectionRefusedError, FileNotFoundError):
+            return []
+        sock.sendall(b"show stat\n")
+        data = bytearray()
+        while chunk := sock.recv(65536):
+            data += chunk
+    lines = data.decode().splitlines()
+    if not lines or not lines[0].startswith("# "):
+        return []
+    columns = lines[0][2:].split(",")
+    return [dict(zip(columns, line.split(","), strict=False)) for line in lines[1:]]
+
+
+@pytest.mark.timeout(120)
+def test_agent_send_string_is_read_and_every_check_closes_cleanly(tmp_path: Path) -> None:
+    """HAProxy's ``agent-send``: a string after connecting, before it reads our answer.
+
+    The responder reads and drops it (however it lands against our answer)
+    and ends every check at the checker's EOF or reset: none is closed with
+    unread bytes, which would reset HAProxy's end. HAProxy follows the
+    answers: DRAIN while the responder drains, out of it once ready again.
+    """
+    agent = AgentResponder("127.0.0.1:0")
+    agent.start()
+    agent_port = int(agent.addresses[0].rpartition(":")[2])
+    # The server's own port: a listener nobody talks to (no ``check``, no traffic).
+    target = socket.socket()
+    target.bind(("127.0.0.1", 0))
+    target.listen()
+    stats_socket = tmp_path / "haproxy.sock"
+    config = tmp_path / "haproxy.cfg"
+    config.write_text(
+        encoding="utf-8",
+        data=f"""\
+global
+    stats socket {stats_socket} level admin
+
+defaults
+    mode tcp
+    timeout connect 1s
+    timeout client 5s
+    timeout server 5s
+
+backend back
+    server s1 127.0.0.1:{target.getsockname()[1]} agent-check agent-port {agent_port} \
+agent-inter 50ms agent-send "ready?\\n"
+""",
+    )
+    haproxy = subprocess.Popen(
+        ["haproxy", "-db", "-f", str(config)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+    def server_row() -> dict[str, str]:
+        for row in stat_rows(stats_socket):
+            if row.get("pxname") == "back" and row.get("svname") == "s1":
+                return row
+        return {}
+
+    def draining() -> bool:
+        # No ``check``: the status is "no check" until the agent says drain.
+        return server_row().get("status", "").startswith("DRAIN")
+
+    try:
+        wait_until(lambda: agent.answered >= 10, what="ten agent checks", state=server_row)
+        agent.drain()
+        wait_until(draining, what="HAProxy to see s1 DRAIN", state=server_row)
+        agent.ready()
+        wait_until(lambda: not draining(), what="s1 out of DRAIN", state=server_row)
+        settled = agent.answered + 20
+        wait_until(lambda: agent.answered >= settled, what="twenty more checks", state=server_row)
+        row = server_row()
+        answered, clean, early = agent.answered, agent.closed_clean, agent.closed_early
+        print(
+            f"agent-send: {answered} checks answered, {clean} closed at the checker's end,"
+            f" {early} closed early; HAProxy agent_status {row.get('agent_status')}"
+            f" {row.get('agent_desc')!r}"
+        )
+        assert early == 0
+        # All but the ones in flight ended at HAProxy's end of the check.
+        assert clean >= answered - 2
+        assert row.get("agent_status") == "L7OK", row
+    finally:
+        output = haproxy.communicate(timeout=1)[0] if haproxy.poll() is not None else b""
+        if not output:
+            haproxy.terminate()
+            output = haproxy.communicate(timeout=10)[0]
+        agent.close()
+        target.close()
+    # HAProxy logs a failed agent check ("Agent check for server ... failed").
+    assert b"failed" not in output, output.decode(errors="replace")

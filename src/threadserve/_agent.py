@@ -62,6 +62,7 @@ class _Lingering:
     sock: socket.socket
     until: float
     dropped: int = 0
+    answered: bool = False
 
 
 class AgentResponder:
@@ -183,6 +184,10 @@ class AgentResponder:
             sock.setblocking(False)
             entry = _Lingering(sock, time.monotonic() + LINGER)
             if not self._answer(entry):
+                # The checker left already (HAProxy resets as soon as it has
+                # read the answer): nothing of ours can reset it now.
+                if entry.answered:
+                    self.closed_clean += 1
                 sock.close()
                 continue
             if len(self._lingering) >= MAX_LINGERING:
@@ -191,7 +196,7 @@ class AgentResponder:
             selector.register(sock, selectors.EVENT_READ, entry)
 
     def _answer(self, entry: _Lingering) -> bool:
-        """Read what the checker sent so far, answer, send FIN; False if it already left."""
+        """Read what the checker sent so far, answer, send FIN; False if the checker left."""
         sock = entry.sock
         try:
             with contextlib.suppress(BlockingIOError, InterruptedError):
@@ -200,6 +205,7 @@ class AgentResponder:
             # Counted before the EOF goes out: a checker that has read the
             # whole answer then sees it counted.
             self.answered += 1
+            entry.answered = True
             sock.shutdown(socket.SHUT_WR)
         except OSError:
             return False
