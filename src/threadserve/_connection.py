@@ -672,7 +672,7 @@ class Connection:
                     self._sock.shutdown(socket.SHUT_WR)
             if not self._peer_eof:
                 # Told and FIN sent: if the stop's deadline cuts this short,
-                # it is still a clean drain (see Server._stop_sequence).
+                # it is still a clean drain (see _stop.py, step 5).
                 self._lingering = True
                 self._discard_until_eof(linger_until)
         except (OSError, ValueError):
