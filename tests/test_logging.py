@@ -25,6 +25,7 @@ from support import (
 
 from threadserve import echo
 from threadserve._logging import JsonFormatter, configure_logging
+from threadserve._proxy import Command, Family, ProxyAddress, ProxyInfo, Transport, build_header
 from threadserve.testing import running_server
 
 pytestmark = pytest.mark.timeout(60)
@@ -125,6 +126,34 @@ def test_the_server_logs_each_connection_with_its_facts(json_log: io.StringIO) -
     assert isinstance(closed["duration"], float)
     assert closed["duration"] >= 0
     assert by_event["stopped"]["reason"] == "clean"
+
+
+def test_behind_a_proxy_the_lines_name_the_reported_client(json_log: io.StringIO) -> None:
+    """PROXY protocol on: ``peer`` is the client the proxy reported, ``proxy`` the proxy."""
+    header = build_header(
+        ProxyInfo(
+            version=2,
+            command=Command.PROXY,
+            family=Family.INET,
+            transport=Transport.STREAM,
+            source=ProxyAddress("203.0.113.9", 40000),
+            destination=ProxyAddress("198.51.100.1", 443),
+        )
+    )
+    with running_server(echo, proxy_protocol="v2") as server:
+        with connect(server.tcp_address) as client:
+            host, port = client.getsockname()[:2]
+            client.sendall(header + b"hello")
+            assert recv_exactly(client, 5) == b"hello"
+            client.shutdown(socket.SHUT_WR)
+            assert recv_until_eof(client) == b""
+        wait_until(lambda: server.statistics().connections_closed == 1)
+    by_event = {entry["event"]: entry for entry in events(json_log)}
+    opened, closed = by_event["connection_opened"], by_event["connection_closed"]
+    assert opened["peer"] == closed["peer"] == "203.0.113.9:40000"
+    assert opened["proxy"] == f"{host}:{port}"
+    assert "203.0.113.9:40000" in opened["message"]
+    assert closed["bytes_in"] == len(header) + 5
 
 
 def test_a_connection_drained_at_stop_says_so(json_log: io.StringIO) -> None:

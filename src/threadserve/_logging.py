@@ -4,7 +4,9 @@ The server's log calls carry their facts as ``extra=`` fields besides the
 message: ``event`` (``connection_opened``, ``connection_closed``,
 ``connection_rejected``, ``serving``, ``stopping``, ``stopped``, ...), and where
 they apply ``peer``, ``duration`` (seconds), ``bytes_in``, ``bytes_out`` and
-``reason`` (one of the fixed values in _events.py). The text format ignores
+``reason`` (one of the fixed values in _events.py). Behind a PROXY-protocol
+proxy, ``peer`` is the client the proxy reported and the opening line's
+``proxy`` the proxy's own address. The text format ignores
 them, so its lines read as they always did; the JSON format writes them as
 keys, one object per line, so a log shipper needs no regular expression.
 
@@ -27,7 +29,7 @@ LOG_FORMATS = ("text", "json")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 #: The ``extra=`` fields a JSON line carries when the record has them, in this order.
-FIELDS = ("peer", "duration", "bytes_in", "bytes_out", "reason", "worker")
+FIELDS = ("peer", "proxy", "duration", "bytes_in", "bytes_out", "reason", "worker")
 
 
 class JsonFormatter(logging.Formatter):

@@ -193,7 +193,12 @@ def adopt_proxy_info(
     refusal = readmit(conn, client_ip)
     if refusal is not None:
         raise Refused(refusal)
-    logger.info("connection opened: %s (via %s)", conn.peer, proxy_peer)
+    logger.info(
+        "connection opened: %s (via %s)",
+        conn.peer,
+        proxy_peer,
+        extra={"event": "connection_opened", "peer": conn.peer, "proxy": proxy_peer},
+    )
 
 
 def _socket_ip(sock: socket.socket) -> str | None:
