@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -124,6 +125,20 @@ def test_a_read_timeout_is_counted_by_its_reason() -> None:
             recv_until_eof(client)  # The timeout notice, then EOF.
         wait_until(lambda: server.statistics().connections_closed == 1)
     assert value(registry, "threadserve_connections_closed_total", reason="read_timeout") == 1
+
+
+def test_proxy_rejections_are_counted() -> None:
+    """Bad, late or untrusted PROXY headers: threadserve_proxy_rejected_total."""
+    registry = CollectorRegistry()
+    with running_server(echo, metrics=registry, proxy_protocol="v1") as server:
+        for line in (b"PROXY TCP4 01.2.3.4 5.6.7.8 1 2\r\n", b"GET / HTTP/1.1\r\n"):
+            with connect(server.tcp_address) as client:
+                client.sendall(line)
+                with contextlib.suppress(ConnectionResetError):
+                    recv_until_eof(client)
+        wait_until(lambda: server.statistics().connections_closed == 2)
+        assert value(registry, "threadserve_proxy_rejected_total") == 2
+        assert value(registry, "threadserve_connections_closed_total", reason="proxy_error") == 2
 
 
 def test_promtool_finds_nothing_wrong_with_a_scrape() -> None:

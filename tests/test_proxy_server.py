@@ -185,6 +185,21 @@ def test_header_timeout(serve: ServerFactory) -> None:
     assert server.statistics().proxy_rejected == 1
 
 
+@pytest.mark.parametrize("version", [1, 2])
+def test_a_truncated_header_then_eof_is_rejected(serve: ServerFactory, version: int) -> None:
+    """The proxy closes in the middle of the header: rejected, counted, no handler."""
+    ran = threading.Event()
+    server = serve(lambda conn: ran.set(), proxy_protocol="any")
+    header = tcp4("203.0.113.9", 40000, version=version)
+    with socket.create_connection(server.tcp_address, timeout=10) as sock:
+        sock.sendall(header[: len(header) - 3])
+        sock.shutdown(socket.SHUT_WR)
+        recv_until_eof_or_reset(sock)
+    wait_until(lambda: server.statistics().proxy_rejected == 1, what="the rejection counted")
+    wait_until(lambda: server.statistics().connections_closed == 1, what="connection closed")
+    assert not ran.is_set()
+
+
 def test_proxy_outside_the_allow_list_is_closed(serve: ServerFactory) -> None:
     ran = threading.Event()
     server = serve(lambda conn: ran.set(), proxy_protocol="v2", proxy_allow=["127.0.0.2/32"])
