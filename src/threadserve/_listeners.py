@@ -140,12 +140,13 @@ class Listener:
         self._unix_inode = os.stat(bind_address.path).st_ino if bind_address.path else None
 
     @classmethod
-    def inherit(cls, fd: int, *, owns_queue: bool = False) -> Listener:
+    def inherit(cls, fd: int, *, owns_queue: bool = False, bound_only: bool = False) -> Listener:
         """A listener on descriptor ``fd``, inherited already bound and listening.
 
         The Listener takes the descriptor (closing it closes ``fd``) but not
         the socket's file: an inherited Unix socket's path is never removed
-        here, since this process did not create it.
+        here, since this process did not create it. ``bound_only``: a TCP
+        socket bound but not listening yet is taken too; ``listen()`` starts it.
         """
         try:
             sock = socket.socket(fileno=fd)
@@ -155,7 +156,9 @@ class Listener:
         try:
             if sock.type != socket.SOCK_STREAM:
                 problem = "not a stream socket"
-            elif not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+            elif not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) and not (
+                bound_only and sock.family in (socket.AF_INET, socket.AF_INET6)
+            ):
                 problem = "not a listening socket"
             else:
                 reuse_port = bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT))
@@ -169,6 +172,15 @@ class Listener:
 
     def fileno(self) -> int:
         return self.socket.fileno()
+
+    @property
+    def listening(self) -> bool:
+        return bool(self.socket.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN))
+
+    def listen(self) -> None:
+        """Start listening, if bound only (see ``open_listeners(listen=False)``)."""
+        if not self.listening:
+            self.socket.listen(LISTEN_BACKLOG)
 
     def refuse_new_clients(self) -> bool:
         """Stop taking new connections into the queue; those queued stay acceptable.
@@ -191,6 +203,16 @@ class Listener:
         except (OSError, AttributeError):
             return False
         return True
+
+    def hand_over(self) -> None:
+        """Another process serves this socket from now on (an upgrade's successor).
+
+        Its queue is no longer this process's to tell at stop, and a Unix
+        socket's file stays when this descriptor closes: the successor
+        listens on the same socket, so only the descriptor goes.
+        """
+        self.owns_queue = False
+        self._unix_path = None
 
     def close(self) -> None:
         self.socket.close()
@@ -228,7 +250,7 @@ _DROP_ALL_PROGRAM = bytes(_SockFprog(1, _DROP_ALL))
 
 
 def open_listeners(
-    addresses: Sequence[BindAddress | Listener], *, reuse_port: bool = False
+    addresses: Sequence[BindAddress | Listener], *, reuse_port: bool = False, listen: bool = True
 ) -> list[Listener]:
     """Bind and listen on every address, or on none: a failure closes what was opened.
 
@@ -237,6 +259,12 @@ def open_listeners(
     With ``reuse_port``, TCP listeners set ``SO_REUSEPORT`` before binding,
     so that several sockets (one per worker process) can listen on one
     address; Unix sockets cannot, and are opened as usual.
+
+    ``listen=False`` binds TCP sockets without listening (``Listener.listen``
+    later). A socket joins its SO_REUSEPORT group, and the kernel starts
+    handing it clients, only when it listens: a worker that is still
+    starting gets none to keep waiting, and one that cannot start none to
+    lose, while the bind has already checked the address.
     """
     if not addresses:
         raise ConfigurationError("no bind address given")
@@ -248,7 +276,7 @@ def open_listeners(
             elif address.fd is not None:
                 opened.append(Listener.inherit(address.fd))
             else:
-                for sock in _bind(address, reuse_port):
+                for sock in _bind(address, reuse_port, listen):
                     opened.append(Listener(sock, address, reuse_port=reuse_port))
     except BaseException:
         for listener in opened:
@@ -257,7 +285,9 @@ def open_listeners(
     return opened
 
 
-def _bind(address: BindAddress, reuse_port: bool = False) -> list[socket.socket]:
+def _bind(
+    address: BindAddress, reuse_port: bool = False, listen: bool = True
+) -> list[socket.socket]:
     if address.path is not None:
         return [_bind_unix(address.path)]
     assert address.host is not None
@@ -280,7 +310,7 @@ def _bind(address: BindAddress, reuse_port: bool = False) -> list[socket.socket]
     socks: list[socket.socket] = []
     try:
         for family, sockaddr in seen:
-            socks.append(_bind_inet(address, family, sockaddr, reuse_port))
+            socks.append(_bind_inet(address, family, sockaddr, reuse_port, listen))
     except BaseException:
         for sock in socks:
             sock.close()
@@ -289,7 +319,11 @@ def _bind(address: BindAddress, reuse_port: bool = False) -> list[socket.socket]
 
 
 def _bind_inet(
-    address: BindAddress, family: int, sockaddr: object, reuse_port: bool = False
+    address: BindAddress,
+    family: int,
+    sockaddr: object,
+    reuse_port: bool = False,
+    listen: bool = True,
 ) -> socket.socket:
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
@@ -301,7 +335,8 @@ def _bind_inet(
             # Let [::]:P and 0.0.0.0:P be bound side by side, as two listeners.
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         sock.bind(sockaddr)  # type: ignore[arg-type]
-        sock.listen(LISTEN_BACKLOG)
+        if listen:
+            sock.listen(LISTEN_BACKLOG)
         sock.setblocking(False)
     except OSError as exc:
         sock.close()

@@ -404,7 +404,10 @@ class Supervisor:
         own: list[Listener] = []
         try:
             if self._per_worker:
-                own = self._spare or open_listeners(self._per_worker, reuse_port=True)
+                # Bound here (so a problem shows before the worker starts) but
+                # listening only once the worker serves: until then the
+                # kernel hands its clients to the listeners that accept.
+                own = self._spare or open_listeners(self._per_worker, reuse_port=True, listen=False)
                 self._spare = []
             args = [
                 *self.command,
@@ -873,9 +876,15 @@ class Supervisor:
             return
         try:
             # reuse_port: the successor's first worker needs listeners of its
-            # own in the group; bound here, so that if the successor fails,
-            # what waits in them is this supervisor's to tell, not lost.
-            spare = open_listeners(self._per_worker, reuse_port=True) if self._per_worker else []
+            # own; bound here (a problem shows before anything starts) but
+            # not listening: they join the group when that worker serves, so
+            # no client waits in them while two interpreters start, and none
+            # is lost if the successor fails.
+            spare = (
+                open_listeners(self._per_worker, reuse_port=True, listen=False)
+                if self._per_worker
+                else []
+            )
         except ConfigurationError as exc:
             logger.error("upgrade failed: %s; supervisor %d goes on serving", exc, os.getpid())
             return

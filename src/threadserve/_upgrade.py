@@ -44,9 +44,10 @@ of telling them goodbye. A successor whose channel ends before "take over"
 serve.
 
 With ``--reuse-port`` the old supervisor also binds one more set of
-listeners into each group for the successor's first worker, and keeps them
-until the successor is ready: if it fails, the clients waiting in them are
-told goodbye by the old supervisor instead of being reset.
+sockets for the successor's first worker, without listening: they join
+their SO_REUSEPORT groups only when that worker serves (see
+Listener.listen), so no client waits in them while the successor starts,
+and if it fails there is nobody in them to tell.
 
 The agent's socket (``--agent-bind``) and the metrics socket (``--metrics``)
 are handed over the same way, so neither address is ever refused: the new
@@ -57,26 +58,57 @@ over, so that a scrape never alternates between two supervisors' sums.
 A ``unix:PATH`` socket's file is removed only by the process that bound it
 (see Listener), so after an upgrade it stays behind at the final stop; the
 next start finds it stale and removes it.
+
+One process (no ``--workers``) upgrades the same way, with one server on
+each side (``ServerUpgrade``): the successor, started with ``workers`` 0 in
+the hand-over, builds its server on the inherited sockets and says
+``ready`` once it accepts; the old process sends ``MAINPID=``, rewrites the
+pid file, says ``take over``, stops accepting (its listeners handed over:
+their queue and their Unix socket file are the successor's now), serves
+what it accepted a moment ago for HANDOVER_SETTLE, then stops gracefully
+and exits 0. Everything waiting in the kernel's queues is the successor's
+to accept: nothing is told or reset. The agent (``--agent-bind``) and the
+metrics (``--metrics``) are one process's own sockets, not handed over, so
+with either one SIGUSR2 is logged and ignored (use ``--workers``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import select
+import signal
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from ._exceptions import ConfigurationError
 from ._listeners import Listener
+from ._pidfile import write_pid_file
+from ._systemd import Notifier
+
+logger = logging.getLogger("threadserve")
 
 HANDOVER_VARIABLE = "THREADSERVE_HANDOVER"
 
 READY = b"ready"
 TAKE_OVER = b"take over"
 FATAL = b"fatal "
+
+#: One process: how long its successor has to accept before it is stopped.
+SERVER_UPGRADE_TIMEOUT = 60.0
+#: One process handing its listeners over stops accepting, and stops this
+#: much later: a client it accepted just before has time for its request to
+#: arrive and be answered (the supervisor's HANDOVER_SETTLE).
+HANDOVER_SETTLE = 0.25
+#: After asking a successor that failed or must go to stop, how long to
+#: wait for its exit before SIGKILL.
+SUCCESSOR_EXIT_WAIT = 10.0
 
 
 @dataclass(frozen=True)
@@ -125,7 +157,8 @@ class Handover:
         opened: list[Listener] = []
         try:
             for fd, owns in self.sockets:
-                opened.append(Listener.inherit(fd, owns_queue=owns))
+                # bound_only: a --reuse-port worker's sockets, not listening yet.
+                opened.append(Listener.inherit(fd, owns_queue=owns, bound_only=True))
         except BaseException:
             for listener in opened:
                 listener.socket.close()
@@ -243,3 +276,210 @@ def _send(channel: socket.socket, message: bytes) -> bool:
     except OSError:
         return False
     return True
+
+
+class Serving(Protocol):
+    """The server as an upgrade sees it (threadserve.Server)."""
+
+    def pause_accepting(self) -> None: ...
+    def stop(self, grace: float | None = None) -> object: ...
+
+
+class ServerUpgrade:
+    """SIGUSR2 for one process: a successor process takes its listeners over.
+
+    ``request`` is the signal handler: it only writes a byte to a pipe. A
+    thread of its own does the rest (start the successor, wait for its
+    ``ready``, hand over, stop the server), so the serving thread never
+    waits for an upgrade. ``close`` ends that thread; a successor that has
+    not taken over by then is stopped with this process.
+    """
+
+    def __init__(
+        self,
+        server: Serving,
+        listeners: Sequence[Listener],
+        command: Sequence[str],
+        environ: dict[str, str],
+        *,
+        notifier: Notifier,
+        pid_file: str | None = None,
+        timeout: float = SERVER_UPGRADE_TIMEOUT,
+    ) -> None:
+        self.server = server
+        self.listeners = list(listeners)
+        self.command = list(command)
+        self.environ = environ
+        self.notifier = notifier
+        self.pid_file = pid_file
+        self.timeout = timeout
+        self.successor: Successor | None = None
+        self._closing = False
+        self._wake_r, self._wake_w = os.pipe()
+        for fd in self._wake_r, self._wake_w:
+            os.set_blocking(fd, False)
+        self._thread = threading.Thread(target=self._run, name="threadserve upgrade", daemon=True)
+        self._thread.start()
+
+    @property
+    def handed_over(self) -> bool:
+        """The successor serves now: this process's stop is no news for systemd."""
+        return self.successor is not None and self.successor.handed_over
+
+    def request(self, signum: int, frame: object) -> None:
+        """The SIGUSR2 handler: runs between two bytecodes, so it only wakes the thread."""
+        with contextlib.suppress(OSError):
+            os.write(self._wake_w, b"u")
+
+    def close(self) -> None:
+        """End the upgrade thread; stop a successor that has not taken over."""
+        self._closing = True
+        with contextlib.suppress(OSError):
+            os.write(self._wake_w, b"c")
+        self._thread.join(SUCCESSOR_EXIT_WAIT)
+        successor = self.successor
+        if successor is not None and not successor.handed_over:
+            logger.info("stopping the new server process %d too", successor.pid)
+            _end(successor)
+        if successor is not None:
+            successor.channel.close()
+        for fd in self._wake_r, self._wake_w:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    def _run(self) -> None:
+        poller = select.poll()
+        poller.register(self._wake_r, select.POLLIN)
+        channel = -1  # The successor's channel as registered (receive() may close it).
+        while not self._closing:
+            successor = self.successor
+            timeout = None
+            if successor is not None:
+                remaining = successor.started_at + self.timeout - time.monotonic()
+                timeout = max(0, int(remaining * 1000) + 1)
+            woken = False
+            for fd, _events in poller.poll(timeout):
+                if fd == self._wake_r:
+                    woken = True
+                    with contextlib.suppress(OSError):
+                        while os.read(self._wake_r, 64):
+                            pass
+            if self._closing:
+                return
+            if woken and successor is None:
+                self._start()
+                if self.successor is not None:
+                    channel = self.successor.channel.fileno()
+                    poller.register(channel, select.POLLIN)
+                continue
+            if successor is None:
+                continue
+            if woken:
+                logger.info("SIGUSR2 ignored: upgrading to process %d already", successor.pid)
+            messages = successor.receive()
+            if READY in messages:
+                self._hand_over(successor)
+                return
+            for message in messages:
+                if message.startswith(FATAL):
+                    successor.fatal = message[len(FATAL) :].decode(errors="replace")
+            ended = not messages[-1:] or messages[-1] == b""
+            late = time.monotonic() >= successor.started_at + self.timeout
+            if (messages and ended) or late:
+                poller.unregister(channel)
+                self._failed(successor, late=late and not (messages and ended))
+
+    def _start(self) -> None:
+        try:
+            self.successor = Successor(self.command, self.environ, self.listeners, 0)
+        except OSError as exc:
+            logger.error("upgrade failed: cannot start %s: %s", self.command[0], exc)
+            return
+        logger.info(
+            "SIGUSR2 received: upgrading: new server process %d started", self.successor.pid
+        )
+        self.notifier.status(f"upgrading: new server process {self.successor.pid} starting")
+
+    def _failed(self, successor: Successor, *, late: bool) -> None:
+        if late:
+            successor.fatal = successor.fatal or f"not serving after {self.timeout:.0f} s"
+        status = _end(successor)
+        how = f"killed by {_signal_name(-status)}" if status < 0 else f"exited with {status}"
+        logger.error(
+            "upgrade failed: new server process %d: %s (%s); process %d goes on serving",
+            successor.pid,
+            successor.fatal or "it ended before it was serving",
+            how,
+            os.getpid(),
+        )
+        self.notifier.status("upgrade failed, serving")
+        successor.channel.close()
+        self.successor = None  # Another SIGUSR2 may try again.
+
+    def _hand_over(self, successor: Successor) -> None:
+        logger.info("process %d is serving: handing over to it, this process stops", successor.pid)
+        # Before anything stops: MAINPID= must come from the main process.
+        self.notifier.notify(
+            mainpid=successor.pid, ready=1, status=f"upgraded: process {successor.pid} serving"
+        )
+        if self.pid_file:
+            try:
+                write_pid_file(self.pid_file, successor.pid)
+            except ConfigurationError as exc:
+                logger.error("%s", exc)
+        successor.send(TAKE_OVER)
+        successor.handed_over = True
+        self.notifier.close()
+        for listener in self.listeners:
+            listener.hand_over()
+        self.server.pause_accepting()
+        # Not a wait for a state: the margin for requests already on their way.
+        poller = select.poll()
+        poller.register(self._wake_r, select.POLLIN)
+        poller.poll(int(HANDOVER_SETTLE * 1000))
+        self.server.stop()
+
+
+def take_over_when_told(predecessor: Predecessor, listeners: Sequence[Listener]) -> None:
+    """A successor of one process: own the listeners' queues once it hands over.
+
+    Until then what waits in them is the old process's (it tells them if
+    it stops first); from "take over", or the old process's end, it is this
+    one's. Runs a daemon thread watching the channel.
+    """
+    owned = [listener for listener in listeners if listener.owns_queue]
+    for listener in owned:
+        listener.owns_queue = False
+
+    def watch() -> None:
+        poller = select.poll()
+        poller.register(predecessor.channel, select.POLLIN)
+        while predecessor.channel.fileno() >= 0:
+            poller.poll()
+            messages = predecessor.receive()
+            if TAKE_OVER in messages or b"" in messages:
+                predecessor.handed_over = True
+                for listener in owned:
+                    listener.owns_queue = True
+                logger.info("process %d handed over: this one serves now", predecessor.pid)
+                predecessor.channel.close()
+                return
+
+    threading.Thread(target=watch, name="threadserve take-over", daemon=True).start()
+
+
+def _end(successor: Successor) -> int:
+    """Ask a successor that is not taking over to stop; SIGKILL if it does not; its status."""
+    successor.signal(signal.SIGTERM)
+    try:
+        return successor.process.wait(SUCCESSOR_EXIT_WAIT)
+    except subprocess.TimeoutExpired:
+        successor.signal(signal.SIGKILL)
+        return successor.process.wait()
+
+
+def _signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"

@@ -62,9 +62,10 @@ import signal
 import socket
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from ._exceptions import ThreadserveError
+from ._listeners import Listener
 from ._server import Server
 from ._workerstats import REQUEST as STATS_REQUEST
 from ._workerstats import encode as encode_statistics
@@ -101,6 +102,7 @@ def run_worker(
     beat_interval: float,
     max_connections: int | None = None,
     supervisor: int | None = None,
+    listeners: Sequence[Listener] = (),
 ) -> int:
     """Serve as a worker until stopped; return the exit status.
 
@@ -108,6 +110,8 @@ def run_worker(
     inherited listeners; a ThreadserveError from it (the handler does not import, say)
     goes to the supervisor as ``fatal`` and the exit status is 1.
     ``supervisor``: the supervisor's pid, for the parent-death signal.
+    ``listeners``: those of them bound only start listening once the server
+    serves, just before ``ready`` (see _listeners.open_listeners).
     """
     channel = socket.socket(fileno=control_fd)
     if supervisor is not None:
@@ -118,7 +122,9 @@ def run_worker(
     faulthandler.register(DUMP_SIGNAL, file=sys.stderr, all_threads=True, chain=True)
     try:
         try:
-            server = build_server(lambda: _send(channel, READY), lambda: _send(channel, CLOSED))
+            server = build_server(
+                lambda: _serving(channel, listeners), lambda: _send(channel, CLOSED)
+            )
         except ThreadserveError as exc:
             if not _send(channel, FATAL + str(exc).encode(errors="replace")):
                 print(f"threadserve: error: {exc}", file=sys.stderr)
@@ -195,6 +201,16 @@ def _watch(
         if limit is not None and accepted >= limit and not recycle_sent:
             logger.info("served %d connections (limit %d): asking to be recycled", accepted, limit)
             recycle_sent = _send(channel, RECYCLE)
+
+
+def _serving(channel: socket.socket, listeners: Sequence[Listener]) -> None:
+    """The server is about to accept: listen where not yet, then tell the supervisor."""
+    for listener in listeners:
+        try:
+            listener.listen()
+        except OSError as exc:
+            logger.error("cannot listen on %s: %s", listener.address, exc)
+    _send(channel, READY)
 
 
 def stop_with_parent(parent: int) -> bool:

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
 import os
+import signal
 import socket
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from . import __version__
@@ -29,7 +32,9 @@ from ._systemd import Notifier, activated_sockets, resolve_binds
 from ._threads import DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_IDLE
 from ._timeouts import Timeouts
 from ._tls import server_tls_context
-from ._upgrade import Handover, Predecessor, take_handover
+from ._upgrade import FATAL as UPGRADE_FATAL
+from ._upgrade import READY as UPGRADE_READY
+from ._upgrade import Handover, Predecessor, ServerUpgrade, take_handover, take_over_when_told
 from ._worker import run_worker
 from .handlers import BUILTIN_HANDLERS
 
@@ -51,6 +56,8 @@ Serve TCP clients with one thread per connection, running plain blocking Python 
 Ctrl-C or SIGTERM stops gracefully: new connections are refused, every client's
 pending data is answered, then it gets the goodbye notice and a clean EOF. After
 --grace seconds whatever is left is forced; a second Ctrl-C forces at once.
+SIGUSR2 upgrades in place: a new process (same command) takes the listening
+sockets over, and once it serves this one stops; its pid goes to --pid-file.
 """
 
 EPILOG = f"""\
@@ -367,22 +374,48 @@ def main(argv: Sequence[str] | None = None) -> int:
         # --bind at all; the variables are cleared so children do not take them.
         activated = activated_sockets()
         bind = [] if handover else resolve_binds(args.bind, activated) or [DEFAULT_BIND]
-        if args.workers is not None or handover is not None:
+        if args.workers is not None or (handover is not None and handover.workers):
             return _run_supervisor(args, argv, bind, handover)
+        # One process; or the successor of one (SIGUSR2), on its sockets.
+        predecessor = None if handover is None else Predecessor(handover)
+        if handover is not None:
+            listeners = handover.listeners()
+        else:
+            listeners = open_listeners([parse_bind_address(spec) for spec in bind])
+        if predecessor is not None:
+            take_over_when_told(predecessor, listeners)
         notifier = Notifier()
-        registry = _metrics_registry() if args.metrics else None
+        upgrade: list[ServerUpgrade] = []  # Set once serving (see _upgrade_on_usr2).
+
+        def serving() -> None:
+            notifier.ready(f"serving on {', '.join(server.addresses)}")
+            if predecessor is not None:
+                predecessor.send(UPGRADE_READY)
+
+        def stopping() -> None:
+            if not (upgrade and upgrade[0].handed_over):  # Else no longer systemd's main process.
+                notifier.stopping("stopping")
+
         server: Server
-        server = build_server(
-            args,
-            bind,
-            # READY=1 only once the signal handlers are in place: a service
-            # manager may send SIGTERM the moment it reads it.
-            on_serving=lambda: notifier.ready(f"serving on {', '.join(server.addresses)}"),
-            on_stop_accepting=lambda: notifier.stopping("stopping"),
-            metrics=registry,
-        )
+        try:
+            registry = _metrics_registry() if args.metrics else None
+            server = build_server(
+                args,
+                listeners,
+                # READY=1 only once the signal handlers are in place: a service
+                # manager may send SIGTERM the moment it reads it.
+                on_serving=serving,
+                on_stop_accepting=stopping,
+                metrics=registry,
+            )
+        except ThreadserveError as exc:
+            for listener in listeners:
+                listener.close()
+            if predecessor is not None:
+                predecessor.send(UPGRADE_FATAL + str(exc).encode(errors="replace"))
+            raise
         endpoint = _metrics_endpoint(args.metrics, registry, server) if registry else None
-        if args.pid_file:
+        if args.pid_file and predecessor is None:
             try:
                 write_pid_file(args.pid_file, os.getpid())
             except ThreadserveError:
@@ -393,7 +426,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ThreadserveError as exc:
         print(f"threadserve: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
-    with server:
+    with server, _upgrade_on_usr2(args, argv, server, listeners, notifier, upgrade):
         notifier.start_watchdog()
         try:
             report = server.serve_forever()
@@ -403,7 +436,61 @@ def main(argv: Sequence[str] | None = None) -> int:
                 endpoint.close()
             if args.pid_file:
                 remove_pid_file(args.pid_file, os.getpid())
+    if upgrade and upgrade[0].handed_over:
+        assert upgrade[0].successor is not None
+        logger.info("process %d exits: process %d serves on", os.getpid(), upgrade[0].successor.pid)
     return EXIT_OK if report.clean else EXIT_FORCED
+
+
+@contextlib.contextmanager
+def _upgrade_on_usr2(
+    args: argparse.Namespace,
+    argv: list[str],
+    server: Server,
+    listeners: list[Listener],
+    notifier: Notifier,
+    upgrade: list[ServerUpgrade],
+) -> Iterator[None]:
+    """One process: SIGUSR2 upgrades it in place (see _upgrade.ServerUpgrade).
+
+    A successor process takes the listening sockets over and this one stops
+    once it serves. With --agent-bind or --metrics, whose sockets are this
+    process's own, SIGUSR2 is logged and ignored instead: SIGUSR2's default
+    action would end the server.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    if args.agent_bind or args.metrics:
+        handler: Any = _log_usr2
+    else:
+        upgrade.append(
+            ServerUpgrade(
+                server,
+                listeners,
+                [sys.executable, "-m", "threadserve", *argv],
+                {**os.environ, **notifier.environment()},
+                notifier=notifier,
+                pid_file=args.pid_file,
+            )
+        )
+        handler = upgrade[0].request
+    previous = signal.signal(signal.SIGUSR2, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGUSR2, signal.SIG_DFL if previous is None else previous)
+        if upgrade:
+            upgrade[0].close()
+
+
+def _log_usr2(signum: int, frame: object) -> None:
+    # Logs from the handler as _signals.py does: logging's locks are
+    # reentrant, so the main thread being inside logging here cannot deadlock.
+    logger.warning(
+        "SIGUSR2 ignored: with --agent-bind or --metrics one process cannot be upgraded "
+        "in place; serve with --workers N (its supervisor hands those sockets over too)"
+    )
 
 
 def _metrics_registry() -> CollectorRegistry:
@@ -565,7 +652,10 @@ def _run_worker(args: argparse.Namespace) -> int:
     try:
         for spec in args.worker_listen:
             fd, _sep, own = spec.partition(":")
-            listeners.append(Listener.inherit(int(fd), owns_queue=own == "own"))
+            # Its own SO_REUSEPORT listener may be bound only: run_worker
+            # starts it listening once the server accepts.
+            owned = own == "own"
+            listeners.append(Listener.inherit(int(fd), owns_queue=owned, bound_only=owned))
     except ThreadserveError as exc:
         print(f"threadserve: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
@@ -577,6 +667,7 @@ def _run_worker(args: argparse.Namespace) -> int:
         beat_interval=min(1.0, args.worker_timeout / 4),
         max_connections=args.max_worker_connections,
         supervisor=args.worker_supervisor,
+        listeners=[item for item in listeners if isinstance(item, Listener)],
     )
 
 
