@@ -15,10 +15,18 @@ import select
 import signal
 import socket
 import time
+from pathlib import Path
 
 import pytest
-from support import NOTICE, SETTLE
-from test_workers import start_supervisor, wait_for, wait_for_lines, workers_of
+from support import NOTICE, SETTLE, ServerProcess
+from test_workers import (
+    READY_LINE,
+    Load,
+    start_supervisor,
+    wait_for,
+    wait_for_lines,
+    workers_of,
+)
 
 from threadserve._listeners import BindAddress, open_listeners
 
@@ -163,3 +171,57 @@ def test_reload_with_clients_waiting_in_the_old_workers_queue_resets_none(mode: 
         # The new worker serves the shared queue: nobody waiting is told.
         assert outcomes == ["served"] * 20, (outcomes, output)
     assert "Traceback" not in output, output
+
+
+def test_a_socket_bound_without_listening_gets_no_client_until_it_listens() -> None:
+    (bound,) = open_listeners([BindAddress("127.0.0.1", 0)], reuse_port=True, listen=False)
+    try:
+        assert not bound.listening
+        address = ("127.0.0.1", bound.socket.getsockname()[1])
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(address, timeout=SETTLE).close()
+        bound.listen()
+        assert bound.listening
+        with socket.create_connection(address, timeout=SETTLE):
+            wait_for(lambda: _acceptable(bound.socket), SETTLE, "the client in the queue")
+    finally:
+        bound.close()
+
+
+def _acceptable(sock: socket.socket) -> bool:
+    readable, _w, _x = select.select([sock], [], [], 0)
+    return bool(readable)
+
+
+BROKEN = 'raise RuntimeError("this handler broke before the reload")\n'
+
+
+def test_a_reload_whose_workers_cannot_start_loses_no_client(tmp_path: Path) -> None:
+    """Reuse-port: a new worker that fails never listened, so nobody waited in its queue."""
+    module = tmp_path / "reload_echo.py"
+    module.write_text("def handle(conn):\n    for chunk in conn:\n        conn.sendall(chunk)\n")
+    server = ServerProcess(
+        ["reload_echo:handle", "--bind", "127.0.0.1:0", "--workers", "2", "--reuse-port"],
+        cwd=tmp_path,
+    )
+    with server:
+        match = server.wait_for_log(READY_LINE, timeout=30)
+        load = Load(("127.0.0.1", int(match.group(2))))
+        try:
+            wait_for(lambda: load.served() >= 50, SETTLE, "traffic before the reload")
+            workers = workers_of(server)
+            module.write_text(BROKEN)
+            server.send_signal(signal.SIGHUP)
+            server.wait_for_log(r"reload aborted: the old workers go on serving$")
+            wait_for(lambda: workers_of(server) == workers, SETTLE, "the new workers to go")
+            before = load.served()
+            wait_for(lambda: load.served() >= before + 50, SETTLE, "traffic after it")
+        finally:
+            outcomes = load.finish()
+        server.send_signal(signal.SIGTERM)
+        assert server.wait_exit(SETTLE) == 0, server.output()
+    print(f"\nreuse-port, a reload that fails under load (16 clients): {dict(outcomes)}")
+    assert outcomes["refused"] == 0, outcomes
+    assert outcomes["reset"] == 0, outcomes
+    assert outcomes["told"] == 0, outcomes
+    assert outcomes["error"] == 0, (outcomes, load.errors[:5])
