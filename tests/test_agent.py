@@ -227,6 +227,42 @@ def test_lingering_checks_are_bounded_and_closed_with_the_responder(
     assert responder.closed_early == 3
 
 
+# ------------------------------------------------- one process: a real signal starts the drain
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+#: Long enough for the checks below on a busy machine; every run waits it out.
+ONE_PROCESS_DRAIN = 3.0
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_one_process_drains_on_a_signal_then_stops(signum: signal.Signals) -> None:
+    """``--drain-delay``: the agent says drain, new clients are still served, then the stop."""
+    agent = f"127.0.0.1:{free_port()}"
+    args = ["echo", "--bind", "127.0.0.1:0", "--agent-bind", agent]
+    args += ["--drain-delay", str(ONE_PROCESS_DRAIN)]
+    with ServerProcess(args) as server:
+        _host, port = server.wait_serving()
+        assert ask(agent) == b"up ready\n"
+        sent = server.send_signal(signum)
+        server.wait_for_log(r"draining for 3\.0 s before stopping")
+        assert ask(agent) == b"drain\n"
+        # Still accepting and serving, as the drain promises.
+        assert echo_exchange(port, b"during the drain\n") == "served"
+        assert ask(agent) == b"drain\n"
+        assert server.wait_exit() == 0, server.output()
+        # The delay was waited out before the usual stop.
+        assert server.exited_at - sent >= ONE_PROCESS_DRAIN
+    with pytest.raises(ConnectionRefusedError):
+        ask(agent)
+
+
 # ---------------------------------------------------- with --workers: the supervisor answers
 
 WORKERS_READY = r"(\d+) workers ready, serving on 127\.0\.0\.1:(\d+)$"
