@@ -200,7 +200,9 @@ def test_a_truncated_header_then_eof_is_rejected(serve: ServerFactory, version: 
     assert not ran.is_set()
 
 
-def test_proxy_outside_the_allow_list_is_closed(serve: ServerFactory) -> None:
+def test_proxy_outside_the_allow_list_is_closed(
+    serve: ServerFactory, caplog: pytest.LogCaptureFixture
+) -> None:
     ran = threading.Event()
     server = serve(lambda conn: ran.set(), proxy_protocol="v2", proxy_allow=["127.0.0.2/32"])
     with socket.socket() as sock:
@@ -210,6 +212,9 @@ def test_proxy_outside_the_allow_list_is_closed(serve: ServerFactory) -> None:
         sock.sendall(tcp4("1.1.1.1", 1))
         recv_until_eof_or_reset(sock)
     wait_until(lambda: server.statistics().proxy_rejected == 1, what="the refusal counted")
+    logged = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(logged) == 1
+    assert "not in proxy_allow" in logged[0]
     # From the allowed address it is served.
     answer = talk(server, tcp4("1.1.1.1", 1) + b"", source="127.0.0.2")
     assert answer == b""  # The handler only records that it ran.
@@ -344,6 +349,23 @@ def test_drain_delay_ends_in_the_usual_stop() -> None:
         assert report.clean
         assert report.drained == 1
         assert recv_until_eof(sock) == b"Shutting down!\n"
+
+
+def test_defaults_trust_loopback_and_allow_three_seconds() -> None:
+    server = Server(echo, "127.0.0.1:0", proxy_protocol="v2")
+    plain = Server(echo, "127.0.0.1:0")
+    try:
+        settings = server._proxy
+        assert settings is not None
+        assert settings.timeout == 3.0
+        assert settings.allows("127.0.0.1")
+        assert settings.allows("127.9.9.9")
+        assert settings.allows("::1")
+        assert not settings.allows("10.0.0.1")
+        assert plain._proxy is None  # Off unless asked for.
+    finally:
+        server.stop()
+        plain.stop()
 
 
 def test_command_line_flags() -> None:
