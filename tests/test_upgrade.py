@@ -474,3 +474,45 @@ def test_one_process_with_an_agent_logs_and_ignores_sigusr2(folder: Path) -> Non
         assert server.process.wait_exit(30) == 0, server.process.output()
     finally:
         server.close()
+
+
+SLOW_MODULE = '''\
+"""An echo handler whose import waits while a file exists (at most 60 s)."""
+
+import os
+import time
+
+deadline = time.monotonic() + 60
+while os.path.exists("hold-import") and time.monotonic() < deadline:
+    time.sleep(0.05)
+
+
+def handle(conn):
+    for chunk in conn:
+        conn.sendall(chunk)
+'''
+
+
+def test_stop_during_a_one_process_upgrade_stops_the_new_process_too(folder: Path) -> None:
+    (folder / "slow_echo.py").write_text(SLOW_MODULE)
+    server = OneProcess(folder, "slow_echo:handle", cwd=folder)
+    try:
+        pid = server.pid()
+        with socket.create_connection(server.address, timeout=10) as held:
+            held.sendall(b"hello\n")
+            assert recv_exactly(held, 6) == b"hello\n"
+            (folder / "hold-import").write_text("")  # The new process hangs in its import.
+            os.kill(pid, signal.SIGUSR2)
+            match = server.process.wait_for_log(r"upgrading: new server process (\d+) started")
+            successor = int(match.group(1))
+            os.kill(pid, signal.SIGTERM)
+            assert recv_exactly(held, len(NOTICE)) == NOTICE
+            assert server.process.wait_exit(60) == 0, server.process.output()
+        output = server.process.output()
+    finally:
+        server.close()
+    assert re.search(rf"^reaped {pid} 0$", output, re.M), output
+    assert f"stopping the new server process {successor} too" in output, output
+    # Waited for by the old process itself, so not left for the reaper.
+    assert not alive(successor)
+    assert "handing over" not in output, output
