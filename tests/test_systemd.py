@@ -15,6 +15,7 @@ import signal
 import socket
 import statistics
 import struct
+import subprocess
 import sys
 import tempfile
 import time
@@ -217,3 +218,32 @@ def test_notifier_without_notify_socket_sends_nothing_and_abstract_names_work() 
         notifier.close()
         sock.settimeout(10)
         assert sock.recv(100) == b"READY=1\nSTATUS=up"
+
+
+CONTRIB = Path(__file__).resolve().parent.parent / "contrib" / "systemd"
+
+
+def test_the_unit_files_pass_systemd_analyze_verify_and_match_each_other(tmp_path: Path) -> None:
+    """systemd's own checker, offline: any warning (an unknown key, a bad value) fails."""
+    for name in ("threadserve.socket", "threadserve.service"):
+        (tmp_path / name).write_text((CONTRIB / name).read_text())
+    done = subprocess.run(
+        ["systemd-analyze", "verify", "--man=no", "./threadserve.socket", "./threadserve.service"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.strip() == "", done.stderr
+    service = (CONTRIB / "threadserve.service").read_text()
+    socket_unit = (CONTRIB / "threadserve.socket").read_text()
+    assert "Type=notify" in service
+    assert "--workers" in service
+    # The service picks the socket by the name the socket unit gives it.
+    name = next(
+        line.split("=", 1)[1]
+        for line in socket_unit.splitlines()
+        if line.startswith("FileDescriptorName=")
+    )
+    assert f"--bind systemd:{name}" in service
