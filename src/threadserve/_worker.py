@@ -20,7 +20,9 @@ packet. The supervisor sends two messages:
 The worker sends:
 
 * ``ready``: the handler imported, the server built, its accept loop and
-  signal handlers about to run; send clients.
+  signal handlers about to run; send clients. A ``--reuse-port`` worker's
+  own sockets, bound by the supervisor, start listening just before this
+  (and join their SO_REUSEPORT groups only then).
 * ``beat``: sent every ``beat_interval`` by a thread that first takes the
   server's lock (``statistics()``), so a worker whose server is wedged stops
   beating, and so does one whose interpreter is stuck holding the GIL.
