@@ -50,7 +50,6 @@ def test_a_syn_dropped_by_a_refusing_listener_lands_on_another_once_it_closes() 
             clients.append(sock)
         # The SYNs hashed to ``second`` complete at once; the others wait.
         wait_for(lambda: _connected(clients) > 0, SETTLE, "some clients to connect")
-        direct = _connected(clients)
         first.close()  # Its group has one listener now: the retries go there.
         took: dict[int, float] = {}
         deadline = time.monotonic() + SETTLE
@@ -74,15 +73,15 @@ def test_a_syn_dropped_by_a_refusing_listener_lands_on_another_once_it_closes() 
     # timeout, 1 s on Linux: anything that took half of that was retried.
     retried = sorted(t for t in took.values() if t >= 0.5)
     print(
-        f"\n40 connects, one listener of two refusing: {direct} connected at once, "
+        f"\n40 connects, one listener of two refusing: {len(took) - len(retried)} at once, "
         f"{len(retried)} after a retry ({retried[0] if retried else 0:.2f}-"
         f"{retried[-1] if retried else 0:.2f} s), {len(accepted)} accepted by the other"
     )
     assert len(took) == len(clients), f"{len(clients) - len(took)} never connected"
     assert len(accepted) == len(clients)
     assert not any(errors), errors
-    assert direct < len(clients), "no SYN was hashed to the refusing listener (2**-40)"
-    assert len(retried) == len(clients) - direct
+    # Some SYN was hashed to the refusing listener (all 40 missing it: 2**-40).
+    assert retried, took
 
 
 def _is_connected(sock: socket.socket) -> bool:
