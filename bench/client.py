@@ -23,6 +23,11 @@ from bench.server import pin_prefix
 
 JsonDict = dict[str, Any]
 
+#: Handshakes the load generator keeps in flight while connecting (its
+#: --inflight): a connection counts against it until its first echo is back.
+#: A server that answers nobody therefore shows exactly this many connected.
+CONNECT_WINDOW = 128
+
 
 class ClientError(RuntimeError):
     """The load generator failed, timed out, or printed something unexpected."""
@@ -54,6 +59,7 @@ def run_echo(
         "--warmup", str(warmup),
         "--duration", str(duration),
         "--connect-timeout", str(connect_timeout),
+        "--inflight", str(CONNECT_WINDOW),
         "--server-pid", str(server_pid),
         "--short", str(short),
         "--short-size", str(short_size),
@@ -108,6 +114,7 @@ class Session:
             "--size", str(size),
             "--warmup", str(warmup),
             "--connect-timeout", str(connect_timeout),
+            "--inflight", str(CONNECT_WINDOW),
             "--observe-timeout", str(observe_timeout),
             "--hold-timeout", "600",
             "--server-pid", str(server_pid),

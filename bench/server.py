@@ -55,6 +55,17 @@ class Memory:
 
 
 @dataclass(frozen=True)
+class Settle:
+    seconds: float  # until the server held no client connection, or the timeout
+    held: int  # client connections it still held at the end (0: settled)
+    threads: int  # its thread count at the end
+
+
+class ServerStuck(ServerError):
+    """The server did not let go of a finished run's clients in time."""
+
+
+@dataclass(frozen=True)
 class Exit:
     seconds: float  # signal to exit; the timeout if it had to be killed
     returncode: int | None
@@ -155,6 +166,37 @@ class ServerProcess:
         assert self.proc is not None
         if self.proc.poll() is not None:
             raise ServerError(f"server died with {self.proc.returncode}:\n" + self.stderr_tail())
+
+    def held_connections(self) -> int:
+        """TCP connections the server still holds, its listening sockets aside.
+
+        Read from the process's own descriptors, so a connection counts until
+        the server has closed it, whatever state the kernel shows for it.
+        """
+        try:
+            found = psutil.Process(self.pid).net_connections(kind="tcp")
+        except psutil.Error:
+            return 0  # gone: check_alive() tells why
+        return sum(1 for conn in found if conn.status != psutil.CONN_LISTEN)
+
+    def wait_settled(self, timeout: float) -> Settle:
+        """Wait until the server has closed every client connection of the last run.
+
+        A load generator's exit closes all its connections at once; a
+        thread-per-connection server then has thousands of threads ending
+        together, which takes it seconds. A run started before that is over
+        measures the end of the previous one (and its accept loop waits for
+        the GIL behind all of them). Polled, with a deadline: a server that
+        never lets go is reported, not waited on.
+        """
+        start = time.monotonic()
+        deadline = start + timeout
+        while True:
+            held = self.held_connections()
+            now = time.monotonic()
+            if not held or now >= deadline:
+                return Settle(now - start, held, self.memory().threads)
+            time.sleep(0.1)
 
     def memory(self) -> Memory:
         """RSS, page tables and thread count from /proc/PID/status."""

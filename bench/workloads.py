@@ -27,11 +27,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.client import JsonDict, Session, run_echo
+from bench.client import CONNECT_WINDOW, JsonDict, Session, run_echo
 from bench.peerlist import PEERS as ALL_PEERS
 from bench.peerlist import Peer
 from bench.peers._common import BLOCKING_SECONDS
-from bench.server import ServerProcess, free_port
+from bench.server import ServerProcess, ServerStuck, free_port
 
 WORKLOADS = ("echo", "short", "blocking", "mixed", "idle", "stop")
 LOAD_WORKLOADS = frozenset({"echo", "short", "blocking", "mixed"})
@@ -246,11 +246,21 @@ def _warm(case: Case, s: Settings, server: ServerProcess, record: dict[str, Any]
     connection of the throwaway run is closed before the measured run, so
     the server has also seen clients leave (what flips glibc's malloc
     thresholds, see `bench.coldstart`).
+
+    The measured run starts only once the server has closed every
+    connection of the throwaway run. At 10,000 connections a thread-per-
+    connection server takes seconds to end them all; started earlier, the
+    measured run timed that ending instead (its connects waited behind
+    10,000 threads), and a server that never got out of it was reported as
+    "only 128/10000 connected" after a 60 s connect timeout. Now that case
+    is reported as what it is, and the wait is recorded.
     """
     if s.throwaway <= 0:
         return
     warm_case = case if case.workload in LOAD_WORKLOADS else Case("echo", 100, 1024)
     client = _load(warm_case, s, server, s.throwaway)
+    server.check_alive()
+    settle = server.wait_settled(s.connect_timeout)
     server.check_alive()
     record["throwaway"] = {
         "workload": warm_case.workload,
@@ -259,7 +269,20 @@ def _warm(case: Case, s: Settings, server: ServerProcess, record: dict[str, Any]
         "throughput_rps": client["throughput_rps"],
         "short_rate": (client.get("short") or {}).get("rate"),
         "errors": _errors(client),
+        "answered": client.get("ready"),
+        # after the throwaway's clients left: how long until the server had
+        # closed all their connections, and what it still held then
+        "settle_seconds": round(settle.seconds, 3),
+        "held_after": settle.held,
+        "threads_after": settle.threads,
     }
+    if settle.held:
+        raise ServerStuck(
+            f"server still held {settle.held}/{warm_case.conns} connections "
+            f"{settle.seconds:.0f} s after the throwaway run's clients had left "
+            f"({settle.threads} threads; throwaway run "
+            f"{client['throughput_rps']:.0f} req/s); measured run not started"
+        )
 
 
 def slice_spread(slices: list[float]) -> float | None:
@@ -330,8 +353,17 @@ def _run_load(case: Case, s: Settings, server: ServerProcess, record: dict[str, 
     record["metrics"] = metrics
     problems = []
     busy = 0 if case.workload == "short" else case.conns
-    if client["connected"] < busy:
-        problems.append(f"only {client['connected']}/{busy} connected")
+    answered = int(client["ready"])
+    if answered < busy:
+        # "connected" counts TCP handshakes, which the kernel completes for
+        # a server that accepts nobody (up to its backlog); the generator
+        # keeps CONNECT_WINDOW unanswered at a time, so a server that
+        # stopped answering shows exactly that many "connected".
+        problems.append(
+            f"only {answered}/{busy} connections answered within "
+            f"{s.connect_timeout:g} s ({client['connected']} TCP handshakes "
+            f"done, at most {CONNECT_WINDOW} unanswered at a time)"
+        )
     if metrics["errors"]:
         problems.append(f"{metrics['errors']} client errors {client['errors']}")
     if busy and client["requests"] == 0:
