@@ -97,7 +97,7 @@ from ._systemd import Notifier
 from ._upgrade import FATAL as UPGRADE_FATAL
 from ._upgrade import READY as UPGRADE_READY
 from ._upgrade import TAKE_OVER, Predecessor, Successor
-from ._worker import BEAT, CLOSED, DUMP_SIGNAL, FATAL, PAUSE, READY, RECYCLE
+from ._worker import BEAT, CLOSED, DUMP_SIGNAL, FATAL, PAUSE, PAUSED, READY, RECYCLE
 from ._workerstats import REPLY as STATS_REPLY
 from ._workerstats import REQUEST as STATS_REQUEST
 from ._workerstats import RestartReason, Snapshot, WorkerStatistics
@@ -120,6 +120,10 @@ DUMP_WAIT = 2.0
 #: accepted just before has time for its request to arrive and be answered,
 #: instead of meeting the stop with nothing read yet and being told goodbye.
 HANDOVER_SETTLE = 0.25
+#: The settle time counts from the worker's "paused" (its listeners handed
+#: over), not from asking: on a busy machine the asking can take a while to
+#: be read. A worker that does not answer this long is stopped anyway.
+PAUSE_ANSWER_WAIT = 5.0
 #: A successor (SIGUSR2) not ready after this many worker timeouts is
 #: stopped: it has its own interpreter and all its workers to start.
 UPGRADE_TIMEOUTS = 2
@@ -480,6 +484,10 @@ class Supervisor:
                 logger.info("worker %d ready", worker.pid)
             elif message == CLOSED:
                 worker.accepting = False
+            elif message == PAUSED:
+                if worker.terminate_at is not None:
+                    settled = time.monotonic() + HANDOVER_SETTLE
+                    worker.terminate_at = min(worker.terminate_at, settled)
             elif message == RECYCLE and not worker.stopping and worker.replaced_by is None:
                 logger.info("worker %d reached its connection limit: replacing it", worker.pid)
                 self.statistics.restarted(RestartReason.RECYCLED)
@@ -582,12 +590,12 @@ class Supervisor:
         # reuse_port: a worker's own queue has the same moment to be taken
         # and served (Server.pause_accepting) rather than told at its stop.
         hands_over = handover and worker.ready and bool(self.listeners or self._per_worker)
-        settle = HANDOVER_SETTLE if hands_over else 0.0
+        settle = HANDOVER_SETTLE + PAUSE_ANSWER_WAIT if hands_over else 0.0
         worker.kill_at = now + settle + self.grace + STOP_MARGIN
         if settle:
             with contextlib.suppress(OSError):
                 worker.channel.send(PAUSE)
-            worker.terminate_at = now + settle
+            worker.terminate_at = now + settle  # Brought forward by its "paused".
         else:
             _forward(worker, signal.SIGTERM)
 

@@ -12,8 +12,10 @@ pipes or eventfds exists here, since nothing was forked.
 The control channel is a ``SOCK_SEQPACKET`` socket pair, one message per
 packet. The supervisor sends two messages:
 
-* ``pause``: stop accepting (the other workers take over the shared queue)
-  but go on serving; SIGTERM follows a moment later.
+* ``pause``: stop accepting (the other workers take over the shared queue;
+  an own ``--reuse-port`` queue is taken and served, new SYNs dropped) but
+  go on serving; the worker answers ``paused`` and SIGTERM follows a moment
+  after that.
 * ``stats?``: answer with a statistics snapshot (see _workerstats.py); the
   supervisor sums them for ``--metrics``.
 
@@ -26,6 +28,8 @@ The worker sends:
 * ``beat``: sent every ``beat_interval`` by a thread that first takes the
   server's lock (``statistics()``), so a worker whose server is wedged stops
   beating, and so does one whose interpreter is stuck holding the GIL.
+* ``paused``: it took no more clients from the listeners (``pause``); the
+  supervisor's SIGTERM follows a moment after this.
 * ``closed``: the stop has closed this worker's listeners.
 * ``recycle``: ``--max-worker-connections`` reached; the supervisor starts a
   replacement and stops this worker once the replacement is ready.
@@ -80,6 +84,7 @@ CLOSED = b"closed"
 RECYCLE = b"recycle"
 FATAL = b"fatal "
 PAUSE = b"pause"
+PAUSED = b"paused"
 
 #: Linux's prctl option: a signal for this process when its parent dies.
 PR_SET_PDEATHSIG = 1
@@ -187,6 +192,7 @@ def _watch(
                 message = channel.recv(64, socket.MSG_DONTWAIT)
                 if message == PAUSE:
                     server.pause_accepting()
+                    _send(channel, PAUSED)
                 elif message == STATS_REQUEST:
                     stats = server.statistics()
                     _send(channel, encode_statistics(stats, threading.active_count()))
