@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import trustme
 from conftest import ServerFactory
-from support import SETTLE, recv_exactly, recv_until_eof, wait_until
+from support import NOTICE, SETTLE, recv_exactly, recv_until_eof, wait_until
 
 from threadserve import ConfigurationError, Connection, Server, echo
 from threadserve._proxy import (
@@ -198,6 +198,27 @@ def test_a_truncated_header_then_eof_is_rejected(serve: ServerFactory, version: 
     wait_until(lambda: server.statistics().proxy_rejected == 1, what="the rejection counted")
     wait_until(lambda: server.statistics().connections_closed == 1, what="connection closed")
     assert not ran.is_set()
+
+
+@pytest.mark.parametrize("sent", ["nothing", "half a header"])
+def test_a_stop_while_waiting_for_the_header_says_goodbye(serve: ServerFactory, sent: str) -> None:
+    """Stopping while a proxy's connection has not finished its header: the goodbye, not silence.
+
+    The proxy relays it to its client, which then knows the server went away
+    on purpose (a silent close looks like a refused connection to it).
+    """
+    ran = threading.Event()
+    server = serve(lambda conn: ran.set(), proxy_protocol="v2", grace=5)
+    with socket.create_connection(server.tcp_address, timeout=10) as sock:
+        if sent == "half a header":
+            sock.sendall(tcp4("203.0.113.9", 40000)[:10])
+        wait_until(lambda: server.statistics().connections_active == 1, what="the connection")
+        report = server.stop()
+        assert recv_until_eof(sock) == NOTICE
+    assert report is not None
+    assert report.clean
+    assert not ran.is_set()
+    assert server.statistics().proxy_rejected == 0  # A stop, not a bad header.
 
 
 def test_proxy_outside_the_allow_list_is_closed(
