@@ -9,12 +9,15 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import urllib.parse
 import urllib.request
+from collections import Counter
 from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
+from types import FrameType
 
 import psutil
 import pytest
@@ -139,6 +142,60 @@ def test_proxy_rejections_are_counted() -> None:
         wait_until(lambda: server.statistics().connections_closed == 2)
         assert value(registry, "threadserve_proxy_rejected_total") == 2
         assert value(registry, "threadserve_connections_closed_total", reason="proxy_error") == 2
+
+
+def calls_per_message(metrics: CollectorRegistry | None) -> Counter[str]:
+    """Every Python and C call a connection thread makes over 200 echoed messages.
+
+    The handler profiles its own thread (``sys.setprofile``) around the loop,
+    after a warm-up, so only the per-message path is counted: ``recv`` and
+    ``sendall`` and what they call.
+    """
+    counted: list[Counter[str]] = []
+
+    def handler(conn: Connection) -> None:
+        for _ in range(20):
+            conn.sendall(conn.recv(64))
+        calls: Counter[str] = Counter()
+
+        def profile(frame: FrameType, event: str, arg: object) -> None:
+            if event == "call":
+                calls[frame.f_code.co_name] += 1
+            elif event == "c_call":
+                calls[getattr(arg, "__qualname__", repr(arg))] += 1
+
+        sys.setprofile(profile)
+        try:
+            for _ in range(200):
+                conn.sendall(conn.recv(64))
+        finally:
+            sys.setprofile(None)
+        counted.append(calls)
+
+    with running_server(handler, metrics=metrics) as server, connect(server.tcp_address) as client:
+        for _ in range(220):
+            # One message in flight at a time: each recv gets a whole one.
+            client.sendall(b"x" * 64)
+            assert recv_exactly(client, 64) == b"x" * 64
+        wait_until(lambda: len(counted) == 1, what="the handler to finish")
+    calls = counted[0]
+    del calls["setprofile"]
+    return calls
+
+
+def test_metrics_add_nothing_to_the_per_message_path() -> None:
+    """The same calls per echoed message with metrics on as off.
+
+    The metrics are read from the server's own counters at scrape time; a
+    prometheus-client ``Counter.inc()`` per message would show here as calls
+    (and a lock) that only the metrics run makes.
+    """
+    off = calls_per_message(None)
+    on = calls_per_message(CollectorRegistry())
+    per_message = f"{sum(off.values()) / 200:g} off, {sum(on.values()) / 200:g} on"
+    print(f"calls per echoed message: {per_message}")
+    assert on == off
+    assert off["recv"] == 200
 
 
 def test_promtool_finds_nothing_wrong_with_a_scrape() -> None:
