@@ -300,8 +300,8 @@ def start_workers(*args: str) -> tuple[ServerProcess, int, str]:
     return server, port, agent
 
 
-def test_workers_the_supervisor_says_up_ready_through_a_reload_and_drain_on_a_stop() -> None:
-    server, port, agent = start_workers("--agent-bind", "127.0.0.1:0", "--drain-delay", "60")
+def test_workers_without_a_drain_delay_the_agent_says_up_ready_through_a_reload() -> None:
+    server, _port, agent = start_workers("--agent-bind", "127.0.0.1:0")
     with server:
         assert ask(agent) == b"up ready\n"
         workers_before = set(re.findall(r"worker (\d+) ready", server.output()))
@@ -317,7 +317,37 @@ def test_workers_the_supervisor_says_up_ready_through_a_reload_and_drain_on_a_st
         answers.add(ask(agent))
         assert answers == {b"up ready\n"}
         assert set(re.findall(r"worker (\d+) ready", server.output())) > workers_before
+        server.send_signal(signal.SIGTERM)
+        assert server.wait_exit() == 0, server.output()
 
+
+def test_workers_a_reload_with_a_drain_delay_drains_until_the_new_workers_serve() -> None:
+    server, port, agent = start_workers("--agent-bind", "127.0.0.1:0", "--drain-delay", "1.5")
+    with server:
+        assert ask(agent) == b"up ready\n"
+        sent = time.monotonic()
+        server.send_signal(signal.SIGHUP)
+        server.wait_for_log(r"the agent says drain for at least 1\.5 s")
+        assert ask(agent) == b"drain\n"
+        # The old workers serve on while the load balancer is told to drain.
+        outcomes = Counter(echo_exchange(port, b"during the drain %d\n" % n) for n in range(20))
+        assert outcomes == Counter(served=20), outcomes
+        server.wait_for_log(r"reloaded: 2 new workers ready")
+        # Not before the delay, even if the new workers were ready sooner.
+        reloaded_at = time.monotonic()
+        assert reloaded_at - sent >= 1.5
+        assert ask(agent) == b"up ready\n"
+        assert echo_exchange(port, b"after\n") == "served"
+        server.send_signal(signal.SIGTERM)
+        server.wait_for_log(r"SIGTERM received: draining for 1\.5 s")
+        assert ask(agent) == b"drain\n"
+        assert server.wait_exit() == 0, server.output()
+
+
+def test_workers_drain_on_a_stop_and_a_second_signal_forces() -> None:
+    server, port, agent = start_workers("--agent-bind", "127.0.0.1:0", "--drain-delay", "60")
+    with server:
+        assert ask(agent) == b"up ready\n"
         server.send_signal(signal.SIGTERM)
         server.wait_for_log(r"SIGTERM received: draining for 60\.0 s")
         assert ask(agent) == b"drain\n"

@@ -24,11 +24,14 @@ the main loop handles them in order (gunicorn's arbiter has this shape):
   worker drained, 3 when any was forced.
 * SIGHUP: reload. N new workers start (importing the handler afresh); once
   every one has said ``ready``, the old ones stop gracefully. A new worker
-  that cannot start aborts the reload and the old ones keep serving. The
-  agent says ``up ready`` throughout, with no drain delay: the old workers
-  hand the shared queue over to ready new ones, so the instance as a whole
-  never stops accepting, and telling the load balancer to drain it would
-  only move its clients elsewhere for nothing.
+  that cannot start aborts the reload and the old ones keep serving. With a
+  drain delay and the agent, the agent says ``drain`` from the SIGHUP, the
+  old workers go on serving until the delay is over *and* the new ones are
+  ready, then stop, and the agent says ``up ready`` again: the load balancer
+  sends this instance no new client while its workers change. Without a
+  drain delay the agent says ``up ready`` throughout: the old workers hand
+  the shared queue over to ready new ones, so the instance as a whole never
+  stops accepting.
 * SIGTTIN, SIGTTOU: one worker more, one fewer (never fewer than one).
 * SIGUSR2: upgrade the supervisor itself (see _upgrade.py). A successor
   (``sys.executable -m threadserve`` with the same arguments: a new
@@ -221,6 +224,8 @@ class Supervisor:
         self.metrics = metrics
         self.drain_delay = drain_delay
         self._drain_until: float | None = None
+        # A reload with a drain delay: the old workers serve on until then.
+        self._reload_drain_until: float | None = None
         #: What the workers counted, for --metrics (see _workerstats.py).
         self.statistics = WorkerStatistics()
         # A scrape (another thread) asks for round N; the main loop asks the
@@ -381,6 +386,8 @@ class Supervisor:
             deadlines.append(self._dismiss_until)
         if self._drain_until is not None and not self._stopping:
             deadlines.append(self._drain_until)
+        if self._reload_drain_until is not None:
+            deadlines.append(self._reload_drain_until)
         if self._retry_at is not None:
             deadlines.append(self._retry_at)
         if self._successor is not None:
@@ -402,6 +409,13 @@ class Supervisor:
     def _start_generation(self) -> None:
         self._generation += 1
         self._reload = [self._spawn() for _ in range(self.wanted)]
+
+    def _end_reload_drain(self) -> None:
+        """The reload is over (done or called off): the agent says ``up ready`` again."""
+        if self._reload_drain_until is not None:
+            self._reload_drain_until = None
+            if self.agent is not None and not self._stopping and self._drain_until is None:
+                self.agent.ready()
 
     def _spawn(self, replacing: Worker | None = None) -> Worker:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -537,6 +551,7 @@ class Supervisor:
                 for other in self._reload:
                     self._stop_worker(other)
                 self._reload = None
+                self._end_reload_drain()
                 self.notifier.ready(self._status("reload failed"))
             else:
                 replacing = [old for old in self.workers if old.replaced_by is worker]
@@ -640,12 +655,16 @@ class Supervisor:
 
     def _advance(self) -> None:
         """Move a reload, a recycle or a stop forward once workers are ready or gone."""
-        if self._reload is not None and all(w.ready for w in self._reload):
+        draining = (
+            self._reload_drain_until is not None and time.monotonic() < self._reload_drain_until
+        )
+        if self._reload is not None and all(w.ready for w in self._reload) and not draining:
             new = self._reload
             self._reload = None
             old = [w for w in self.workers if w not in new and not w.stopping]
             for worker in old:
                 self._stop_worker(worker, handover=True)
+            self._end_reload_drain()
             if not self._booted:
                 self._booted = True
                 if self.agent is not None:
@@ -742,6 +761,13 @@ class Supervisor:
                 return
             logger.info("SIGHUP received: starting %d new workers", self.wanted)
             self.notifier.reloading(self._status("reloading"))
+            if self.drain_delay and self.agent is not None and self._booted:
+                logger.info(
+                    "the agent says drain for at least %.1f s, until the new workers serve",
+                    self.drain_delay,
+                )
+                self._reload_drain_until = time.monotonic() + self.drain_delay
+                self.agent.drain()
             self._start_generation()
         elif signum == signal.SIGTTIN:
             self._adjust(+1)

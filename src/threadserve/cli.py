@@ -226,8 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.0,
         metavar="S",
         help="on SIGTERM or SIGINT keep serving this long while the agent says drain, "
-        "then stop as usual; with --workers the supervisor answers the agent, which says "
-        "'up ready' through a SIGHUP reload (default: 0)",
+        "then stop as usual; with --workers the supervisor answers the agent, and a SIGHUP "
+        "reload drains as long too before the old workers stop (default: 0)",
     )
     serve.add_argument(
         "--log-level",
