@@ -201,6 +201,7 @@ def main() -> None:
         return
     check_tools()
     started = time.time()
+    load_at_start = [round(x, 2) for x in os.getloadavg()]
     # runs[peer][f"{test} -P {pipeline}"] = {"rate": [...], "cpu_us": [...]}, one per repeat
     runs: dict[str, dict[str, dict[str, list[float]]]] = {peer.name: {} for peer in PEERS}
     with tempfile.TemporaryDirectory(prefix="bench-kv-") as tmp, contextlib.ExitStack() as stack:
@@ -241,6 +242,7 @@ def main() -> None:
         "redis_server": version(["redis-server", "--version"]).split(" sha=")[0],
         "redis_benchmark": version(["redis-benchmark", "--version"]),
         "cpus": os.cpu_count(),
+        "load_average_at_start": load_at_start,
         "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
         "clients": args.clients,
         "requests": args.requests,
@@ -253,6 +255,26 @@ def main() -> None:
     )
     (args.output / "RESULTS.md").write_text(report(runs, environment))
     print(report(runs, environment))
+
+
+def _machine_note(env: dict[str, object]) -> str:
+    """Whether other work shared the machine, judged by the load average at the start."""
+    start = env.get("load_average_at_start")
+    cpus = env.get("cpus")
+    if isinstance(start, list) and isinstance(cpus, int) and start[0] < cpus:
+        return (
+            "The machine ran nothing else (load average below its CPU count at the "
+            "start). The min-max spread shows how much the rates still vary from run "
+            "to run. Server CPU per request is measured from the server process's own "
+            "CPU time (/proc)."
+        )
+    return (
+        "The machine was shared with other work during the run (other test suites "
+        "and benchmarks), so requests per second are noisy: a server gets only part "
+        "of its core. The min-max spread shows how much. Server CPU per request is "
+        "measured from the server process's own CPU time (/proc), and holds up "
+        "much better on a busy machine."
+    )
 
 
 def report(runs: dict[str, dict[str, dict[str, list[float]]]], env: dict[str, object]) -> str:
@@ -289,13 +311,10 @@ def report(runs: dict[str, dict[str, dict[str, list[float]]]], env: dict[str, ob
     lines += [
         "",
         f"Python {env['python']}, SQLite {env['sqlite']}, {env['redis_server']}; "
-        f"{env['cpus']} CPUs; load average at the end {env['load_average_at_end']}.",
+        f"{env['cpus']} CPUs; load average at the start "
+        f"{env.get('load_average_at_start', '?')}, at the end {env['load_average_at_end']}.",
         "",
-        "The machine was shared with other work during the run (other test suites "
-        "and benchmarks), so requests per second are noisy: a server gets only part "
-        "of its core. The min-max spread shows how much. Server CPU per request is "
-        "measured from the server process's own CPU time (/proc), and holds up "
-        "much better on a busy machine.",
+        _machine_note(env),
         "",
         "On a contended core, how much CPU each server gets may also depend on how "
         "many runnable threads it has (Linux shares a core between threads, not "
