@@ -99,7 +99,7 @@ from ._stop import _tell
 from ._systemd import Notifier
 from ._upgrade import FATAL as UPGRADE_FATAL
 from ._upgrade import READY as UPGRADE_READY
-from ._upgrade import TAKE_OVER, Predecessor, Successor
+from ._upgrade import TAKE_OVER, Predecessor, Successor, announce_successor
 from ._worker import BEAT, CLOSED, DUMP_SIGNAL, FATAL, PAUSE, PAUSED, READY, RECYCLE
 from ._workerstats import REPLY as STATS_REPLY
 from ._workerstats import REQUEST as STATS_REQUEST
@@ -973,20 +973,11 @@ class Supervisor:
             successor.pid,
             len(old),
         )
-        # Before anything stops, so that whoever reads them never finds a
-        # supervisor that is leaving: MAINPID= must come from the main process.
-        self.notifier.notify(
-            mainpid=successor.pid, ready=1, status=f"upgraded: supervisor {successor.pid} serving"
+        announce_successor(
+            successor, self.notifier, self.pid_file, f"upgraded: supervisor {successor.pid} serving"
         )
         self.notifier.close()
         self.notifier = Notifier({})
-        if self.pid_file:
-            try:
-                write_pid_file(self.pid_file, successor.pid)
-            except ConfigurationError as exc:
-                logger.error("%s", exc)
-        successor.send(TAKE_OVER)
-        successor.handed_over = True
         # The successor answers the agent and serves the metrics from now
         # on, on the same sockets: this process lets go of its descriptors.
         if self.agent is not None:

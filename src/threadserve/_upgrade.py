@@ -418,17 +418,9 @@ class ServerUpgrade:
 
     def _hand_over(self, successor: Successor) -> None:
         logger.info("process %d is serving: handing over to it, this process stops", successor.pid)
-        # Before anything stops: MAINPID= must come from the main process.
-        self.notifier.notify(
-            mainpid=successor.pid, ready=1, status=f"upgraded: process {successor.pid} serving"
+        announce_successor(
+            successor, self.notifier, self.pid_file, f"upgraded: process {successor.pid} serving"
         )
-        if self.pid_file:
-            try:
-                write_pid_file(self.pid_file, successor.pid)
-            except ConfigurationError as exc:
-                logger.error("%s", exc)
-        successor.send(TAKE_OVER)
-        successor.handed_over = True
         self.notifier.close()
         for listener in self.listeners:
             listener.hand_over()
@@ -438,6 +430,25 @@ class ServerUpgrade:
         poller.register(self._wake_r, select.POLLIN)
         poller.poll(int(HANDOVER_SETTLE * 1000))
         self.server.stop()
+
+
+def announce_successor(
+    successor: Successor, notifier: Notifier, pid_file: str | None, status: str
+) -> None:
+    """Make ``successor`` the main process for systemd and the pid file, then let it take over.
+
+    Called before anything of this process stops, so that whoever reads them
+    never finds a process that is leaving; and ``MAINPID=`` is only heeded
+    from the main process, which this one still is.
+    """
+    notifier.notify(mainpid=successor.pid, ready=1, status=status)
+    if pid_file:
+        try:
+            write_pid_file(pid_file, successor.pid)
+        except ConfigurationError as exc:
+            logger.error("%s", exc)
+    successor.send(TAKE_OVER)
+    successor.handed_over = True
 
 
 def take_over_when_told(predecessor: Predecessor, listeners: Sequence[Listener]) -> None:
