@@ -386,7 +386,9 @@ class Supervisor:
             deadlines.append(self._dismiss_until)
         if self._drain_until is not None and not self._stopping:
             deadlines.append(self._drain_until)
-        if self._reload_drain_until is not None:
+        # Once past, it waits on the new workers' "ready" messages instead:
+        # a deadline in the past would make the loop spin until then.
+        if self._reload_drain_until is not None and self._reload_drain_until > now:
             deadlines.append(self._reload_drain_until)
         if self._retry_at is not None:
             deadlines.append(self._retry_at)
