@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import os
 import select
-import signal
 import socket
 import statistics
 import subprocess
@@ -35,7 +34,7 @@ from pathlib import Path
 
 import psutil
 
-from bench.server import free_port, pin_prefix, server_env
+from bench.server import free_port, pin_prefix, server_env, stop_process
 
 CHAT = Path(__file__).resolve().parent.parent / "examples" / "chat.py"
 LINE_SIZE = 64
@@ -144,12 +143,7 @@ def run_once(members: int, stalled: bool, seconds: float, window: int, line_size
     finally:
         for sock in socks:
             sock.close()
-        server.send_signal(signal.SIGTERM)
-        try:
-            server.wait(30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        stop_process(server)
         if server.stderr is not None:
             server.stderr.close()
 

@@ -24,7 +24,6 @@ import argparse
 import multiprocessing
 import os
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
@@ -34,6 +33,8 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
+
+from bench.server import stop_process
 
 PAYLOAD = b"x" * 63 + b"\n"
 CLIENT_PROCESSES = 2
@@ -84,12 +85,7 @@ class Server:
                 time.sleep(0.05)
 
     def stop(self) -> None:
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        stop_process(self.process)
         self._log.close()
 
 

@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import re
-import signal
 import statistics
 import subprocess
 import sys
@@ -35,6 +34,7 @@ from pathlib import Path
 import psutil
 
 from .build import build_all
+from .server import stop_process
 
 READY = re.compile(r"(\d+) workers ready, serving on 127\.0\.0\.1:(\d+)")
 
@@ -122,12 +122,7 @@ def one_run(binary: Path, workers: int, args: argparse.Namespace) -> dict[str, f
             "errors": float(sum(sum(r["errors"].values()) for r in results)),
         }
     finally:
-        server.send_signal(signal.SIGTERM)
-        try:
-            server.wait(60)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        stop_process(server, 60)
         if server.stderr is not None:
             server.stderr.close()
 

@@ -39,6 +39,8 @@ from typing import Any
 import psutil
 import psycopg
 
+from bench.server import stop_process
+
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "examples")]
@@ -145,12 +147,7 @@ def running_peer(peer: Peer, dsn: str, conns: int) -> Iterator[tuple[int, psutil
         wait_ready(port, process)
         yield port, psutil.Process(process.pid)
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(10)
+        stop_process(process)
 
 
 def load(
