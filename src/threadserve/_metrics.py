@@ -66,8 +66,8 @@ from prometheus_client.exposition import make_wsgi_app
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from ._events import Histogram
-from ._exceptions import ConfigurationError
-from ._listeners import LISTEN_BACKLOG
+from ._exceptions import BindError, ConfigurationError
+from ._listeners import open_listeners, parse_bind_address
 from ._server import ServerStatistics
 
 if TYPE_CHECKING:
@@ -196,7 +196,7 @@ class MetricsEndpoint:
                 f"--metrics {address!r}: use HOST:PORT or [IPV6]:PORT (port 0 for any free one)"
             )
         if sock is None:
-            sock = _bind(address, host, int(port))
+            sock = _bind(address)
         self._httpd = _HTTPServer(sock, make_wsgi_app(registry))
         self._thread: threading.Thread | None = None
         self._closed = False
@@ -252,22 +252,16 @@ class _HTTPServer(ThreadingMixIn, WSGIServer):
         self.set_app(app)
 
 
-def _bind(address: str, host: str, port: int) -> socket.socket:
+def _bind(address: str) -> socket.socket:
+    """One listening socket for ``address``, bound as the server's own listeners are."""
     try:
-        family, _type, _proto, _name, sockaddr = socket.getaddrinfo(
-            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )[0]
-        sock = socket.socket(family, socket.SOCK_STREAM)
-    except OSError as exc:
-        raise ConfigurationError(f"--metrics {address!r}: {exc.strerror or exc}") from None
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(sockaddr)
-        sock.listen(LISTEN_BACKLOG)
-    except OSError as exc:
-        sock.close()
-        raise ConfigurationError(f"--metrics {address!r}: {exc.strerror or exc}") from None
-    return sock
+        listeners = open_listeners([parse_bind_address(address)])
+    except (BindError, ConfigurationError) as exc:
+        raise ConfigurationError(f"--metrics {address!r}: {exc}") from None
+    # A name such as localhost may give one socket per family: one is enough here.
+    for extra in listeners[1:]:
+        extra.close()
+    return listeners[0].socket
 
 
 def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
