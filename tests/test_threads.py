@@ -10,7 +10,7 @@ from support import SETTLE, wait_until
 
 from threadserve import ConfigurationError, Connection, Server, echo
 from threadserve._threads import PARKED_NAME, ParkingThreads
-from threadserve.testing import running_server
+from threadserve.testing import RunningServer, running_server
 
 
 def _one_exchange(address: tuple[str, int]) -> None:
@@ -204,3 +204,79 @@ def test_max_connections_still_holds_with_parked_threads() -> None:
 def test_idle_threads_must_be_a_count(value: object) -> None:
     with pytest.raises(ConfigurationError, match="idle_threads"):
         Server(echo, "127.0.0.1:0", idle_threads=value)  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------- the next client, taken directly
+
+
+def test_a_job_at_hand_runs_on_the_finished_thread_without_parking() -> None:
+    at_hand = [2, 3]
+    ran: list[tuple[int, int]] = []
+    done = threading.Semaphore(0)
+
+    def run(job: int) -> None:
+        ran.append((job, threading.get_ident()))
+        done.release()
+
+    def next_job() -> int | None:
+        return at_hand.pop(0) if at_hand else None
+
+    threads: ParkingThreads[int] = ParkingThreads(
+        run, max_idle=4, idle_timeout=30, next_job=next_job
+    )
+    threads.start(1, name="threadserve test")
+    for _ in range(3):
+        assert done.acquire(timeout=SETTLE)
+    wait_until(lambda: threads.idle == 1, what="the thread to park once nothing is at hand")
+    assert [job for job, _ in ran] == [1, 2, 3]
+    assert len({ident for _, ident in ran}) == 1, "a job at hand ran on another thread"
+    assert (threads.started, threads.reused) == (1, 2)
+    threads.close()
+    wait_until(lambda: not _parked(), what="the parked thread to end at close")
+
+
+def _waiting_client(server: RunningServer) -> socket.socket:
+    """A client the kernel has connected, waiting in the (unserved) server's listen queue."""
+    client = socket.create_connection(server.tcp_address, timeout=SETTLE)
+    client.sendall(b"ping")
+    return client
+
+
+def test_a_finishing_thread_takes_a_waiting_client_from_the_listen_queue() -> None:
+    # Bound, never served: no accept loop competes for the client.
+    server = RunningServer(echo, "127.0.0.1:0")
+    try:
+        assert server._take_next_client() is None, "nobody is waiting yet"
+        with _waiting_client(server) as client:
+            conn = server._take_next_client()
+            assert conn is not None
+            try:
+                assert conn.peer == "{}:{}".format(*client.getsockname())
+                assert conn in server._connections, "the connection was not registered"
+                assert server.statistics().connections_accepted == 1
+            finally:
+                conn._close_socket()
+                server._unregister(conn, "test over")
+    finally:
+        server.stop()
+
+
+def test_no_client_is_taken_directly_once_a_stop_is_requested_or_accepting_is_paused() -> None:
+    server = RunningServer(echo, "127.0.0.1:0", max_connections=1, overload="wait")
+    try:
+        with _waiting_client(server), _waiting_client(server):
+            first = server._take_next_client()
+            assert first is not None
+            try:
+                # The only slot is taken: under the wait policy the second
+                # client stays in the queue instead of being turned away.
+                assert server._take_next_client() is None
+                assert server.statistics().connections_rejected == 0
+            finally:
+                first._close_socket()
+                server._unregister(first, "test over")
+            server._request_stop()
+            assert server._take_next_client() is None
+            assert server.statistics().connections_accepted == 1
+    finally:
+        server.stop()

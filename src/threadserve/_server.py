@@ -7,7 +7,10 @@ One thread (the *serving thread*: whoever calls ``serve_forever``, usually
 the main thread) waits in ``select`` on the listening sockets and on a
 *control pipe*. Each accepted client gets its own daemon thread running the
 handler with a ``Connection``; the registry of live connections is a dict the
-connection thread removes itself from in ``finally``, so it prunes itself.
+connection thread removes itself from in ``finally``, so it prunes itself. A
+connection thread whose client has left takes the next waiting client from
+the listen queue itself before it parks (``_take_next_client``), so under
+load most clients never wait for the accept loop.
 
 Nothing polls on a timer. Everything that must reach the serving thread (a
 stop request from a signal handler or another thread, a force request, "the
@@ -239,8 +242,20 @@ class Server:
         self._adapt_switch_interval = adapt_switch_interval
         # Connection threads park between connections (see _threads.py).
         self._threads: ParkingThreads[Connection] = ParkingThreads(
-            self._run_connection, max_idle=idle_threads, idle_timeout=idle_thread_timeout
+            self._run_connection,
+            max_idle=idle_threads,
+            idle_timeout=idle_thread_timeout,
+            next_job=self._take_next_client,
         )
+        # Accepts under way, by the accept loop or by finishing connection
+        # threads (see _take_next_client), under the lock. Under the wait
+        # policy each holds a place below max_connections until its client
+        # is admitted, so two accepting at once never take one free slot
+        # twice. The stop waits for none to be left once it has closed the
+        # way in to finishing threads.
+        self._accepts_under_way = 0
+        self._direct_accepts_closed = False
+        self._accepts_done = threading.Condition(self._lock)
         self._group_live = [0] * MAX_GROUPS  # Live connections per stop group.
         # Set without the lock (a signal handler may set them); read by the serving thread.
         self._stop_requested = False
@@ -537,19 +552,22 @@ class Server:
     def _update_accept_paused(self) -> None:
         """Pause accepting at max_connections under the wait policy; the caller holds the lock."""
         self._accept_paused = self._accept_handed_over or (
-            self._admission.policy is OverloadPolicy.WAIT and self._admission.full
+            self._admission.policy is OverloadPolicy.WAIT
+            and self._admission.active + self._accepts_under_way >= self._admission.max_connections
         )
 
     def _accept_batch(self, listener: Listener) -> bool:
         """Accept what is waiting; False if accept failed for lack of a resource."""
         for _ in range(ACCEPT_BATCH):
-            if self._accept_paused:
+            if not self._begin_accept():
                 return True
             try:
                 sock, address = listener.socket.accept()
             except (BlockingIOError, InterruptedError):
+                self._accept_failed()
                 return True
             except OSError as exc:
+                self._accept_failed()
                 if exc.errno in RESOURCE_ERRNOS:
                     with self._lock:
                         self._accept_errors += 1
@@ -562,21 +580,85 @@ class Server:
                 # ECONNABORTED and friends: that client is gone, the next one is not.
                 logger.debug("accept on %s: %s", listener.address, exc)
                 continue
-            self._admit(sock, address)
+            conn = self._admit(sock, address)
+            if conn is not None:
+                self._dispatch(conn)
         return True
 
-    def _admit(self, sock: socket.socket, address: object) -> None:
+    def _take_next_client(self) -> Connection | None:
+        """A client from the listen queue for the thread whose connection just ended, if one waits.
+
+        Why: under load the accept loop is the slowest way to a new client.
+        Woken from ``select``, it needs the GIL back, and a thread that slept
+        gets it last: the busy connection threads returning from their short
+        socket calls take it first, again and again. With 50 busy connections
+        it got the GIL about every 80 ms and then accepted some 50 queued
+        clients at once, each of which then waited once more for the parked
+        thread it was handed to. A thread that has just finished a connection
+        holds the GIL already: one non-blocking ``accept`` and it serves the
+        next client itself, with no hand-off. The accept loop still accepts
+        whatever these threads leave, and is the only one to log accept
+        errors and back off from them.
+
+        Never once a stop is requested or accepting is paused; and the stop
+        waits for every ``accept`` under way here to return before it empties
+        and closes the listeners (a descriptor closed under a call in
+        progress could be reused by the time the call runs).
+        """
+        if self._stop_requested:
+            return None
+        for listener in self._listeners:
+            if not self._begin_accept(direct=True):
+                return None
+            try:
+                sock, address = listener.socket.accept()
+            except OSError:
+                # Nobody waiting, or an error the accept loop will meet and report.
+                self._accept_failed()
+                continue
+            return self._admit(sock, address)
+        return None
+
+    def _begin_accept(self, direct: bool = False) -> bool:
+        """Claim a place for one accept; False while accepting is paused (or, direct, closed)."""
+        with self._lock:
+            self._update_accept_paused()
+            if self._accept_paused or (direct and self._direct_accepts_closed):
+                return False
+            self._accepts_under_way += 1
+            return True
+
+    def _end_accept(self) -> None:
+        """An accept is over (the caller holds the lock): release its place."""
+        self._accepts_under_way -= 1
+        if self._direct_accepts_closed and not self._accepts_under_way:
+            self._accepts_done.notify_all()
+
+    def _accept_failed(self) -> None:
+        """An accept took no client: give its place back, and wake a loop it kept paused."""
+        with self._lock:
+            self._end_accept()
+            was_paused = self._accept_paused
+            self._update_accept_paused()
+            wake = was_paused and not self._accept_paused
+        if wake:
+            self._wake()
+
+    def _admit(self, sock: socket.socket, address: object) -> Connection | None:
+        """Admit a new client and register its connection (None: turned away and closed)."""
         peer = format_address(sock.family, address)
         ip = address[0] if isinstance(address, tuple) else None
         if self._proxy is not None:
             if not self._proxy.allows(ip):
+                self._accept_failed()
                 self._reject_proxy(peer, "not in proxy_allow")
                 sock.close()
-                return
+                return None
             # Every client of a proxy comes from its address: count them per
             # address once the header names them (_readmit).
             ip = None
         with self._lock:
+            self._end_accept()  # Counted by admission from here on, if admitted.
             refusal = self._admission.admit(ip)
             if refusal is None:
                 self._accepted += 1
@@ -589,11 +671,16 @@ class Server:
                     else RejectReason.MAX_CONNECTIONS_PER_IP
                 )
                 self._counters.rejected[why] += 1
+            was_paused = self._accept_paused
             self._update_accept_paused()
+            # Turned away: the place this accept held is free again.
+            wake = was_paused and not self._accept_paused
+        if wake:
+            self._wake()
         if refusal is None:
-            self._start_connection(sock, peer, ip)
-        else:
-            self._turn_away(sock, peer, refusal, why)
+            return self._register(sock, peer, ip)
+        self._turn_away(sock, peer, refusal, why)
+        return None
 
     def _reject_proxy(self, peer: str, reason: object) -> None:
         with self._lock:
@@ -628,7 +715,8 @@ class Server:
         )
         _tell_and_close(sock, None if self.tls else self.notices.busy)
 
-    def _start_connection(self, sock: socket.socket, peer: str, ip: str | None) -> None:
+    def _register(self, sock: socket.socket, peer: str, ip: str | None) -> Connection:
+        """The connection for an admitted client, in the registry; no thread serves it yet."""
         sock.setblocking(False)
         group, stop_fd = self._broadcast.assign(len(self._connections))
         conn = Connection(
@@ -646,6 +734,10 @@ class Server:
             self._group_live[group] += 1
         if self._adapt_switch_interval:
             threads_changed(+1)
+        return conn
+
+    def _dispatch(self, conn: Connection) -> None:
+        """Have a thread serve ``conn``: a parked one, else a new one."""
         # A parked thread takes it at once (one wake-up, no thread start).
         if self._threads.hand_off(conn):
             return
@@ -849,6 +941,13 @@ class Server:
             os.write(control, b"\0")  # A full pipe already means "wake up".
 
     def _stop_sequence(self) -> StopReport:
+        # No finishing thread accepts from here on (see _take_next_client):
+        # the listeners are the stop's to empty and close. An accept under
+        # way is one non-blocking system call and an admission, so the wait
+        # is short; the bound is for a listener someone made blocking.
+        with self._lock:
+            self._direct_accepts_closed = True
+            self._accepts_done.wait_for(lambda: not self._accepts_under_way, FORCE_MARGIN)
         # A TLS client cannot read a plain-text notice: the listen queue's
         # clients get a clean EOF instead.
         self._report = self._stop.run(

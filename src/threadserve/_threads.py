@@ -6,6 +6,8 @@ short connection's whole exchange. So a connection thread whose handler has
 returned does not end: it *parks*, waiting for the next accepted connection,
 and the accept loop hands new connections to parked threads before starting
 any. A parked thread holds no connection, no socket and no admission slot.
+Before parking, a thread asks ``next_job`` for work at hand (the server
+accepts a waiting client for it): a job taken that way needs no hand-off.
 
 Bounds: at most ``max_idle`` threads park at once (a thread finishing beyond
 that ends at once), and a parked thread that gets no connection for
@@ -44,8 +46,11 @@ class ParkingThreads(Generic[Job]):
         *,
         max_idle: int = DEFAULT_MAX_IDLE,
         idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+        next_job: Callable[[], Job | None] | None = None,
     ) -> None:
         self._run = run
+        # Asked for a job before parking: one at hand needs no hand-off.
+        self._next_job = next_job
         self.max_idle = max_idle
         self.idle_timeout = idle_timeout
         self._lock = threading.Lock()
@@ -98,7 +103,13 @@ class ParkingThreads(Generic[Job]):
             self._run(job)
             # Hold no reference to the finished job while parked.
             job = None
-            job = self._park()
+            if self._next_job is not None:
+                job = self._next_job()
+            if job is None:
+                job = self._park()
+            else:
+                with self._lock:
+                    self.reused += 1
 
     def _park(self) -> Job | None:
         with self._lock:
