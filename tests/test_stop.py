@@ -36,6 +36,51 @@ def test_echo_then_stop_sends_notice_then_eof(serve: ServerFactory) -> None:
     assert report.drained == 1
 
 
+def test_the_stop_lingers_for_a_told_client_after_its_thread_has_ended(
+    serve: ServerFactory,
+) -> None:
+    served_by: list[threading.Thread] = []
+
+    def echo_recording_thread(conn: Connection) -> None:
+        served_by.append(threading.current_thread())
+        echo(conn)
+
+    server = serve(echo_recording_thread, linger=10.0)
+    with connect(server.tcp_address) as client:
+        client.sendall(b"hello\n")
+        assert recv_exactly(client, 6) == b"hello\n"
+        stopping = StopInBackground(server)
+        assert recv_exactly(client, len(NOTICE)) == NOTICE
+        # Told, and the FIN follows: the server now waits for this client to
+        # close, but no thread of the connection's waits for it any more.
+        assert client.recv(1) == b""
+        wait_until(lambda: not served_by[0].is_alive(), what="the connection thread to end")
+        assert stopping.report is None, "the stop did not wait for the client's EOF"
+        # What the client sends now is read and dropped, not answered with a reset.
+        client.sendall(b"late bytes\n")
+    report = stopping.join()
+    assert report.clean
+    assert report.drained == 1
+
+
+def test_a_told_client_that_never_closes_is_closed_when_its_linger_runs_out(
+    serve: ServerFactory,
+) -> None:
+    grace, linger = 30.0, 0.3
+    server = serve(echo, grace=grace, linger=linger)
+    with connect(server.tcp_address) as client:
+        client.sendall(b"hello\n")
+        assert recv_exactly(client, 6) == b"hello\n"
+        stopping = StopInBackground(server)
+        assert recv_until_eof(client) == NOTICE
+        # The client never closes: the stop ends with the linger, long before
+        # the grace period, and counts it as drained.
+        report = stopping.join()
+    assert report.clean
+    assert report.drained == 1
+    assert report.duration < grace / 2
+
+
 def test_200_clients_idle_and_mid_stream_each_get_everything(serve: ServerFactory) -> None:
     grace = 5.0
     server = serve(hold_until_stop, grace=grace)

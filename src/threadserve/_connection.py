@@ -69,6 +69,10 @@ _OUTBOX_MAKING = threading.Lock()
 #: What a closing hook is called with: the connection, and when it must be done (monotonic).
 ClosingHook = Callable[["Connection", float], None]
 
+#: Takes a told socket (FIN sent) over to wait for its client's EOF until a
+#: time (monotonic); True if it did, and will close it.
+LingerElsewhere = Callable[[socket.socket, float], bool]
+
 #: Errors that mean "the other side is gone"; they end a connection quietly.
 PEER_GONE_ERRNOS = frozenset(
     {errno.ECONNRESET, errno.EPIPE, errno.ECONNABORTED, errno.ENOTCONN, errno.ETIMEDOUT}
@@ -645,14 +649,22 @@ class Connection:
 
     # ------------------------------------------------------------------ closing (server side)
 
-    def _close_gracefully(self, notice: bytes | None, linger_until: float) -> None:
+    def _close_gracefully(
+        self,
+        notice: bytes | None,
+        linger_until: float,
+        linger_elsewhere: LingerElsewhere | None = None,
+    ) -> None:
         """Say goodbye (if asked), send FIN, then read and discard until the client's EOF.
 
         Closing a socket that still holds unread bytes makes Linux send a
         reset, and the client may then lose replies it had not read yet. So,
         unless the client already closed its side, we shut down our writing
         side only and wait (until ``linger_until``) for the client to close.
+        ``linger_elsewhere`` may take that wait over (the stop does, see
+        _stop.py): once it returns True the socket is its to close.
         """
+        handed_over = False
         # Group members leave here; until then, broadcasts still reach them.
         self._run_closing_hooks(linger_until)
         self._stop_writes("the server has said goodbye")
@@ -674,7 +686,13 @@ class Connection:
                 # Told and FIN sent: if the stop's deadline cuts this short,
                 # it is still a clean drain (see _stop.py, step 5).
                 self._lingering = True
-                self._discard_until_eof(linger_until)
+                handed_over = (
+                    linger_elsewhere is not None
+                    and not self._tls
+                    and linger_elsewhere(self._sock, linger_until)
+                )
+                if not handed_over:
+                    self._discard_until_eof(linger_until)
         except (OSError, ValueError):
             # The client vanished or the stop was forced (ValueError: the TLS
             # layer is already gone): nothing more to tell it.
@@ -682,7 +700,8 @@ class Connection:
         finally:
             self._lingering = False
             self._forget_outbox()
-            self._sock.close()
+            if not handed_over:
+                self._sock.close()
 
     def _sendall_locked(self, data: bytes) -> None:
         """sendall's sending, for the closing path, which holds the write lock already."""

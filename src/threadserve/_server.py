@@ -866,13 +866,16 @@ class Server:
         now = time.monotonic()
         linger_until = now + self.linger
         notice = cutoff_notice
+        linger_elsewhere = None
         if self._stop.stopping:
             if notice is None and not conn._peer_eof:
                 notice = self.goodbye
             # Finish lingering just before the grace deadline, so a client
             # that never closes does not turn a clean drain into a forced one.
             linger_until = min(linger_until, self._stop.deadline - FORCE_MARGIN / 2)
-        conn._close_gracefully(notice, linger_until)
+            # The stop lingers for it, and this thread can end now.
+            linger_elsewhere = self._stop.take_over_linger
+        conn._close_gracefully(notice, linger_until, linger_elsewhere)
 
     def _unregister(
         self, conn: Connection, outcome: str, reason: CloseReason = CloseReason.COMPLETED
