@@ -773,7 +773,10 @@ class Server:
         _current.server = self
         with self._lock:
             self._connections[conn] = thread
-        if self._proxy is None:  # Else logged once the header names the client.
+        # Checked first: the line's fields would otherwise be built for every
+        # connection, logged or not. (Behind a proxy it is logged once the
+        # header names the client.)
+        if self._proxy is None and logger.isEnabledFor(logging.INFO):
             logger.info(
                 "connection opened: %s",
                 conn.peer,
@@ -883,22 +886,23 @@ class Server:
         # Log first: the admission slot is freed below, and a thread still
         # busy after that is one more than max_connections allows.
         duration = time.monotonic() - conn.opened_at
-        logger.info(
-            "connection closed: %s after %.3f s, %d bytes in, %d bytes out (%s)",
-            conn.peer,
-            duration,
-            conn.bytes_received,
-            conn.bytes_sent,
-            outcome,
-            extra={
-                "event": "connection_closed",
-                "peer": conn.peer,
-                "duration": duration,
-                "bytes_in": conn.bytes_received,
-                "bytes_out": conn.bytes_sent,
-                "reason": reason.value,
-            },
-        )
+        if logger.isEnabledFor(logging.INFO):  # Fields built only for a line that is logged.
+            logger.info(
+                "connection closed: %s after %.3f s, %d bytes in, %d bytes out (%s)",
+                conn.peer,
+                duration,
+                conn.bytes_received,
+                conn.bytes_sent,
+                outcome,
+                extra={
+                    "event": "connection_closed",
+                    "peer": conn.peer,
+                    "duration": duration,
+                    "bytes_in": conn.bytes_received,
+                    "bytes_out": conn.bytes_sent,
+                    "reason": reason.value,
+                },
+            )
         with self._lock:
             if getattr(_current, "server", None) is self:  # A connection thread, about to end.
                 self._finishing.add(threading.current_thread())
