@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 
 import pytest
 from support import SETTLE, wait_until
 
 from threadserve import ConfigurationError, Connection, Server, echo
+from threadserve._server import ACCEPT_LOOP_LAG
 from threadserve._threads import PARKED_NAME, ParkingThreads
 from threadserve.testing import RunningServer, running_server
 
@@ -278,5 +280,23 @@ def test_no_client_is_taken_directly_once_a_stop_is_requested_or_accepting_is_pa
             server._request_stop()
             assert server._take_next_client() is None
             assert server.statistics().connections_accepted == 1
+    finally:
+        server.stop()
+
+
+def test_no_client_is_taken_directly_while_the_accept_loop_keeps_up() -> None:
+    server = RunningServer(echo, "127.0.0.1:0")
+    try:
+        with _waiting_client(server):
+            # The accept loop ran just now: the client is left to it.
+            server._accept_loop_ran_at = time.monotonic()
+            assert server._take_next_client() is None
+            assert server.statistics().connections_accepted == 0
+            # It has not run for longer than ACCEPT_LOOP_LAG: taken directly.
+            server._accept_loop_ran_at = time.monotonic() - 2 * ACCEPT_LOOP_LAG
+            conn = server._take_next_client()
+            assert conn is not None
+            conn._close_socket()
+            server._unregister(conn, "test over")
     finally:
         server.stop()
