@@ -23,6 +23,13 @@ def hold_until_stop(conn: Connection) -> None:
         conn.sendall(chunk)
 
 
+def echo_hello_then_stop(server: Server, client: socket.socket) -> StopInBackground:
+    """One echoed line, then a stop in the background (the client's next read is the notice)."""
+    client.sendall(b"hello\n")
+    assert recv_exactly(client, 6) == b"hello\n"
+    return StopInBackground(server)
+
+
 def test_echo_then_stop_sends_notice_then_eof(serve: ServerFactory) -> None:
     server = serve(echo)
     with connect(server.tcp_address) as client:
@@ -47,9 +54,7 @@ def test_the_stop_lingers_for_a_told_client_after_its_thread_has_ended(
 
     server = serve(echo_recording_thread, linger=10.0)
     with connect(server.tcp_address) as client:
-        client.sendall(b"hello\n")
-        assert recv_exactly(client, 6) == b"hello\n"
-        stopping = StopInBackground(server)
+        stopping = echo_hello_then_stop(server, client)
         assert recv_exactly(client, len(NOTICE)) == NOTICE
         # Told, and the FIN follows: the server now waits for this client to
         # close, but no thread of the connection's waits for it any more.
@@ -69,9 +74,7 @@ def test_a_told_client_that_never_closes_is_closed_when_its_linger_runs_out(
     grace, linger = 30.0, 0.3
     server = serve(echo, grace=grace, linger=linger)
     with connect(server.tcp_address) as client:
-        client.sendall(b"hello\n")
-        assert recv_exactly(client, 6) == b"hello\n"
-        stopping = StopInBackground(server)
+        stopping = echo_hello_then_stop(server, client)
         assert recv_until_eof(client) == NOTICE
         # The client never closes: the stop ends with the linger, long before
         # the grace period, and counts it as drained.

@@ -653,11 +653,15 @@ class Server:
         """An accept took no client: give its place back, and wake a loop it kept paused."""
         with self._lock:
             self._end_accept()
-            was_paused = self._accept_paused
-            self._update_accept_paused()
-            wake = was_paused and not self._accept_paused
+            wake = self._resume_if_room()
         if wake:
             self._wake()
+
+    def _resume_if_room(self) -> bool:
+        """Recompute the pause (the lock is held); True if the accept loop must wake to resume."""
+        was_paused = self._accept_paused
+        self._update_accept_paused()
+        return was_paused and not self._accept_paused
 
     def _admit(self, sock: socket.socket, address: object) -> Connection | None:
         """Admit a new client and register its connection (None: turned away and closed)."""
@@ -686,10 +690,8 @@ class Server:
                     else RejectReason.MAX_CONNECTIONS_PER_IP
                 )
                 self._counters.rejected[why] += 1
-            was_paused = self._accept_paused
-            self._update_accept_paused()
             # Turned away: the place this accept held is free again.
-            wake = was_paused and not self._accept_paused
+            wake = self._resume_if_room()
         if wake:
             self._wake()
         if refusal is None:
