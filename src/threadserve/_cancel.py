@@ -31,17 +31,22 @@ class CancelToken:
     the canceller (one bad hook must not stop the server from stopping).
     """
 
-    __slots__ = ("_callbacks", "_event", "_lock", "_reason")
+    __slots__ = ("_callbacks", "_cancelled", "_event", "_lock", "_reason")
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._event = threading.Event()
+        self._cancelled = False
+        # Made by the first ``wait``: every connection has a token, few are
+        # ever waited on, and a ``threading.Event`` (a Condition around a
+        # lock) costs some microseconds to make, a fair share of a short
+        # connection's whole cost.
+        self._event: threading.Event | None = None
         self._callbacks: list[CancelCallback] = []
         self._reason: str | None = None
 
     @property
     def cancelled(self) -> bool:
-        return self._event.is_set()
+        return self._cancelled
 
     @property
     def reason(self) -> str | None:
@@ -50,12 +55,18 @@ class CancelToken:
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until cancelled or ``timeout`` seconds pass; return ``cancelled``."""
-        return self._event.wait(timeout)
+        with self._lock:
+            if self._cancelled:
+                return True
+            if self._event is None:
+                self._event = threading.Event()
+            event = self._event
+        return event.wait(timeout)
 
     def on_cancel(self, callback: CancelCallback) -> Callable[[], None]:
         """Run ``callback`` when the token is cancelled; return a function that unregisters it."""
         with self._lock:
-            if not self._event.is_set():
+            if not self._cancelled:
                 self._callbacks.append(callback)
                 return lambda: self._remove(callback)
         _run_callback(callback)
@@ -67,10 +78,12 @@ class CancelToken:
         Returns False if the token was already set.
         """
         with self._lock:
-            if self._event.is_set():
+            if self._cancelled:
                 return False
             self._reason = reason
-            self._event.set()
+            self._cancelled = True
+            if self._event is not None:
+                self._event.set()
             callbacks, self._callbacks = self._callbacks, []
         # Run outside the lock: a callback may register or remove other callbacks.
         for callback in callbacks:

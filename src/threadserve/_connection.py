@@ -340,14 +340,11 @@ class Connection:
         except IndexError:
             lock.acquire()  # Another thread is writing: wait for its turn to end.
         try:
-            # One test on the usual path: no outbox means no Group, and
-            # closing makes an outbox (_stop_writes), so None also means open.
-            outbox = self._outbox
-            if outbox is not None:
-                if self._write_closed is not None:
-                    raise ConnectionClosed(self._write_closed)
-                if outbox.size:
-                    self._drain_outbox()  # Bytes a Group queued earlier go first.
+            if self._write_closed is not None:
+                raise ConnectionClosed(self._write_closed)
+            outbox = self._outbox  # None unless a Group joined.
+            if outbox is not None and outbox.size:
+                self._drain_outbox()  # Bytes a Group queued earlier go first.
             total = len(data) if type(data) is bytes else memoryview(data).nbytes
             try:
                 sent = self._sock.send(data)  # Usually all of it: the send buffer is free.
@@ -488,8 +485,6 @@ class Connection:
         """From now on sendall raises ConnectionClosed; queued bytes are the closer's to write."""
         if self._write_closed is None:
             self._write_closed = why
-        # sendall looks at _write_closed only when there is an outbox.
-        self._join_outbox()
 
     def _send_some(self, data: bytes | bytearray | memoryview) -> int:
         try:

@@ -134,7 +134,10 @@ class Listener:
         self.bind_address = bind_address
         self.owns_queue = owns_queue
         self.reuse_port = reuse_port
-        self.address: str = format_address(sock.family, sock.getsockname())
+        # Kept as a plain int: ``sock.family`` builds an enum member on every
+        # read (about 1 µs), and every accepted client's address is formatted with it.
+        self.family = int(sock.family)
+        self.address: str = format_address(self.family, sock.getsockname())
         # Remember who created a Unix socket file, so only its owner removes it.
         self._unix_path = bind_address.path
         self._unix_inode = os.stat(bind_address.path).st_ino if bind_address.path else None

@@ -587,7 +587,7 @@ class Server:
                 # ECONNABORTED and friends: that client is gone, the next one is not.
                 logger.debug("accept on %s: %s", listener.address, exc)
                 continue
-            conn = self._admit(sock, address)
+            conn = self._admit(sock, address, listener.family)
             if conn is not None:
                 self._dispatch(conn)
         return True
@@ -631,7 +631,7 @@ class Server:
                 # Nobody waiting, or an error the accept loop will meet and report.
                 self._accept_failed()
                 continue
-            return self._admit(sock, address)
+            return self._admit(sock, address, listener.family)
         return None
 
     def _begin_accept(self, direct: bool = False) -> bool:
@@ -663,9 +663,9 @@ class Server:
         self._update_accept_paused()
         return was_paused and not self._accept_paused
 
-    def _admit(self, sock: socket.socket, address: object) -> Connection | None:
+    def _admit(self, sock: socket.socket, address: object, family: int) -> Connection | None:
         """Admit a new client and register its connection (None: turned away and closed)."""
-        peer = format_address(sock.family, address)
+        peer = format_address(family, address)
         ip = address[0] if isinstance(address, tuple) else None
         if self._proxy is not None:
             if not self._proxy.allows(ip):

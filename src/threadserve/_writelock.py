@@ -12,7 +12,9 @@ giving it back ``free.append(True)``: each one C call, atomic in CPython
 (under the GIL, and under the list's own lock on free-threaded builds),
 together about a third of the ``threading.Lock`` pair. Only a thread that
 finds the list empty goes the slow way: it waits on a condition, and a
-releaser wakes it only if ``waiters`` says someone waits.
+releaser wakes it only if ``waiters`` says someone waits. The condition is
+made by the first thread that has to wait (making one costs several
+microseconds, and most connections never contend for their writes).
 
 Why no wake-up is lost: a waiter counts itself in ``waiters`` and then tries
 the list again, both under the condition's lock, and only then waits. A
@@ -32,6 +34,9 @@ import threading
 import time
 from types import TracebackType
 
+# Makes a lock's condition once when two threads first need it at the same time.
+_CONDITION_MAKING = threading.Lock()
+
 
 class WriteLock:
     """A non-reentrant mutex: ``free`` holds one token while nobody holds the lock."""
@@ -41,7 +46,7 @@ class WriteLock:
     def __init__(self) -> None:
         self.free = [True]
         self.waiters = 0
-        self._condition = threading.Condition(threading.Lock())
+        self._condition: threading.Condition | None = None
 
     def try_acquire(self) -> bool:
         """Take the lock if it is free at once."""
@@ -60,7 +65,8 @@ class WriteLock:
         except IndexError:
             pass
         deadline = None if timeout is None else time.monotonic() + timeout
-        with self._condition:
+        condition = self._contended()
+        with condition:
             self.waiters += 1
             try:
                 while True:
@@ -70,12 +76,12 @@ class WriteLock:
                     except IndexError:
                         pass
                     if deadline is None:
-                        self._condition.wait()
+                        condition.wait()
                     else:
                         remaining = deadline - time.monotonic()
                         if remaining <= 0:
                             return False
-                        self._condition.wait(remaining)
+                        condition.wait(remaining)
             finally:
                 self.waiters -= 1
 
@@ -87,8 +93,20 @@ class WriteLock:
 
     def wake_one(self) -> None:
         """Wake one waiter (called by a releaser that saw ``waiters``)."""
-        with self._condition:
-            self._condition.notify()
+        # A waiter made the condition before it counted itself in ``waiters``.
+        condition = self._contended()
+        with condition:
+            condition.notify()
+
+    def _contended(self) -> threading.Condition:
+        """The condition waiters wait on, made on first use."""
+        condition = self._condition
+        if condition is None:
+            with _CONDITION_MAKING:
+                condition = self._condition
+                if condition is None:
+                    condition = self._condition = threading.Condition(threading.Lock())
+        return condition
 
     def locked(self) -> bool:
         return not self.free
