@@ -608,12 +608,15 @@ class Server:
         errors and back off from them.
 
         Only while the accept loop lags (it has not run for ACCEPT_LOOP_LAG):
-        without busy connections it keeps up, and then a client accepted by
-        a finishing thread was served slower. Short connections alone, 10
-        and 100 clients (bench, 2 repeats each, same machine): 11.3-11.9k/s
-        without direct accepts, 8.5-10.8k/s with them always on, 9.9-11.6k/s
-        with the lag test; the mixed load keeps most of its gain (4,180
-        short connections/s, p99 35 ms, busy 37.6k req/s).
+        a finishing thread that accepts serves new clients at the expense of
+        the busy ones. The mixed load (50 busy + 50 short-connection
+        clients, ``python -m bench --workloads short,mixed --repeats 2``,
+        runs alternated on one quiet machine, asyncio in each run for the
+        ratios): always on, short connections 0.77x/0.70x asyncio's rate,
+        p99 2.4x/2.9x, busy throughput 0.72x/0.70x; at 2 ms, 0.66x/0.67x/
+        0.64x, p99 2.7x/3.0x/5.7x, busy 1.08x/1.09x/0.95x; at 1 ms in
+        between (busy 0.89x/0.86x). Short connections alone did not tell
+        the settings apart (0.89-1.40x asyncio either way).
 
         Never once a stop is requested or accepting is paused; and the stop
         waits for every ``accept`` under way here to return before it empties
