@@ -31,22 +31,21 @@ class CancelToken:
     the canceller (one bad hook must not stop the server from stopping).
     """
 
-    __slots__ = ("_callbacks", "_cancelled", "_event", "_lock", "_reason")
+    __slots__ = ("_callbacks", "_event", "_lock", "_reason")
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._cancelled = False
         # Made by the first ``wait``: every connection has a token, few are
         # ever waited on, and a ``threading.Event`` (a Condition around a
         # lock) costs some microseconds to make, a fair share of a short
         # connection's whole cost.
         self._event: threading.Event | None = None
         self._callbacks: list[CancelCallback] = []
-        self._reason: str | None = None
+        self._reason: str | None = None  # Set (never to None) by the one cancel.
 
     @property
     def cancelled(self) -> bool:
-        return self._cancelled
+        return self._reason is not None
 
     @property
     def reason(self) -> str | None:
@@ -56,7 +55,7 @@ class CancelToken:
     def wait(self, timeout: float | None = None) -> bool:
         """Block until cancelled or ``timeout`` seconds pass; return ``cancelled``."""
         with self._lock:
-            if self._cancelled:
+            if self._reason is not None:
                 return True
             if self._event is None:
                 self._event = threading.Event()
@@ -66,7 +65,7 @@ class CancelToken:
     def on_cancel(self, callback: CancelCallback) -> Callable[[], None]:
         """Run ``callback`` when the token is cancelled; return a function that unregisters it."""
         with self._lock:
-            if not self._cancelled:
+            if self._reason is None:
                 self._callbacks.append(callback)
                 return lambda: self._remove(callback)
         _run_callback(callback)
@@ -78,10 +77,9 @@ class CancelToken:
         Returns False if the token was already set.
         """
         with self._lock:
-            if self._cancelled:
+            if self._reason is not None:
                 return False
             self._reason = reason
-            self._cancelled = True
             if self._event is not None:
                 self._event.set()
             callbacks, self._callbacks = self._callbacks, []

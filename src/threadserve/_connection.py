@@ -198,11 +198,6 @@ class Connection:
         return self.cancel_token.on_cancel(callback)
 
     @property
-    def chunk_size(self) -> int:
-        """How many bytes iterating asks the socket for at a time (the server's ``chunk_size``)."""
-        return self._chunk_size
-
-    @property
     def local_address(self) -> str:
         from ._listeners import format_address
 

@@ -11,12 +11,8 @@ def echo(conn: Connection) -> None:
     This is the seed article's echo server; the goodbye notice on stop comes
     from the server, after this returns.
     """
-    # The same as ``for chunk in conn: conn.sendall(chunk)``, without the
-    # generator and with the two methods looked up once: this loop is what
-    # the echo benchmarks measure, once per message.
-    recv, sendall, size = conn.recv, conn.sendall, conn.chunk_size
-    while chunk := recv(size):
-        sendall(chunk)
+    for chunk in conn:
+        conn.sendall(chunk)
 
 
 def echo_lines(conn: Connection) -> None:
