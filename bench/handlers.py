@@ -6,9 +6,11 @@ repository root, so that `bench` is importable.
 
 from __future__ import annotations
 
+import select
+import socket
 import time
 from collections.abc import Iterator
-from typing import Protocol
+from typing import Any, Protocol
 
 from bench.peers._common import BLOCKING_SECONDS
 
@@ -33,3 +35,69 @@ def blocking_echo(conn: ChunkConnection) -> None:
     for chunk in conn:
         time.sleep(BLOCKING_SECONDS)
         conn.sendall(chunk)
+
+
+# Diagnostic handlers for `python -m bench.cost_per_request`: the bare loop's
+# body run inside threadserve, on the accepted socket itself, so that the cost
+# of the Connection read/write path can be told apart from the rest of the
+# server (its threads, registry, limits and stop machinery). They reach for the
+# Connection's private socket on purpose; no application should. They ignore
+# the stop: they measure serving, nothing else.
+
+
+def _socket_of(conn: Any) -> socket.socket:
+    sock: socket.socket = conn._sock
+    return sock
+
+
+def _bare_socket_loop(conn: Any, pause: float) -> None:
+    """The bare loop: a blocking recv, then sendall."""
+    sock = _socket_of(conn)
+    sock.setblocking(True)
+    while data := sock.recv(65536):
+        if pause:
+            time.sleep(pause)
+        sock.sendall(data)
+
+
+def _polled_socket_loop(conn: Any, pause: float) -> None:
+    """The bare loop with threadserve's way of reading: poll, then a non-blocking recv."""
+    sock = _socket_of(conn)
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLIN)
+    while True:
+        poller.poll()
+        try:
+            data = sock.recv(65536)
+        except BlockingIOError:
+            continue
+        if not data:
+            return
+        if pause:
+            time.sleep(pause)
+        # One non-blocking send, as threadserve's sendall tries first; a
+        # client slow to read (never, in these workloads) gets the rest blocking.
+        try:
+            sent = sock.send(data)
+        except BlockingIOError:
+            sent = 0
+        if sent < len(data):
+            sock.setblocking(True)
+            sock.sendall(data[sent:])
+            sock.setblocking(False)
+
+
+def bare_socket_echo(conn: Any) -> None:
+    _bare_socket_loop(conn, 0.0)
+
+
+def bare_socket_blocking_echo(conn: Any) -> None:
+    _bare_socket_loop(conn, BLOCKING_SECONDS)
+
+
+def polled_socket_echo(conn: Any) -> None:
+    _polled_socket_loop(conn, 0.0)
+
+
+def polled_socket_blocking_echo(conn: Any) -> None:
+    _polled_socket_loop(conn, BLOCKING_SECONDS)

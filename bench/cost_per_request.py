@@ -1,0 +1,149 @@
+"""Where a request's CPU goes: threadserve against the bare loop, split in layers.
+
+    .venv/bin/python -m bench.cost_per_request [--rounds 3] [--cases echo:1000,blocking:1000]
+
+Four servers, each warmed and then measured under the same closed-loop load,
+alternated round by round:
+
+- ``threadserve``: the CLI with the built-in echo (or the bench's blocking echo);
+- ``ts + bare loop``: threadserve running the bare loop's body (blocking
+  ``recv``, ``sendall``) on the accepted socket itself, so only the
+  Connection read/write path is left out;
+- ``ts + poll/recv``: the same, reading the way the Connection does (``poll``
+  on the socket, then a non-blocking ``recv``), without the Connection's layers;
+- ``threads-bare``: the seed's loop without its print, in a process of its own.
+
+For each, the server process's user and system CPU per request, taken from
+the kernel's accounting around the measured run (no profiler is attached:
+``perf stat -p`` on a thousand threads slows them down, by different amounts
+for different servers). Medians over rounds. Reading it: the first two rows
+differ by what the Connection costs; the second and last by what the rest of
+threadserve costs; the third row splits the Connection's cost into the read
+through ``poll`` and the Python around it.
+
+A diagnostic, not a published figure: ``python -m bench`` measures throughput.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+
+from bench.build import build_all
+from bench.client import run_echo
+from bench.peerlist import PEERS
+from bench.server import ServerProcess, free_port
+
+WARM_UP_SECONDS = 1.5
+MEASURED_SECONDS = 3.0
+REQUEST_SIZE = {"echo": 1024, "blocking": 64}
+
+
+@dataclass(frozen=True)
+class Variant:
+    label: str
+    handler: str | None  # a threadserve handler; None: the threads-bare peer
+
+    def argv(self, port: int, workload: str) -> list[str]:
+        if self.handler is None:
+            return PEERS["threads-bare"].command(port, workload)
+        handler = self.handler.format(kind="blocking_echo" if workload == "blocking" else "echo")
+        if handler == "threadserve":
+            return PEERS["threadserve"].command(port, workload)
+        bind = f"127.0.0.1:{port}"
+        serve = ["serve", handler, "--bind", bind, "--log-level", "warning"]
+        return [sys.executable, "-m", "threadserve", *serve]
+
+
+VARIANTS = (
+    Variant("threadserve", "threadserve"),
+    Variant("ts + bare loop", "bench.handlers:bare_socket_{kind}"),
+    Variant("ts + poll/recv", "bench.handlers:polled_socket_{kind}"),
+    Variant("threads-bare", None),
+)
+
+
+@dataclass(frozen=True)
+class Measure:
+    throughput: float
+    user_us: float  # server CPU per request, microseconds
+    system_us: float
+
+
+def measure(variant: Variant, workload: str, conns: int, loadgen: Path) -> Measure:
+    port = free_port()
+    size = REQUEST_SIZE[workload]
+    with ServerProcess(variant.argv(port, workload), port, cpu=0) as server:
+        server.wait_listening(timeout=30)
+
+        def load(seconds: float) -> dict[str, float]:
+            return run_echo(
+                loadgen, port=port, conns=conns, size=size, warmup=0, duration=seconds,
+                connect_timeout=30, server_pid=server.pid, cpu=1,
+            )  # fmt: skip
+
+        load(WARM_UP_SECONDS)
+        before = psutil.Process(server.pid).cpu_times()
+        result = load(MEASURED_SECONDS)
+        after = psutil.Process(server.pid).cpu_times()
+        server.check_alive()
+    requests = max(float(result["total_requests"]), 1.0)
+    return Measure(
+        throughput=float(result["throughput_rps"]),
+        user_us=(after.user - before.user) * 1e6 / requests,
+        system_us=(after.system - before.system) * 1e6 / requests,
+    )
+
+
+def parse_cases(text: str) -> list[tuple[str, int]]:
+    cases = []
+    for item in text.split(","):
+        workload, _, conns = item.partition(":")
+        if workload not in REQUEST_SIZE or not conns.isdigit():
+            raise argparse.ArgumentTypeError(f"{item!r}: want echo:N or blocking:N")
+        cases.append((workload, int(conns)))
+    return cases
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.cost_per_request",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--cases", type=parse_cases, default=parse_cases("echo:1000,blocking:1000"))
+    args = parser.parse_args(argv)
+    loadgen = build_all()["loadgen"]
+    for workload, conns in args.cases:
+        rows: dict[str, list[Measure]] = {variant.label: [] for variant in VARIANTS}
+        for round_number in range(args.rounds):
+            # Rotate the order, so no server always runs first or last in a round.
+            shift = round_number % len(VARIANTS)
+            for variant in VARIANTS[shift:] + VARIANTS[:shift]:
+                rows[variant.label].append(measure(variant, workload, conns, loadgen))
+        print(f"\n{workload}, {conns} connections, {args.rounds} rounds (medians)")
+        print("| server | req/s | user µs/req | system µs/req | CPU vs threads-bare (range) |")
+        print("|---|---|---|---|---|")
+        bare = rows["threads-bare"]
+        for label, measures in rows.items():
+            ratios = [
+                (m.user_us + m.system_us) / (b.user_us + b.system_us)
+                for m, b in zip(measures, bare, strict=True)
+            ]
+            print(
+                f"| {label} | {statistics.median(m.throughput for m in measures) / 1000:.1f}k"
+                f" | {statistics.median(m.user_us for m in measures):.2f}"
+                f" | {statistics.median(m.system_us for m in measures):.2f}"
+                f" | {statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f}) |"
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
