@@ -10,7 +10,8 @@ alternated round by round:
   ``recv``, ``sendall``) on the accepted socket itself, so only the
   Connection read/write path is left out;
 - ``ts + poll/recv``: the same, reading the way the Connection does (``poll``
-  on the socket, then a non-blocking ``recv``), without the Connection's layers;
+  on the socket and the stop descriptor, then a non-blocking ``recv``), without
+  the Connection's layers;
 - ``threads-bare``: the seed's loop without its print, in a process of its own.
 
 For each, the server process's user and system CPU per request, taken from

@@ -41,8 +41,9 @@ def blocking_echo(conn: ChunkConnection) -> None:
 # body run inside threadserve, on the accepted socket itself, so that the cost
 # of the Connection read/write path can be told apart from the rest of the
 # server (its threads, registry, limits and stop machinery). They reach for the
-# Connection's private socket on purpose; no application should. They ignore
-# the stop: they measure serving, nothing else.
+# Connection's private socket (and stop descriptor) on purpose; no application
+# should. They measure serving: the bare loop ignores the stop, the polled one
+# just ends when it sees it.
 
 
 def _socket_of(conn: Any) -> socket.socket:
@@ -61,12 +62,19 @@ def _bare_socket_loop(conn: Any, pause: float) -> None:
 
 
 def _polled_socket_loop(conn: Any, pause: float) -> None:
-    """The bare loop with threadserve's way of reading: poll, then a non-blocking recv."""
+    """The bare loop with threadserve's way of reading.
+
+    ``poll`` on the socket and the connection's stop descriptor together, then
+    a non-blocking ``recv``; the stop, when its descriptor fires, ends the loop.
+    """
     sock = _socket_of(conn)
+    stop_fd: int = conn._stop_fd
     poller = select.poll()
     poller.register(sock.fileno(), select.POLLIN)
+    poller.register(stop_fd, select.POLLIN)
     while True:
-        poller.poll()
+        if any(fd == stop_fd for fd, _mask in poller.poll()):
+            return
         try:
             data = sock.recv(65536)
         except BlockingIOError:

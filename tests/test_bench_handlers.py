@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 from conftest import ServerFactory
-from support import connect, recv_exactly, recv_until_eof
+from support import StopInBackground, connect, recv_exactly, recv_until_eof
 
 from bench import handlers
 from bench.peers._common import BLOCKING_SECONDS
@@ -48,3 +48,21 @@ def test_diagnostic_handlers_echo_every_byte(
     report = server.stop()
     assert report is not None
     assert report.forced == 0
+
+
+@pytest.mark.parametrize(
+    "handler", [handlers.polled_socket_echo, handlers.polled_socket_blocking_echo]
+)
+def test_polled_handlers_end_at_the_stop(
+    serve: ServerFactory, handler: Callable[[Any], None]
+) -> None:
+    """They poll the stop descriptor as the Connection does, so a stop ends them, unforced."""
+    server = serve(handler)
+    with connect(server.tcp_address) as client:
+        client.sendall(b"ping")
+        assert recv_exactly(client, 4) == b"ping"
+        stopping = StopInBackground(server)
+        recv_until_eof(client)  # The goodbye, then EOF: the handler has returned.
+    report = stopping.join()
+    assert report.forced == 0
+    assert report.drained == 1
