@@ -48,14 +48,13 @@ REQUEST_SIZE = {"echo": 1024, "blocking": 64}
 @dataclass(frozen=True)
 class Variant:
     label: str
-    handler: str | None  # a threadserve handler; None: the threads-bare peer
+    peer: str  # the peer as `python -m bench` runs it
+    handler: str | None = None  # instead, threadserve serving this handler ({kind}: the workload's)
 
     def argv(self, port: int, workload: str) -> list[str]:
         if self.handler is None:
-            return PEERS["threads-bare"].command(port, workload)
+            return PEERS[self.peer].command(port, workload)
         handler = self.handler.format(kind="blocking_echo" if workload == "blocking" else "echo")
-        if handler == "threadserve":
-            return PEERS["threadserve"].command(port, workload)
         bind = f"127.0.0.1:{port}"
         serve = ["serve", handler, "--bind", bind, "--log-level", "warning"]
         return [sys.executable, "-m", "threadserve", *serve]
@@ -63,9 +62,9 @@ class Variant:
 
 VARIANTS = (
     Variant("threadserve", "threadserve"),
-    Variant("ts + bare loop", "bench.handlers:bare_socket_{kind}"),
-    Variant("ts + poll/recv", "bench.handlers:polled_socket_{kind}"),
-    Variant("threads-bare", None),
+    Variant("ts + bare loop", "threadserve", "bench.handlers:bare_socket_{kind}"),
+    Variant("ts + poll/recv", "threadserve", "bench.handlers:polled_socket_{kind}"),
+    Variant("threads-bare", "threads-bare"),
 )
 
 
@@ -120,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--cases", type=parse_cases, default=parse_cases("echo:1000,blocking:1000"))
     args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     loadgen = build_all()["loadgen"]
     for workload, conns in args.cases:
         rows: dict[str, list[Measure]] = {variant.label: [] for variant in VARIANTS}
