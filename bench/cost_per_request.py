@@ -33,10 +33,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import psutil
-
 from bench.build import build_all
-from bench.client import run_echo
+from bench.client import JsonDict, run_echo
 from bench.peerlist import PEERS
 from bench.server import ServerProcess, free_port
 
@@ -81,22 +79,22 @@ def measure(variant: Variant, workload: str, conns: int, loadgen: Path) -> Measu
     with ServerProcess(variant.argv(port, workload), port, cpu=0) as server:
         server.wait_listening(timeout=30)
 
-        def load(seconds: float) -> dict[str, float]:
+        def load(seconds: float) -> JsonDict:
             return run_echo(
                 loadgen, port=port, conns=conns, size=size, warmup=0, duration=seconds,
                 connect_timeout=30, server_pid=server.pid, cpu=1,
             )  # fmt: skip
 
         load(WARM_UP_SECONDS)
-        before = psutil.Process(server.pid).cpu_times()
+        user_before, system_before = server.cpu_times()
         result = load(MEASURED_SECONDS)
-        after = psutil.Process(server.pid).cpu_times()
+        user_after, system_after = server.cpu_times()
         server.check_alive()
     requests = max(float(result["total_requests"]), 1.0)
     return Measure(
         throughput=float(result["throughput_rps"]),
-        user_us=(after.user - before.user) * 1e6 / requests,
-        system_us=(after.system - before.system) * 1e6 / requests,
+        user_us=(user_after - user_before) * 1e6 / requests,
+        system_us=(system_after - system_before) * 1e6 / requests,
     )
 
 

@@ -224,9 +224,13 @@ class ServerProcess:
         # minflt field 10.
         return int(stat.rsplit(")", 1)[1].split()[7])
 
-    def cpu_seconds(self) -> float:
+    def cpu_times(self) -> tuple[float, float]:
+        """(user, system) CPU seconds so far, all threads."""
         times = psutil.Process(self.pid).cpu_times()
-        return float(times.user + times.system)
+        return float(times.user), float(times.system)
+
+    def cpu_seconds(self) -> float:
+        return sum(self.cpu_times())
 
     def terminate_and_time(self, timeout: float) -> Exit:
         """Send SIGTERM and time the exit to the millisecond.
