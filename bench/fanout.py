@@ -32,9 +32,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import psutil
-
-from bench.server import free_port, pin_prefix, server_env, stop_process
+from bench.server import free_port, pin_prefix, process_cpu_seconds, server_env, stop_process
 
 CHAT = Path(__file__).resolve().parent.parent / "examples" / "chat.py"
 LINE_SIZE = 64
@@ -107,8 +105,7 @@ def run_once(members: int, stalled: bool, seconds: float, window: int, line_size
         counts = dict.fromkeys(by_fd, 0)
         for fd in by_fd:
             poller.register(fd, select.EPOLLIN)
-        usage = psutil.Process(server.pid)
-        server_cpu = sum(usage.cpu_times()[:2])
+        server_cpu = process_cpu_seconds(server.pid)
         own_cpu = time.process_time()
         sent = 0
         slowest = 0
@@ -129,7 +126,7 @@ def run_once(members: int, stalled: bool, seconds: float, window: int, line_size
                 cut_off_after = now - started
         elapsed = time.monotonic() - started
         delivered = sum(counts.values())
-        server_cpu = sum(usage.cpu_times()[:2]) - server_cpu
+        server_cpu = process_cpu_seconds(server.pid) - server_cpu
         own_cpu = time.process_time() - own_cpu
         poller.close()
         if staller is not None:

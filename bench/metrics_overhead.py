@@ -34,7 +34,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from bench.server import stop_process
+from bench.server import process_cpu_seconds, stop_process
 
 PAYLOAD = b"x" * 63 + b"\n"
 CLIENT_PROCESSES = 2
@@ -143,16 +143,6 @@ def _churn_client(
 WORKLOADS = {"echo": _echo_client, "churn": _churn_client}
 
 
-def _cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far (Linux /proc; 0.0 elsewhere)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    except OSError:
-        return 0.0
-    # utime and stime: fields 14 and 15 of stat(5), 12 and 13 after the ")".
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def run_once(workload: str, metrics: bool, seconds: float, warmup: float) -> tuple[float, float]:
     """Requests per second for one server process (after a warm-up run against it),
     and the server's CPU microseconds per request in the measured run.
@@ -177,7 +167,7 @@ def run_once(workload: str, metrics: bool, seconds: float, warmup: float) -> tup
         rates = []
         cpu_per_request = 0.0
         for duration in (warmup, seconds):
-            cpu_before = _cpu_seconds(server.process.pid)
+            cpu_before = process_cpu_seconds(server.process.pid)
             out: multiprocessing.Queue[int] = multiprocessing.Queue()
             clients = [
                 multiprocessing.Process(
@@ -191,7 +181,7 @@ def run_once(workload: str, metrics: bool, seconds: float, warmup: float) -> tup
             for client in clients:
                 client.join(30)
             rates.append(total / duration)
-            cpu_per_request = (_cpu_seconds(server.process.pid) - cpu_before) / total * 1e6
+            cpu_per_request = (process_cpu_seconds(server.process.pid) - cpu_before) / total * 1e6
         return rates[-1], cpu_per_request
     finally:
         stop_scraping.set()

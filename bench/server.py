@@ -90,6 +90,34 @@ def free_port() -> int:
         return port
 
 
+def process_cpu_times(pid: int, include_children: bool = False) -> tuple[float, float]:
+    """(user, system) CPU seconds process ``pid`` has used so far, all its threads.
+
+    With ``include_children``, those of its live descendants are added (a
+    supervisor and its workers). A descendant that ends between being listed
+    and being read is left out; so is a reaped one, whose CPU the kernel
+    moves to its parent's children's times, which are not counted here.
+    """
+    root = psutil.Process(pid)
+    if not include_children:
+        times = root.cpu_times()
+        return float(times.user), float(times.system)
+    user = system = 0.0
+    for process in [root, *root.children(recursive=True)]:
+        try:
+            times = process.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        user += times.user
+        system += times.system
+    return user, system
+
+
+def process_cpu_seconds(pid: int, include_children: bool = False) -> float:
+    """User + system CPU seconds so far: the sum of ``process_cpu_times``."""
+    return sum(process_cpu_times(pid, include_children))
+
+
 def pin_prefix(cpu: int | None) -> list[str]:
     """`taskset -c CPU`, or nothing where pinning is off or impossible."""
     if cpu is None or cpu not in os.sched_getaffinity(0):
@@ -226,8 +254,7 @@ class ServerProcess:
 
     def cpu_times(self) -> tuple[float, float]:
         """(user, system) CPU seconds so far, all threads."""
-        times = psutil.Process(self.pid).cpu_times()
-        return float(times.user), float(times.system)
+        return process_cpu_times(self.pid)
 
     def cpu_seconds(self) -> float:
         return sum(self.cpu_times())

@@ -31,10 +31,8 @@ import sys
 import time
 from pathlib import Path
 
-import psutil
-
 from .build import build_all
-from .server import stop_process
+from .server import process_cpu_seconds, stop_process
 
 READY = re.compile(r"(\d+) workers ready, serving on 127\.0\.0\.1:(\d+)")
 
@@ -56,18 +54,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="load generator processes side by side, the connections split between them (1)",
     )
     return parser.parse_args(argv)
-
-
-def tree_cpu(root: psutil.Process) -> float:
-    """CPU seconds used so far by ``root`` and its live children."""
-    total = 0.0
-    for process in [root, *root.children(recursive=True)]:
-        try:
-            times = process.cpu_times()
-        except psutil.NoSuchProcess:
-            continue
-        total += times.user + times.system
-    return total
 
 
 def one_run(binary: Path, workers: int, args: argparse.Namespace) -> dict[str, float]:
@@ -92,7 +78,6 @@ def one_run(binary: Path, workers: int, args: argparse.Namespace) -> dict[str, f
                 port = int(match.group(2))
         if not port:
             raise RuntimeError("server not ready in 60 s")
-        root = psutil.Process(server.pid)
         loadgen = [
             "taskset", "-c", args.client_cpus, str(binary),
             "--mode", "echo", "--port", str(port),
@@ -100,7 +85,8 @@ def one_run(binary: Path, workers: int, args: argparse.Namespace) -> dict[str, f
             "--size", str(args.size), "--warmup", str(args.warmup),
             "--duration", str(args.duration), "--connect-timeout", "30",
         ]  # fmt: skip
-        cpu_before = tree_cpu(root)
+        # The supervisor and its workers: the server is all of them.
+        cpu_before = process_cpu_seconds(server.pid, include_children=True)
         began = time.monotonic()
         # One thread each: several, side by side, when one cannot keep K workers busy.
         clients = [
@@ -114,7 +100,7 @@ def one_run(binary: Path, workers: int, args: argparse.Namespace) -> dict[str, f
                 raise RuntimeError(f"load generator exited {client.returncode}")
             results.append(json.loads([x for x in out.splitlines() if x.strip()][-1]))
         wall = time.monotonic() - began
-        cpu = (tree_cpu(root) - cpu_before) / wall
+        cpu = (process_cpu_seconds(server.pid, include_children=True) - cpu_before) / wall
         return {
             "rps": sum(float(r["throughput_rps"]) for r in results),
             "server_cpu": cpu,

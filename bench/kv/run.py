@@ -40,6 +40,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench.server import process_cpu_seconds
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 SERVER_CPU, CLIENT_CPU = "0", "1"
@@ -148,12 +150,6 @@ def running(peer: Peer, workdir: Path) -> Iterator[tuple[int, int]]:
         log.close()
 
 
-def cpu_seconds(pid: int) -> float:
-    """CPU time the process (all its threads) has used so far, user and system."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def redis_benchmark(
     server: tuple[int, int], args: argparse.Namespace, test: str, pipeline: int, requests: int
 ) -> tuple[float, float]:
@@ -167,9 +163,9 @@ def redis_benchmark(
     command = ["taskset", "-c", CLIENT_CPU, "redis-benchmark", "-h", "127.0.0.1", "-p", str(port)]
     command += ["-c", str(args.clients), "-n", str(requests), "-r", str(args.keyspace)]
     command += ["-P", str(pipeline), "-t", test.lower(), "--csv"]
-    cpu_before = cpu_seconds(pid)
+    cpu_before = process_cpu_seconds(pid)
     done = subprocess.run(command, capture_output=True, timeout=600, check=True)
-    cpu_used = cpu_seconds(pid) - cpu_before
+    cpu_used = process_cpu_seconds(pid) - cpu_before
     output = done.stdout.decode()
     if "error" in (output + done.stderr.decode()).lower():
         raise RuntimeError(f"redis-benchmark reported errors:\n{output}{done.stderr.decode()}")

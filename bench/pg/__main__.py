@@ -39,7 +39,7 @@ from typing import Any
 import psutil
 import psycopg
 
-from bench.server import stop_process
+from bench.server import process_cpu_seconds, stop_process
 
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
@@ -170,11 +170,10 @@ def measure(args: argparse.Namespace, dsn: str, lineload: Path) -> list[dict[str
             for peer in PEERS:
                 with running_peer(peer, dsn, conns) as (port, process):
                     for mode in ("lookup", "sleep"):
-                        before = process.cpu_times()
+                        before = process_cpu_seconds(process.pid)
                         started = time.monotonic()
                         result = load(lineload, port, conns, mode, args.warmup, args.duration)
-                        after = process.cpu_times()
-                        spent = (after.user + after.system) - (before.user + before.system)
+                        spent = process_cpu_seconds(process.pid) - before
                         result.update(
                             peer=peer.key,
                             repeat=repeat,
