@@ -83,7 +83,7 @@ logger = logging.getLogger("threadserve")
 FORCE_MARGIN = 0.25
 #: At stop, wake the next group of connections once fewer than this many of
 #: those already woken are still finishing (see _broadcast.py).
-STOP_WAVE = 128
+STOP_WAVE = 32
 
 
 @dataclass(frozen=True)
