@@ -16,7 +16,7 @@ import pytest
 from support import NOTICE, connect, recv_exactly, recv_until_eof
 
 from threadserve import echo
-from threadserve._broadcast import FORCE_PIPE_VARIABLE, StopBroadcast, pipes_wanted
+from threadserve._broadcast import FORCE_PIPE_VARIABLE, GROUP_SIZE, StopBroadcast, pipes_wanted
 from threadserve._keepalive import keepalive_options
 from threadserve.testing import running_server
 
@@ -42,7 +42,7 @@ def test_a_released_group_stays_readable_and_others_stay_quiet(use_pipe: bool) -
     broadcast = StopBroadcast(use_pipe=use_pipe)
     assert broadcast.kind == ("pipe" if use_pipe else "eventfd")
     first_group, first = broadcast.assign(0)
-    second_group, second = broadcast.assign(256)  # A second group once 256 are live.
+    second_group, second = broadcast.assign(GROUP_SIZE)  # A second group once GROUP_SIZE are live.
     assert first_group != second_group
     assert not readable(first)
     assert not readable(second)
@@ -61,7 +61,7 @@ def test_a_released_group_stays_readable_and_others_stay_quiet(use_pipe: bool) -
 def test_pipes_cost_two_descriptors_per_group_and_all_are_closed() -> None:
     before = len(os.listdir("/proc/self/fd"))
     broadcast = StopBroadcast(use_pipe=True)
-    broadcast.assign(600)  # Three groups.
+    broadcast.assign(2 * GROUP_SIZE + 1)  # Three groups.
     assert len(os.listdir("/proc/self/fd")) == before + 6
     broadcast.close()
     assert len(os.listdir("/proc/self/fd")) == before
