@@ -8,6 +8,9 @@ bytes never changes what a client sees.
 
 from __future__ import annotations
 
+import os
+import signal
+import threading
 import time
 
 from threadserve import Connection
@@ -32,6 +35,20 @@ def hold_until_stop(conn: Connection) -> None:
         if line.startswith(b"H"):
             conn.sendall(READ_ACK)
             conn.cancel_token.wait()
+        conn.sendall(line)
+
+
+def sigterm_on_this_thread(conn: Connection) -> None:
+    """Echo lines; the line ``TERM`` raises SIGTERM in this connection's thread instead.
+
+    The kernel hands a signal sent to the process to any thread that does not
+    block it, not always the main one: this makes that happen on purpose. The
+    reply comes after the signal, so the client knows it has been raised.
+    """
+    while line := conn.readline():
+        if line == b"TERM\n":
+            signal.pthread_kill(threading.get_ident(), signal.SIGTERM)
+            line = f"raised in {os.getpid()}\n".encode()
         conn.sendall(line)
 
 

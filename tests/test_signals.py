@@ -154,6 +154,30 @@ def test_second_signal_forces_at_once(clients: list[socket.socket]) -> None:
     assert "did not stop" in output
 
 
+def test_a_signal_caught_by_a_connection_thread_still_stops_the_server(
+    clients: list[socket.socket],
+) -> None:
+    # A process-directed signal can be handled by any thread that does not
+    # block it. Python runs the handler only in the main thread, and only when
+    # that thread wakes: asleep in the accept loop's wait with no timeout, it
+    # must be woken by the signal itself, or the server serves on for good.
+    with server_process("subprocess_handlers:sigterm_on_this_thread", "--bind", "127.0.0.1:0") as (
+        server,
+        address,
+    ):
+        connect_many(address, 2, clients)
+        raiser, bystander = clients
+        exchange_lines(clients, [b"first\n", b"second\n"])
+        raiser.sendall(b"TERM\n")
+        assert recv_many([raiser], sizes=[len(f"raised in {server.process.pid}\n")])
+        assert server.wait_exit(20) == 0, server.output()
+        assert recv_many([bystander]) == [NOTICE]
+        assert recv_many([raiser]) == [NOTICE]
+        output = server.output()
+    assert "SIGTERM received: stopping gracefully" in output
+    assert re.search(stopped_line(2, 0), output, re.MULTILINE), output
+
+
 def test_stop_time_with_1000_idle_connections(clients: list[socket.socket]) -> None:
     count = 1000
     raise_fd_limit(4 * count + 100)

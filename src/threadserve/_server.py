@@ -1034,7 +1034,9 @@ class Server:
         from ._signals import stop_on_signals
 
         if self.handle_signals and threading.current_thread() is threading.main_thread():
-            with stop_on_signals(self._request_stop, self._request_force, lambda: self.grace):
+            with stop_on_signals(
+                self._request_stop, self._request_force, lambda: self.grace, self._control_w
+            ):
                 yield
         else:
             yield

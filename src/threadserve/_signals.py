@@ -1,9 +1,18 @@
 """SIGINT and SIGTERM: the first one stops gracefully, the second forces.
 
-Only the main thread receives signals in Python, and a handler runs between
+Only the main thread runs Python signal handlers, and a handler runs between
 two bytecodes of whatever the main thread was doing, possibly while it holds
 a lock. So the callbacks given here must not take locks: the server's only
 set a flag and write a byte to a pipe.
+
+The kernel, though, hands a signal sent to the process to any thread that
+does not block it, and with a thousand connection threads that is not always
+the main one. Python's C-level handler then runs in that thread and only
+marks the signal as pending; the main thread, asleep in the accept loop's wait
+(which has no timeout), would never wake to run the Python handler, and the
+server would serve on. So the signal's arrival is also written to a wake-up
+descriptor (``signal.set_wakeup_fd``), the server's control pipe, which that
+wait watches; whichever thread caught the signal, the main thread wakes.
 """
 
 from __future__ import annotations
@@ -24,8 +33,14 @@ def stop_on_signals(
     request_stop: Callable[[], None],
     request_force: Callable[[], None],
     grace: Callable[[], float],
+    wakeup_fd: int,
 ) -> Iterator[None]:
-    """Install the handlers for the duration of the block, then restore the old ones."""
+    """Install the handlers for the duration of the block, then restore the old ones.
+
+    ``wakeup_fd`` (non-blocking) gets a byte whenever a signal arrives, in
+    whichever thread (see above); the previous wake-up descriptor of the
+    process is put back at the end.
+    """
     received = 0
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -44,9 +59,12 @@ def stop_on_signals(
             request_force()
 
     previous = {signum: signal.signal(signum, on_signal) for signum in STOP_SIGNALS}
+    # A full pipe already means "wake up": nothing to warn about.
+    previous_wakeup_fd = signal.set_wakeup_fd(wakeup_fd, warn_on_full_buffer=False)
     try:
         yield
     finally:
+        signal.set_wakeup_fd(previous_wakeup_fd)
         for signum, handler in previous.items():
             # None: the old handler was installed from C and cannot be put
             # back from Python; the default is the closest we can do.

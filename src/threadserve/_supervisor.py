@@ -300,6 +300,9 @@ class Supervisor:
         if self.pid_file and self._predecessor is None:
             write_pid_file(self.pid_file, os.getpid())
         previous = {signum: signal.signal(signum, self._on_signal) for signum in SIGNALS}
+        # A signal caught by another thread (the metrics exporter's) must still
+        # wake the main loop's wait (see _signals.py).
+        previous_wakeup_fd = signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
         try:
             if self.metrics is not None and self._predecessor is None:
                 self.metrics.start()
@@ -312,6 +315,7 @@ class Supervisor:
                 self._successor.signal(signal.SIGKILL)
             raise
         finally:
+            signal.set_wakeup_fd(previous_wakeup_fd)
             for signum, handler in previous.items():
                 signal.signal(signum, signal.SIG_DFL if handler is None else handler)
             self._close()
