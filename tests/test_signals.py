@@ -169,7 +169,8 @@ def test_a_signal_caught_by_a_connection_thread_still_stops_the_server(
         raiser, bystander = clients
         exchange_lines(clients, [b"first\n", b"second\n"])
         raiser.sendall(b"TERM\n")
-        assert recv_many([raiser], sizes=[len(f"raised in {server.process.pid}\n")])
+        reply = f"raised in {server.process.pid}\n".encode()
+        assert recv_many([raiser], sizes=[len(reply)]) == [reply]
         assert server.wait_exit(20) == 0, server.output()
         assert recv_many([bystander]) == [NOTICE]
         assert recv_many([raiser]) == [NOTICE]
