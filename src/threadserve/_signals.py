@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import signal
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from types import FrameType
 
 logger = logging.getLogger("threadserve")
@@ -35,12 +35,7 @@ def stop_on_signals(
     grace: Callable[[], float],
     wakeup_fd: int,
 ) -> Iterator[None]:
-    """Install the handlers for the duration of the block, then restore the old ones.
-
-    ``wakeup_fd`` (non-blocking) gets a byte whenever a signal arrives, in
-    whichever thread (see above); the previous wake-up descriptor of the
-    process is put back at the end.
-    """
+    """Stop on SIGINT/SIGTERM for the duration of the block (see ``signals_handled``)."""
     received = 0
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -58,14 +53,28 @@ def stop_on_signals(
             logger.warning("%s received again: forcing the stop now", name)
             request_force()
 
-    previous = {signum: signal.signal(signum, on_signal) for signum in STOP_SIGNALS}
+    with signals_handled(STOP_SIGNALS, on_signal, wakeup_fd):
+        yield
+
+
+@contextlib.contextmanager
+def signals_handled(
+    signums: Iterable[int], handler: Callable[[int, FrameType | None], object], wakeup_fd: int
+) -> Iterator[None]:
+    """Route ``signums`` to ``handler`` and signal arrivals to ``wakeup_fd``, for the block.
+
+    ``wakeup_fd`` (non-blocking) gets a byte whenever a signal arrives, in
+    whichever thread (see above). The previous handlers and wake-up
+    descriptor of the process are put back at the end.
+    """
+    previous = {signum: signal.signal(signum, handler) for signum in signums}
     # A full pipe already means "wake up": nothing to warn about.
     previous_wakeup_fd = signal.set_wakeup_fd(wakeup_fd, warn_on_full_buffer=False)
     try:
         yield
     finally:
         signal.set_wakeup_fd(previous_wakeup_fd)
-        for signum, handler in previous.items():
+        for signum, old in previous.items():
             # None: the old handler was installed from C and cannot be put
             # back from Python; the default is the closest we can do.
-            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+            signal.signal(signum, signal.SIG_DFL if old is None else old)

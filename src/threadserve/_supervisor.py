@@ -95,6 +95,7 @@ from ._connection import DEFAULT_CHUNK_SIZE
 from ._exceptions import ConfigurationError
 from ._listeners import LISTEN_BACKLOG, BindAddress, Listener, open_listeners
 from ._pidfile import remove_pid_file, write_pid_file
+from ._signals import signals_handled
 from ._stop import _tell
 from ._systemd import Notifier
 from ._upgrade import FATAL as UPGRADE_FATAL
@@ -299,25 +300,23 @@ class Supervisor:
         """Start the workers and supervise them until stopped; return the exit status."""
         if self.pid_file and self._predecessor is None:
             write_pid_file(self.pid_file, os.getpid())
-        previous = {signum: signal.signal(signum, self._on_signal) for signum in SIGNALS}
-        # A signal caught by another thread (the metrics exporter's) must still
-        # wake the main loop's wait (see _signals.py).
-        previous_wakeup_fd = signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
         try:
-            if self.metrics is not None and self._predecessor is None:
-                self.metrics.start()
-            self._start_generation()
-            self._loop()
-        except BaseException:
-            for worker in self.workers:
-                _kill(worker)
-            if self._successor is not None and not self._successor.handed_over:
-                self._successor.signal(signal.SIGKILL)
-            raise
+            # The wake pipe hears a signal even when another thread (the
+            # metrics exporter's) caught it (see _signals.py). The old
+            # handlers are back before _close() closes that pipe.
+            with signals_handled(SIGNALS, self._on_signal, self._wake_w):
+                try:
+                    if self.metrics is not None and self._predecessor is None:
+                        self.metrics.start()
+                    self._start_generation()
+                    self._loop()
+                except BaseException:
+                    for worker in self.workers:
+                        _kill(worker)
+                    if self._successor is not None and not self._successor.handed_over:
+                        self._successor.signal(signal.SIGKILL)
+                    raise
         finally:
-            signal.set_wakeup_fd(previous_wakeup_fd)
-            for signum, handler in previous.items():
-                signal.signal(signum, signal.SIG_DFL if handler is None else handler)
             self._close()
             if self.pid_file:
                 remove_pid_file(self.pid_file, os.getpid())
