@@ -34,17 +34,10 @@ import time
 import urllib.request
 from pathlib import Path
 
-from bench.server import process_cpu_seconds, stop_process
+from bench.server import free_port, process_cpu_seconds, stop_process
 
 PAYLOAD = b"x" * 63 + b"\n"
 CLIENT_PROCESSES = 2
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 class Server:
@@ -55,13 +48,13 @@ class Server:
     """
 
     def __init__(self, metrics: bool) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         args = [sys.executable, "-m", "threadserve", "serve", "echo"]
         args += ["--bind", f"127.0.0.1:{self.port}", "--log-level", "warning"]
         args += ["--max-connections", "2000"]
         self.metrics_url: str | None = None
         if metrics:
-            metrics_port = _free_port()
+            metrics_port = free_port()
             args += ["--metrics", f"127.0.0.1:{metrics_port}"]
             self.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
         if shutil.which("taskset") and (os.cpu_count() or 1) >= 2:

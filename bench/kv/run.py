@@ -40,7 +40,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.server import process_cpu_seconds
+from bench.server import free_port, process_cpu_seconds
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
@@ -102,13 +102,6 @@ def check_tools() -> None:
             "bench/kv pins the server and redis-benchmark to two different cores;"
             " this machine has one"
         )
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @contextlib.contextmanager

@@ -39,7 +39,7 @@ from typing import Any
 import psutil
 import psycopg
 
-from bench.server import process_cpu_seconds, stop_process
+from bench.server import free_port, process_cpu_seconds, stop_process
 
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
@@ -99,12 +99,6 @@ def build_lineload() -> Path:
         flags = ["-O2", "-Wall", "-Wextra", "-Werror", "-std=gnu11"]
         subprocess.run([cc, *flags, "-o", str(target), str(source)], check=True, timeout=120)
     return target
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def pin_cluster(cluster: pg_cluster.Cluster) -> None:
