@@ -333,6 +333,37 @@ def test_refusing_new_clients_keeps_the_queued_ones_acceptable() -> None:
         listener.close()
 
 
+def test_a_handshake_under_way_when_refusing_begins_still_completes() -> None:
+    """Only new SYNs are dropped: a client already past its SYN-ACK gets in.
+
+    TCP_DEFER_ACCEPT holds a finished handshake in the listener's SYN queue
+    until the client's first data arrives, which is the moment of a real
+    race (the final ACK still on its way when the filter is attached) made
+    to last. Were every segment dropped, that data would never complete the
+    handshake, and the close would reset a client that counts itself
+    connected.
+    """
+    (listener,) = open_listeners([parse_bind_address("127.0.0.1:0")])
+    try:
+        listener.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, 30)
+        port = listener.socket.getsockname()[1]
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
+            assert listener.refuse_new_clients()
+            client.sendall(b"first")
+            listener.socket.settimeout(10)
+            accepted, _ = listener.socket.accept()
+            with accepted:
+                accepted.settimeout(10)
+                assert accepted.recv(5) == b"first"
+                # The accepted socket inherits the filter; what it passes:
+                accepted.sendall(b"reply")
+                assert client.recv(5) == b"reply"
+                client.shutdown(socket.SHUT_WR)
+                assert accepted.recv(1) == b""
+    finally:
+        listener.close()
+
+
 def test_refusing_new_clients_is_a_no_op_for_unix_sockets(socket_dir: str) -> None:
     (listener,) = open_listeners([parse_bind_address(f"unix:{socket_dir}/s.sock")])
     try:

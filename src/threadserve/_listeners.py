@@ -192,17 +192,25 @@ class Listener:
         ``close()``, a new client can still land in the queue, and closing then
         resets it after its connect succeeded: a load balancer counts that as
         a failure of an established connection and cannot retry it. A socket
-        filter that drops every packet, attached to the listener first, makes
-        the kernel drop new SYNs (the client retries its connect later and
-        finds the port closed: a refusal, which a load balancer retries on
-        another server) while connections already queued can still be
-        accepted. TCP on Linux only (SO_ATTACH_FILTER); False where it is not
-        available, and the stop then works as before.
+        filter attached to the listener first makes the kernel drop new SYNs
+        (the client retries its connect later and finds the port closed: a
+        refusal, which a load balancer retries on another server, or another
+        listener of a reuseport group) while connections already queued can
+        still be accepted.
+
+        Only a SYN is dropped. A handshake under way when the filter arrives
+        (its SYN-ACK sent, the client already counting itself connected)
+        must still complete: if its final ACK were dropped, the request would
+        wait in the SYN queue until the close threw it away, and the client's
+        first segment would then meet a reset. Connections accepted later
+        inherit the filter, and their segments all carry ACK (or RST), so it
+        passes them. TCP on Linux only (SO_ATTACH_FILTER); False where it is
+        not available, and the stop then works as before.
         """
         if self.socket.family not in (socket.AF_INET, socket.AF_INET6):
             return False
         try:
-            self.socket.setsockopt(socket.SOL_SOCKET, _SO_ATTACH_FILTER, _DROP_ALL_PROGRAM)
+            self.socket.setsockopt(socket.SOL_SOCKET, _SO_ATTACH_FILTER, _DROP_SYN_PROGRAM)
         except (OSError, AttributeError):
             return False
         return True
@@ -246,10 +254,19 @@ class _SockFprog(ctypes.Structure):
 
 #: Linux's SO_ATTACH_FILTER (the socket module does not name it).
 _SO_ATTACH_FILTER = getattr(socket, "SO_ATTACH_FILTER", 26)
-#: A classic BPF program of one instruction, "return 0": keep no byte of any
-#: packet. The kernel copies it during setsockopt; the array stays alive here.
-_DROP_ALL = (_SockFilter * 1)(_SockFilter(0x06, 0, 0, 0))  # BPF_RET | BPF_K, 0
-_DROP_ALL_PROGRAM = bytes(_SockFprog(1, _DROP_ALL))
+#: A classic BPF program: drop a segment whose flags are SYN without ACK (a
+#: new connection's first segment), keep any other whole. A socket filter on a
+#: TCP socket sees the packet from the TCP header on, whose byte 13 holds the
+#: flags. The kernel copies the program during setsockopt; the array stays
+#: alive here.
+_DROP_SYN = (_SockFilter * 5)(
+    _SockFilter(0x30, 0, 0, 13),  # BPF_LD | BPF_B | BPF_ABS: A = flags byte
+    _SockFilter(0x54, 0, 0, 0x12),  # BPF_ALU | BPF_AND | BPF_K: A &= SYN | ACK
+    _SockFilter(0x15, 0, 1, 0x02),  # BPF_JMP | BPF_JEQ | BPF_K: SYN alone?
+    _SockFilter(0x06, 0, 0, 0),  # BPF_RET | BPF_K: yes, keep no byte (drop)
+    _SockFilter(0x06, 0, 0, 0xFFFFFFFF),  # BPF_RET | BPF_K: no, keep it all
+)
+_DROP_SYN_PROGRAM = bytes(_SockFprog(len(_DROP_SYN), _DROP_SYN))
 
 
 def open_listeners(

@@ -164,7 +164,6 @@ class StopSequence:
         # (by descriptor): those from the listen queue, and served ones whose
         # threads handed them over (take_over_linger). Changed under the lock.
         self._dismissed: dict[int, socket.socket] = {}
-        self._dismissed_until = 0.0  # When to stop waiting for listen-queue clients.
         # When to stop waiting for each, in the order they came, which is
         # also the order of their deadlines (each is min(now + linger, a
         # fixed bound)); entries of sockets closed since are skipped.
@@ -195,7 +194,8 @@ class StopSequence:
         """
         started = time.monotonic()
         self.deadline = started + grace
-        self._dismissed_until = min(started + linger, self.deadline - FORCE_MARGIN / 2)
+        # How long told listen-queue clients are given to send their EOF.
+        linger_until = min(started + linger, self.deadline - FORCE_MARGIN / 2)
         self._linger_poll = select.epoll()
         with self._lock:
             self._taking_over = True
@@ -207,7 +207,7 @@ class StopSequence:
             if listener.owns_queue:
                 listener.refuse_new_clients()
         queued = sum(
-            self._dismiss_listen_queue(listener, notice)
+            self._dismiss_listen_queue(listener, notice, linger_until)
             for listener in self._listeners
             if listener.owns_queue
         )
@@ -333,7 +333,9 @@ class StopSequence:
             with self._lock:
                 self._wake_at_live = -1
 
-    def _dismiss_listen_queue(self, listener: Listener, notice: bytes | None) -> int:
+    def _dismiss_listen_queue(
+        self, listener: Listener, notice: bytes | None, linger_until: float
+    ) -> int:
         """Tell the clients still waiting in the listen queue, instead of resetting them.
 
         Closing a listener resets every connection the kernel had completed
@@ -364,7 +366,7 @@ class StopSequence:
                 sock.close()  # Already gone: nothing to linger for.
             else:
                 with self._lock:
-                    self._linger_for(sock, self._dismissed_until)
+                    self._linger_for(sock, linger_until)
             dismissed += 1
         self._count_dismissed(dismissed)
         return dismissed
