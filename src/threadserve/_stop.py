@@ -10,8 +10,10 @@ handlers, ``stop()`` and ending connections write to, so a second Ctrl-C or
 the last connection leaving is heard at once.
 
 1. Refuse new clients. A listener that owns its kernel queue first drops new
-   SYNs (``Listener.refuse_new_clients``), so nobody lands in the queue after
-   it was emptied; then the clients still waiting there are accepted and
+   SYNs (``Listener.refuse_new_clients``), so no new client lands in the
+   queue after it was emptied (a handshake under way at that instant may
+   still complete, and the close then resets it: a window of one round
+   trip); then the clients still waiting there are accepted and
    told (notice, FIN, then a lingering close: their sockets are watched in
    this thread's waits); then every listener closes and a new connect is
    refused. A queue that other processes go on serving (a supervisor's
