@@ -893,9 +893,7 @@ class Server:
         if self._stop.stopping:
             if notice is None and not conn._peer_eof:
                 notice = self.goodbye
-            # Finish lingering just before the grace deadline, so a client
-            # that never closes does not turn a clean drain into a forced one.
-            linger_until = min(linger_until, self._stop.deadline - FORCE_MARGIN / 2)
+            linger_until = self._stop.linger_until(now, self.linger)
             # The stop lingers for it, and this thread can end now.
             linger_elsewhere = self._stop.take_over_linger
         conn._close_gracefully(notice, linger_until, linger_elsewhere)

@@ -196,8 +196,7 @@ class StopSequence:
         """
         started = time.monotonic()
         self.deadline = started + grace
-        # How long told listen-queue clients are given to send their EOF.
-        linger_until = min(started + linger, self.deadline - FORCE_MARGIN / 2)
+        linger_until = self.linger_until(started, linger)  # For listen-queue clients.
         self._linger_poll = select.epoll()
         with self._lock:
             self._taking_over = True
@@ -372,6 +371,14 @@ class StopSequence:
             dismissed += 1
         self._count_dismissed(dismissed)
         return dismissed
+
+    def linger_until(self, now: float, linger: float) -> float:
+        """When a client told at ``now`` stops being waited for: ``linger`` later at most.
+
+        Lingering ends just before the grace deadline, so that a client that
+        never closes does not turn a clean drain into a forced one.
+        """
+        return min(now + linger, self.deadline - FORCE_MARGIN / 2)
 
     def take_over_linger(self, sock: socket.socket, until: float) -> bool:
         """Linger for a told client here, until its EOF or ``until``; False: linger yourself.
