@@ -24,6 +24,7 @@ from support import (
 )
 
 import threadserve
+from threadserve import cli
 from threadserve._environ import parse_args as cli_parse_args
 from threadserve._environ import variable_name
 from threadserve.cli import build_parser
@@ -146,9 +147,14 @@ def assert_clear_startup_error(result: subprocess.CompletedProcess[str], message
             id="unknown-builtin",
         ),
         pytest.param(
-            ["--grace", "-1", "--bind", "127.0.0.1:0"],
-            "grace=-1.0: must be a number of seconds",
-            id="negative-grace",
+            ["--agent-bind", "nonsense", "--bind", "127.0.0.1:0"],
+            "agent-check address (--agent-bind): bad bind address 'nonsense': no port",
+            id="bad-agent-address",
+        ),
+        pytest.param(
+            ["subprocess_handlers_exit:handle", "--bind", "127.0.0.1:0"],
+            "importing 'subprocess_handlers_exit' called sys.exit(0)",
+            id="module-exits-at-import",
         ),
     ],
 )
@@ -180,6 +186,82 @@ def test_bad_command_line_exits_2_with_usage(args: list[str]) -> None:
     assert result.returncode == 2, result.stderr
     assert "usage: threadserve" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"),
+    [
+        # Above what poll() can wait (2**31 - 1 ms): every connection failed.
+        ("--lifetime", "2592000"),
+        ("--idle-timeout", "1e308"),
+        ("--read-timeout", "inf"),
+        ("--write-timeout", "nan"),
+        ("--proxy-timeout", "inf"),
+        ("--proxy-timeout", "0"),
+        # With --workers these reached the supervisor unchecked: a drain of inf
+        # or NaN never ended, a NaN worker timeout crashed it, 0 killed every worker.
+        ("--drain-delay", "inf"),
+        ("--drain-delay", "nan"),
+        ("--drain-delay", "-1"),
+        ("--worker-timeout", "nan"),
+        ("--worker-timeout", "0"),
+        ("--worker-timeout", "-5"),
+        # -1 replaced the worker every second, forever.
+        ("--max-worker-connections", "-1"),
+        ("--max-worker-connections", "0"),
+        ("--grace", "-1"),
+        ("--grace", "1e9"),
+        ("--idle-thread-timeout", "nan"),
+        ("--max-connections", "0"),
+        ("--max-connections-per-ip", "-2"),
+        ("--idle-threads", "-1"),
+    ],
+)
+def test_a_value_out_of_range_is_a_usage_error_naming_the_flag(
+    flag: str, value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["serve", flag, value, "--workers", "1", "--bind", "127.0.0.1:0"])
+    assert exited.value.code == 2
+    error = capsys.readouterr().err
+    assert f"argument {flag}: '{value}': must be " in error, error
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--proxy-allow", "10.0.0.0/8"], "--proxy-allow needs --proxy-protocol"),
+        (["--tls-key", "key.pem"], "--tls-key needs --tls-cert"),
+        (["--tls-client-ca", "ca.pem"], "--tls-client-ca needs --tls-cert"),
+        (["--bind", "127.0.0.1:9", "--bind", "127.0.0.1:9"], "--bind 127.0.0.1:9 is given twice"),
+        (
+            ["--bind", "127.0.0.1:9", "--agent-bind", "127.0.0.1:9"],
+            "--agent-bind 127.0.0.1:9 is also a --bind address",
+        ),
+    ],
+)
+def test_options_that_do_not_go_together_are_a_usage_error(
+    args: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["serve", *args])
+    assert exited.value.code == 2
+    assert f"threadserve: error: {message}" in capsys.readouterr().err
+
+
+def test_worker_options_without_workers_are_reported_as_unused() -> None:
+    args = ("--reuse-port", "--max-worker-connections", "100", "--bind", "127.0.0.1:0")
+    with server_process(*args) as (server, _address):
+        server.wait_for_log(
+            r"--reuse-port, --max-worker-connections: used only with --workers; one process serves"
+        )
+        server.send_signal(signal.SIGTERM)
+        assert server.wait_exit() == 0, server.output()
+
+
+@pytest.mark.parametrize("value", ["0", "0.0", "none", "off"])
+def test_a_timeout_of_zero_or_none_means_no_limit(value: str) -> None:
+    assert parse(["--idle-timeout", value]).idle_timeout is None
 
 
 def test_help_explains_handlers_exit_codes_and_stopping() -> None:
@@ -293,6 +375,8 @@ def test_the_command_line_wins(
         ("THREADSERVE_MAX_CONNECTIONS", "--max-connections", "many"),
         ("THREADSERVE_OVERLOAD", "--overload", "panic"),
         ("THREADSERVE_READ_TIMEOUT", "--read-timeout", "-1"),
+        ("THREADSERVE_GRACE", "--grace", "-1"),
+        ("THREADSERVE_DRAIN_DELAY", "--drain-delay", "nan"),
         ("THREADSERVE_LOG_LEVEL", "--log-level", "loud"),
     ],
 )
@@ -375,5 +459,7 @@ def test_idle_thread_options_reach_the_server() -> None:
         assert (server._threads.max_idle, server._threads.idle_timeout) == (0, 2.5)
     finally:
         server.stop()
-    with pytest.raises(threadserve.ConfigurationError, match="idle_threads"):
-        build_server(parse(["echo", "--idle-threads", "-1"]), ["127.0.0.1:0"])
+    # Refused by the command line itself (exit 2), before any server is built.
+    with pytest.raises(SystemExit) as exited:
+        parse(["echo", "--idle-threads", "-1"])
+    assert exited.value.code == 2

@@ -274,6 +274,8 @@ def test_join_after_the_connection_closed_raises(serve: ServerFactory) -> None:
 def test_group_settings_are_checked() -> None:
     with pytest.raises(ValueError, match="max_queued"):
         Group(max_queued=0)
+    with pytest.raises(ValueError, match="cutoff_notice='bye': expected bytes or None"):
+        Group(cutoff_notice="bye")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="more than the group's max_queued"):
         Group(max_queued=10).broadcast(b"x" * 11)
 

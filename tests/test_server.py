@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import re
 import socket
 import struct
 import threading
@@ -276,6 +277,21 @@ def test_serve_function_serves_in_the_calling_thread_until_stopped(
         ({"linger": -0.1}, "linger=-0.1"),
         ({"linger": True}, "linger=True"),
         ({"chunk_size": 0}, "chunk_size=0"),
+        # Wrong types that used to be found only in a connection thread (a
+        # "handler error" on every connection) or at the stop.
+        ({"chunk_size": 1.5}, "chunk_size=1.5"),
+        ({"chunk_size": True}, "chunk_size=True"),
+        ({"timeouts": {"idle": 5}}, "timeouts=.*expected a threadserve.Timeouts"),
+        ({"tls": "cert.pem"}, "tls='cert.pem': expected an ssl.SSLContext"),
+        ({"goodbye": 123}, "goodbye=123: expected bytes, str or None"),
+        ({"notices": "none"}, "notices='none': expected a threadserve.Notices"),
+        ({"idle_threads": -1}, "idle_threads=-1"),
+        ({"idle_thread_timeout": float("nan")}, "idle_thread_timeout=nan"),
+        (
+            {"proxy_protocol": "v1", "proxy_allow": "10.0.0.0/8"},
+            r"expected a list .*\['10.0.0.0/8'\]",
+        ),
+        ({"proxy_protocol": "v1", "proxy_timeout": 3e6}, "proxy_timeout=3000000.0"),
     ],
 )
 def test_bad_server_settings_raise_configuration_error_before_binding(
@@ -288,9 +304,31 @@ def test_bad_server_settings_raise_configuration_error_before_binding(
     assert open_fds() == fds_before
 
 
+@pytest.mark.parametrize("bind", [8000, b"127.0.0.1:0"])
+def test_a_bind_address_that_is_not_text_is_a_configuration_error(bind: object) -> None:
+    expected = re.escape("expected an address such as '127.0.0.1:8000'")
+    with pytest.raises(ConfigurationError, match=expected):
+        Server(echo, bind, handle_signals=False)  # type: ignore[arg-type]
+
+
 def test_a_handler_that_is_not_callable_is_a_configuration_error() -> None:
     with pytest.raises(ConfigurationError, match="not callable"):
         Server("echo", "127.0.0.1:0", handle_signals=False)  # type: ignore[arg-type]
+
+
+def _takes_two(conn: Connection, extra: object) -> None:
+    pass
+
+
+def _takes_none() -> None:
+    pass
+
+
+@pytest.mark.parametrize("handler", [_takes_two, _takes_none])
+def test_a_handler_that_cannot_take_one_connection_is_refused_at_once(handler: object) -> None:
+    # Before, the server started and every connection failed with a TypeError.
+    with pytest.raises(ConfigurationError, match="cannot be called with one connection"):
+        Server(handler, "127.0.0.1:0", handle_signals=False)  # type: ignore[arg-type]
 
 
 # ---------------------------------------------------------------- handler errors

@@ -19,10 +19,11 @@ from pathlib import Path
 import pytest
 import trustme
 from conftest import ServerFactory
+from cryptography.hazmat.primitives import serialization
 from hostile import ATTACKER_ADDRESS, connect_from, ms, percentile, report
 from support import NOTICE, ServerProcess, recv_exactly, server_process, wait_until
 
-from threadserve import Connection, StopReport, echo, server_tls_context
+from threadserve import ConfigurationError, Connection, StopReport, echo, server_tls_context
 
 HOSTNAME = "localhost"
 
@@ -308,3 +309,46 @@ def test_client_certificate_required_when_a_client_ca_is_set(
     assert stats.connections_accepted == 2
     assert stats.handler_errors == 0
     assert not errors
+
+
+# ---------------------------------------------------------------------- bad files
+
+
+def _write_pem_files(directory: Path) -> dict[str, Path]:
+    """A certificate, its key (plain and under a passphrase), each in a file of its own."""
+    issued = trustme.CA().issue_cert(HOSTNAME)
+    key = serialization.load_pem_private_key(issued.private_key_pem.bytes(), password=None)
+    encrypted = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(b"secret"),
+    )
+    files = {
+        "cert": issued.cert_chain_pems[0].bytes(),
+        "key": issued.private_key_pem.bytes(),
+        "encrypted_key": encrypted,
+    }
+    paths = {name: directory / f"{name}.pem" for name in files}
+    for name, data in files.items():
+        paths[name].write_bytes(data)
+    return paths
+
+
+@pytest.mark.parametrize(
+    ("cert", "key", "message"),
+    [
+        # OpenSSL says "PEM lib" for each of these first two, naming nothing.
+        ("cert", None, "'{cert}' holds no private key; give the key file as well"),
+        ("key", None, "'{key}' holds no PEM certificate"),
+        ("cert", "cert", "'{cert}' holds no PEM private key"),
+        # OpenSSL would ask for the passphrase on the terminal, blocking the start.
+        ("cert", "encrypted_key", "the private key in '{encrypted_key}' is encrypted"),
+    ],
+)
+def test_a_certificate_or_key_that_cannot_be_used_says_which_file_and_why(
+    tmp_path: Path, cert: str, key: str | None, message: str
+) -> None:
+    paths = _write_pem_files(tmp_path)
+    with pytest.raises(ConfigurationError) as info:
+        server_tls_context(str(paths[cert]), None if key is None else str(paths[key]))
+    assert message.format(**{name: str(path) for name, path in paths.items()}) in str(info.value)

@@ -284,7 +284,8 @@ def test_hung_worker_is_killed_with_its_stack_logged_and_replaced() -> None:
             wait_for(lambda: hung not in workers_of(server), 20, "the hung worker to be killed")
             killed_after = time.monotonic() - hung_at
         silent = server.wait_for_log(
-            rf"worker {hung} has not answered for ([\d.]+) s: logging its stacks"
+            rf"worker {hung} has not answered for ([\d.]+) s \(--worker-timeout [\d.]+\): "
+            "logging its stacks"
         )
         wait_for_lines(server, r"worker \d+ ready$", 2)
         with socket.create_connection(address, timeout=10) as fresh:

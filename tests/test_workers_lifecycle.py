@@ -13,6 +13,9 @@ from subprocess_handlers import READ_ACK
 from support import SETTLE, ServerProcess, recv_exactly
 from test_workers import READY_LINE, Load, start_supervisor, wait_for, workers_of
 
+from threadserve import ConfigurationError
+from threadserve._supervisor import Supervisor
+
 pytestmark = pytest.mark.timeout(120)
 
 
@@ -111,3 +114,25 @@ def test_a_second_sigterm_forces_every_worker_and_exits_3() -> None:
     assert "sleep_ignoring_the_token" in output, output  # The stuck threads' stacks.
     assert not [pid for pid in workers if psutil.pid_exists(pid)], "workers left behind"
     assert took < 30, took  # Not the 60 s grace period.
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"workers": 0}, "workers=0"),
+        # Through the API as through the command line: a NaN or infinite
+        # drain never ended, a NaN worker timeout crashed the supervisor's
+        # wait, and 0 killed every worker before it could be ready.
+        ({"drain_delay": float("inf")}, "drain_delay=inf"),
+        ({"drain_delay": float("nan")}, "drain_delay=nan"),
+        ({"worker_timeout": float("nan")}, "worker_timeout=nan"),
+        ({"worker_timeout": 0}, "worker_timeout=0"),
+        ({"grace": -1}, "grace=-1"),
+    ],
+)
+def test_a_supervisor_refuses_bad_settings_before_starting_anything(
+    settings: dict[str, float], message: str
+) -> None:
+    arguments = {"workers": 1, **settings}
+    with pytest.raises(ConfigurationError, match=message):
+        Supervisor(["true"], [], **arguments)  # type: ignore[arg-type]

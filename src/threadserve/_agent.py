@@ -39,6 +39,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
+from ._exceptions import ConfigurationError
 from ._listeners import Listener, open_listeners, parse_bind_address
 
 logger = logging.getLogger("threadserve")
@@ -77,7 +78,11 @@ class AgentResponder:
 
     def __init__(self, bind: str, *, listeners: list[Listener] | None = None) -> None:
         if listeners is None:
-            listeners = open_listeners([parse_bind_address(bind)])
+            try:
+                address = parse_bind_address(bind)
+            except ConfigurationError as exc:  # Say which of the server's addresses is bad.
+                raise ConfigurationError(f"agent-check address (--agent-bind): {exc}") from None
+            listeners = open_listeners([address])
         self._listeners: list[Listener] = listeners
         self.addresses = [listener.address for listener in self._listeners]
         self._wake_r, self._wake_w = os.pipe()

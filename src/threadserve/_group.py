@@ -48,8 +48,9 @@ import threading
 import time
 from collections.abc import Iterator
 
+from ._checks import MAX_QUEUED, check_type
 from ._connection import Connection
-from ._exceptions import ConfigurationError, ConnectionClosed
+from ._exceptions import ConnectionClosed
 
 logger = logging.getLogger("threadserve")
 
@@ -72,8 +73,8 @@ class Group:
         max_queued: int = DEFAULT_MAX_QUEUED,
         cutoff_notice: bytes | None = DEFAULT_CUTOFF_NOTICE,
     ) -> None:
-        if isinstance(max_queued, bool) or not isinstance(max_queued, int) or max_queued <= 0:
-            raise ConfigurationError(f"max_queued={max_queued!r}: must be a positive byte count")
+        MAX_QUEUED.check("max_queued", max_queued)
+        check_type("cutoff_notice", cutoff_notice, (bytes, type(None)), "bytes or None")
         self.max_queued = max_queued
         self.cutoff_notice = cutoff_notice
         #: Members cut off for falling behind, since the group was made.

@@ -52,6 +52,7 @@ from . import _setup
 from ._admission import Admission, OverloadPolicy
 from ._agent import AgentResponder
 from ._broadcast import MAX_GROUPS, StopBroadcast
+from ._checks import CHUNK_SIZE, IDLE_THREADS, SHORT_WAIT, check_handler, check_type
 from ._connection import DEFAULT_CHUNK_SIZE, PEER_GONE_ERRNOS, Connection
 from ._events import CloseReason, Counters, RejectReason, StopOutcome
 from ._exceptions import (
@@ -97,9 +98,6 @@ ACCEPT_BATCH = 64
 ACCEPT_LOOP_LAG = 0.002
 #: accept() failures that mean "out of a resource": back off instead of spinning.
 RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
-#: The longest grace or linger accepted: a day. Larger values (inf included)
-#: overflow select()'s timeout and mean "never stop", which --grace is not for.
-MAX_SECONDS = 86400.0
 ACCEPT_BACKOFF_FIRST = 0.005
 ACCEPT_BACKOFF_MAX = 1.0
 #: TCP keepalive: probe after 60 s of silence, every 10 s, give up after 3
@@ -180,18 +178,26 @@ class Server:
         idle_thread_timeout: float = DEFAULT_IDLE_TIMEOUT,
         adapt_switch_interval: bool = True,
     ) -> None:
-        if not callable(handler):
-            raise ConfigurationError(f"handler {handler!r} is not callable")
-        _check_seconds("grace", grace)
-        _check_seconds("linger", linger)
-        _check_seconds("drain_delay", drain_delay)
-        _check_seconds("idle_thread_timeout", idle_thread_timeout)
-        if isinstance(idle_threads, bool) or not isinstance(idle_threads, int) or idle_threads < 0:
+        check_handler(handler)
+        for name, seconds in (
+            ("grace", grace),
+            ("linger", linger),
+            ("drain_delay", drain_delay),
+            ("idle_thread_timeout", idle_thread_timeout),
+        ):
+            SHORT_WAIT.check(name, seconds)
+        IDLE_THREADS.check("idle_threads", idle_threads)
+        CHUNK_SIZE.check("chunk_size", chunk_size)
+        # Checked here, not where each is first used: that is in a connection
+        # thread, or at the stop, where the mistake would show as a handler error.
+        check_type("timeouts", timeouts, (Timeouts, type(None)), "a threadserve.Timeouts or None")
+        check_type("goodbye", goodbye, (bytes, str, type(None)), "bytes, str or None")
+        check_type("notices", notices, (Notices, type(None)), "a threadserve.Notices or None")
+        check_type("tls", tls, (ssl.SSLContext, type(None)), "an ssl.SSLContext or None")
+        if isinstance(bind, (bytes, int)):
             raise ConfigurationError(
-                f"idle_threads={idle_threads!r}: must be a count of threads, 0 or more"
+                f"bind={bind!r}: expected an address such as '127.0.0.1:8000', or a list of them"
             )
-        if chunk_size <= 0:
-            raise ConfigurationError(f"chunk_size={chunk_size!r}: must be a positive byte count")
         self.handler = handler
         self.grace = float(grace)
         self.goodbye = goodbye.encode() if isinstance(goodbye, str) else (goodbye or None)
@@ -381,7 +387,7 @@ class Server:
         if self._stopped.is_set():
             return self._report
         if grace is not None:
-            _check_seconds("grace", grace)
+            SHORT_WAIT.check("grace", grace)
             self.grace = float(grace)
             if grace == 0:
                 self._force_requested = True
@@ -1113,14 +1119,3 @@ def _drain(fd: int) -> None:
     with contextlib.suppress(BlockingIOError, OSError):
         while os.read(fd, 4096):
             pass
-
-
-def _check_seconds(name: str, value: float) -> None:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or not 0 <= value < MAX_SECONDS
-    ):
-        raise ConfigurationError(
-            f"{name}={value!r}: must be a number of seconds from 0 to {MAX_SECONDS:g}"
-        )

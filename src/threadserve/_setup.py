@@ -27,6 +27,7 @@ import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from ._checks import TIMEOUT
 from ._connection import Connection
 from ._exceptions import ConfigurationError, ProxyProtocolError, ReadTimeout, ThreadserveError
 from ._listeners import format_address
@@ -78,8 +79,12 @@ class ProxySettings:
         except ValueError:
             choices = ", ".join(m.value for m in ProxyMode)
             raise ConfigurationError(f"proxy_protocol={mode!r}: choose one of {choices}") from None
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
-            raise ConfigurationError(f"proxy_timeout={timeout!r}: must be a positive number")
+        TIMEOUT.check("proxy_timeout", timeout)
+        if isinstance(allow, str):  # One string would be read as a list of its characters.
+            raise ConfigurationError(
+                f"proxy_allow={allow!r}: expected a list of addresses or networks, "
+                f"such as [{allow!r}]"
+            )
         networks = []
         for text in DEFAULT_PROXY_ALLOW if allow is None else allow:
             try:

@@ -91,6 +91,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from ._agent import AgentResponder
+from ._checks import INTERVAL, SHORT_WAIT, WORKERS
 from ._connection import DEFAULT_CHUNK_SIZE
 from ._exceptions import ConfigurationError
 from ._listeners import LISTEN_BACKLOG, BindAddress, Listener, open_listeners
@@ -220,6 +221,10 @@ class Supervisor:
         drain_delay: float = 0.0,
         metrics: MetricsServing | None = None,
     ) -> None:
+        WORKERS.check("workers", workers)
+        INTERVAL.check("worker_timeout", worker_timeout)
+        for name, seconds in (("grace", grace), ("linger", linger), ("drain_delay", drain_delay)):
+            SHORT_WAIT.check(name, seconds)
         self.command = list(command)
         self.agent = agent
         self.metrics = metrics
@@ -647,12 +652,14 @@ class Supervisor:
                 if self._stopping:
                     self._forced = True
             elif worker.kill_at is None and now - worker.last_beat > self.worker_timeout:
-                what = "answered" if worker.ready else "became ready"
+                what = "answered" if worker.ready else "become ready"
                 logger.error(
-                    "worker %d has not %s for %.1f s: logging its stacks, then killing it",
+                    "worker %d has not %s for %.1f s (--worker-timeout %g): "
+                    "logging its stacks, then killing it",
                     worker.pid,
                     what,
                     now - worker.last_beat,
+                    self.worker_timeout,
                 )
                 _forward(worker, DUMP_SIGNAL)
                 worker.kill_at = now + DUMP_WAIT

@@ -8,9 +8,9 @@ reading our replies is cut off after ``write`` seconds without progress.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, fields
 
+from ._checks import TIMEOUT
 from ._exceptions import ConfigurationError
 
 
@@ -36,14 +36,8 @@ class Timeouts:
     def __post_init__(self) -> None:
         for field in fields(self):
             value = getattr(self, field.name)
-            if value is None:
-                continue
-            if (
-                isinstance(value, bool)
-                or not isinstance(value, (int, float))
-                or not math.isfinite(value)
-                or value <= 0
-            ):
+            if value is not None and not TIMEOUT.holds(value):
                 raise ConfigurationError(
-                    f"timeout {field.name}={value!r}: must be a positive number of seconds or None"
+                    f"timeout {field.name}={value!r}: must be {TIMEOUT.describe()}, "
+                    "or None for no limit"
                 )

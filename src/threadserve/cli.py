@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from . import __version__
 from ._admission import OverloadPolicy, default_max_connections
 from ._agent import AgentResponder
+from ._checks import CONNECTIONS, IDLE_THREADS, INTERVAL, SHORT_WAIT, TIMEOUT
 from ._environ import HELP as ENVIRONMENT_HELP
 from ._environ import parse_args
 from ._exceptions import ConfigurationError, ThreadserveError
@@ -70,7 +71,7 @@ handlers:
 exit status:
   {EXIT_OK}  stopped cleanly (every connection drained)
   {EXIT_ERROR}  could not start (the message says why)
-  {EXIT_USAGE}  bad command line
+  {EXIT_USAGE}  bad command line (unknown option, value out of range, options that need another)
   {EXIT_FORCED}  stopped, but connections had to be forced after the grace period
 
 {ENVIRONMENT_HELP}
@@ -106,11 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
         "-b",
         action="append",
         metavar="ADDR",
-        help=f"HOST:PORT, [IPV6]:PORT or unix:PATH; repeat for several (default: {DEFAULT_BIND})",
+        help="HOST:PORT, [IPV6]:PORT, unix:PATH, or a socket handed over: fd://N, or systemd:NAME "
+        f"under socket activation; repeat for several (default: {DEFAULT_BIND})",
     )
     serve.add_argument(
         "--grace",
-        type=float,
+        type=SHORT_WAIT.parse,
         default=DEFAULT_GRACE,
         metavar="SECONDS",
         help=f"how long a stop may take before it is forced (default: {DEFAULT_GRACE:g})",
@@ -128,20 +130,20 @@ def build_parser() -> argparse.ArgumentParser:
     limits = serve.add_argument_group("limits (a client over a limit is told why in one line)")
     limits.add_argument(
         "--max-connections",
-        type=int,
+        type=CONNECTIONS.parse,
         metavar="N",
         help="most clients served at once (default: from the open-file limit, "
         f"{default_max_connections()} here)",
     )
     limits.add_argument(
         "--max-connections-per-ip",
-        type=int,
+        type=CONNECTIONS.parse,
         metavar="N",
         help="most clients served at once from one address (default: no limit)",
     )
     limits.add_argument(
         "--idle-threads",
-        type=int,
+        type=IDLE_THREADS.parse,
         metavar="N",
         default=DEFAULT_MAX_IDLE,
         help="connection threads kept parked for the next client when their connection ends, "
@@ -150,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     limits.add_argument(
         "--idle-thread-timeout",
-        type=float,
+        type=SHORT_WAIT.parse,
         metavar="SECONDS",
         default=DEFAULT_IDLE_TIMEOUT,
         help="a parked thread that gets no client for this long ends (default: %(default)s)",
@@ -210,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     balancer.add_argument(
         "--proxy-timeout",
-        type=float,
+        type=TIMEOUT.parse,
         default=DEFAULT_PROXY_TIMEOUT,
         metavar="S",
         help="the PROXY header must be complete within this (default: %(default)g)",
@@ -222,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     balancer.add_argument(
         "--drain-delay",
-        type=float,
+        type=SHORT_WAIT.parse,
         default=0.0,
         metavar="S",
         help="on SIGTERM or SIGINT keep serving this long while the agent says drain, "
@@ -268,7 +270,7 @@ def _add_worker_options(serve: argparse.ArgumentParser) -> None:
     )
     workers.add_argument(
         "--worker-timeout",
-        type=float,
+        type=INTERVAL.parse,
         default=DEFAULT_WORKER_TIMEOUT,
         metavar="S",
         help="a worker silent this long is killed (its stacks logged first) and replaced "
@@ -276,7 +278,7 @@ def _add_worker_options(serve: argparse.ArgumentParser) -> None:
     )
     workers.add_argument(
         "--max-worker-connections",
-        type=int,
+        type=CONNECTIONS.parse,
         metavar="N",
         help="replace a worker after about N connections (plus up to 10%% jitter), its "
         "replacement ready first; for handlers using leaky libraries",
@@ -311,15 +313,52 @@ def _worker_count(text: str) -> int:
 
 
 def _seconds_or_none(text: str) -> float | None:
-    if text.strip().lower() in ("none", "off", "0"):
+    """A per-connection timeout: seconds, or 'none' (also 'off' or 0) for no limit."""
+    if text.strip().lower() in ("none", "off"):
         return None
     try:
-        value = float(text)
+        if float(text) == 0:
+            return None
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds or 'none'") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: must be positive (or 'none')")
-    return value
+    try:
+        return TIMEOUT.parse(text)
+    except argparse.ArgumentTypeError as exc:
+        raise argparse.ArgumentTypeError(f"{exc} (or 'none' for no limit)") from None
+
+
+def _conflict(args: argparse.Namespace) -> str | None:
+    """What is wrong with this combination of options, if anything."""
+    for option, needs in (
+        ("tls_key", "tls_cert"),
+        ("tls_client_ca", "tls_cert"),
+        ("proxy_allow", "proxy_protocol"),
+    ):
+        if getattr(args, option) and not getattr(args, needs):
+            return f"--{option.replace('_', '-')} needs --{needs.replace('_', '-')}"
+    # Port 0 is a fresh free port each time it is bound, so it may repeat.
+    binds = [address for address in args.bind or [] if not address.endswith(":0")]
+    for address in binds:
+        if binds.count(address) > 1:
+            return f"--bind {address} is given twice"
+    if args.agent_bind and args.agent_bind in binds:
+        return f"--agent-bind {args.agent_bind} is also a --bind address"
+    return None
+
+
+def _warn_of_worker_options(args: argparse.Namespace) -> None:
+    """One process serves: say so if options that only workers use were given."""
+    unused = [
+        flag
+        for flag, given in (
+            ("--reuse-port", args.reuse_port),
+            ("--worker-timeout", args.worker_timeout != DEFAULT_WORKER_TIMEOUT),
+            ("--max-worker-connections", args.max_worker_connections is not None),
+        )
+        if given
+    ]
+    if unused:
+        logger.warning("%s: used only with --workers; one process serves", ", ".join(unused))
 
 
 def load_handler(spec: str) -> Handler:
@@ -341,6 +380,12 @@ def load_handler(spec: str) -> Handler:
             f"cannot load handler {spec!r}: importing {module_name!r} raised "
             f"{type(exc).__name__}: {exc}"
         ) from exc
+    except SystemExit as exc:
+        # Say so: a module that parses sys.argv at import exits with its own
+        # usage message, and a status of 0 would look like a clean stop.
+        raise ConfigurationError(
+            f"cannot load handler {spec!r}: importing {module_name!r} called sys.exit({exc.code!r})"
+        ) from exc
     try:
         handler: object = module
         for part in attribute.split("."):
@@ -356,7 +401,11 @@ def load_handler(spec: str) -> Handler:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = parse_args(build_parser(), argv, os.environ)
+    parser = build_parser()
+    args = parse_args(parser, argv, os.environ)
+    problem = _conflict(args)
+    if problem:
+        parser.error(problem)  # Exits with EXIT_USAGE.
     worker_control = getattr(args, "worker_control", None)
     configure_logging(
         args.log_level, args.log_format, worker=None if worker_control is None else os.getpid()
@@ -376,6 +425,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         bind = [] if handover else resolve_binds(args.bind, activated) or [DEFAULT_BIND]
         if args.workers is not None or (handover is not None and handover.workers):
             return _run_supervisor(args, argv, bind, handover)
+        _warn_of_worker_options(args)
         # One process; or the successor of one (SIGUSR2), on its sockets.
         predecessor = None if handover is None else Predecessor(handover)
         if handover is not None:
@@ -524,10 +574,6 @@ def build_server(args: argparse.Namespace, bind: Sequence[str | Listener], **ext
     """
     handler = load_handler(args.handler)
     goodbye = None if args.no_goodbye else args.goodbye + "\n"
-    if args.tls_key and not args.tls_cert:
-        raise ConfigurationError("--tls-key needs --tls-cert")
-    if args.tls_client_ca and not args.tls_cert:
-        raise ConfigurationError("--tls-client-ca needs --tls-cert")
     tls = (
         server_tls_context(args.tls_cert, args.tls_key, args.tls_client_ca)
         if args.tls_cert
