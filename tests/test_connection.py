@@ -593,7 +593,9 @@ def test_idle_timeout_raises_read_timeout_and_closes_with_the_timed_out_notice(
     assert no_warnings_or_errors(caplog) == []
     closed = closed_lines()
     assert len(closed) == 1
-    assert "in time" in closed[0].getMessage()
+    assert "no data from 127.0.0.1:" in closed[0].getMessage()
+    assert "for 0.3 s" in closed[0].getMessage()
+    assert error.kind == "idle"
     assert closed[0].levelno <= logging.INFO
 
 

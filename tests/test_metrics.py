@@ -130,6 +130,41 @@ def test_a_read_timeout_is_counted_by_its_reason() -> None:
     assert value(registry, "threadserve_connections_closed_total", reason="read_timeout") == 1
 
 
+@pytest.mark.parametrize(
+    ("timeouts", "message"),
+    [
+        (Timeouts(idle=0.2), "no data from 127.0.0.1:"),
+        # The client keeps sending, so only the lifetime can end it.
+        (Timeouts(lifetime=0.5), "reached the end of its lifetime (0.5 s)"),
+    ],
+)
+def test_idle_and_lifetime_timeouts_are_counted_as_timeout_not_read_timeout(
+    timeouts: Timeouts, message: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    def echo_lines(conn: Connection) -> None:
+        while line := conn.readline(limit=100):
+            conn.sendall(line)
+
+    registry = CollectorRegistry()
+    with running_server(echo_lines, metrics=registry, timeouts=timeouts) as server:
+        with connect(server.tcp_address) as client:
+            client.sendall(b"tick\n")
+            client.settimeout(0.1)
+            for _ in range(100):  # Bounded: about 10 s at most, far past either timeout.
+                try:
+                    data = client.recv(4096)
+                except TimeoutError:
+                    if timeouts.lifetime is not None:
+                        client.sendall(b"tick\n")  # Never idle: only the lifetime can end it.
+                    continue
+                if not data:
+                    break  # The timeout notice came, then EOF.
+        wait_until(lambda: server.statistics().connections_closed == 1)
+    assert value(registry, "threadserve_connections_closed_total", reason="timeout") == 1
+    assert value(registry, "threadserve_connections_closed_total", reason="read_timeout") == 0
+    assert any(message in record.getMessage() for record in caplog.records)
+
+
 def test_proxy_rejections_are_counted() -> None:
     """Bad, late or untrusted PROXY headers: threadserve_proxy_rejected_total."""
     registry = CollectorRegistry()

@@ -548,11 +548,27 @@ class Connection:
         # Deadlines are absolute: a client sending a byte now and then must
         # not keep one alive past its end just because poll() finds data.
         if deadline is not None and self._clock() >= deadline:
-            raise ReadTimeout(f"no complete data from {self.peer} in time")
+            raise self._read_timed_out(deadline)
         events = self._read_poller.poll(self._poll_timeout_ms(deadline))
         if not events:
-            raise ReadTimeout(f"no data from {self.peer} in time")
+            raise self._read_timed_out(deadline)
         return self._readable_after(events)
+
+    def _read_timed_out(self, deadline: float | None) -> ReadTimeout:
+        """The timeout a read waiting until ``deadline`` met: lifetime or idle.
+
+        A frame's own read deadline is told apart by ``_read_frame_part``,
+        which alone knows it.
+        """
+        lifetime = self._lifetime_deadline
+        if lifetime is not None and deadline is not None and deadline >= lifetime:
+            return ReadTimeout(
+                f"{self.peer} reached the end of its lifetime ({self._timeouts.lifetime:g} s)",
+                "lifetime",
+            )
+        idle = self._timeouts.idle
+        waited = "" if idle is None else f" for {idle:g} s"
+        return ReadTimeout(f"no data from {self.peer}{waited}", "idle")
 
     def _readable_after(self, events: list[tuple[int, int]]) -> bool:
         """What a poll of the socket and the stop descriptor found: True if there is input."""
@@ -601,9 +617,18 @@ class Connection:
     def _read_frame_part(self, bufsize: int, frame_deadline: float | None) -> bytes:
         """The next chunk of a frame: within the idle timeout and the frame's own deadline."""
         deadline = self._idle_deadline()
-        if frame_deadline is not None and (deadline is None or frame_deadline < deadline):
-            deadline = frame_deadline
-        return self._recv_from_socket(bufsize, deadline)
+        if frame_deadline is None or (deadline is not None and deadline <= frame_deadline):
+            return self._recv_from_socket(bufsize, deadline)
+        try:
+            return self._recv_from_socket(bufsize, frame_deadline)
+        except ReadTimeout as exc:
+            if exc.kind == "lifetime":
+                raise
+            raise ReadTimeout(
+                f"no complete line or frame from {self.peer} "
+                f"within {self._timeouts.read:g} s (read timeout)",
+                "read",
+            ) from None
 
     def _earliest(self, deadline: float | None) -> float | None:
         lifetime = self._lifetime_deadline

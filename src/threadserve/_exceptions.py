@@ -27,7 +27,16 @@ class ConnectionTimeout(ThreadserveError, TimeoutError):
 
 
 class ReadTimeout(ConnectionTimeout):
-    """No data arrived within the read deadline."""
+    """No data arrived within a read deadline.
+
+    ``kind`` says which deadline: ``"read"``, a line or frame not complete
+    within the read timeout; ``"idle"``, no bytes for the idle timeout;
+    ``"lifetime"``, the connection's lifetime ran out while it waited.
+    """
+
+    def __init__(self, message: str = "", kind: str = "read") -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 class WriteTimeout(ConnectionTimeout):

@@ -835,7 +835,9 @@ class Server:
             reason = CloseReason.TOO_LARGE
         except ReadTimeout as exc:
             outcome, cutoff_notice = str(exc), self.notices.timed_out
-            reason = CloseReason.READ_TIMEOUT
+            # "read_timeout" is the read timeout's own (a frame too slow);
+            # the idle and lifetime timeouts count as "timeout".
+            reason = CloseReason.READ_TIMEOUT if exc.kind == "read" else CloseReason.TIMEOUT
         except (WriteTimeout, HandshakeTimeout) as exc:
             # The client reads nothing (or says nothing): a notice or a
             # lingering close would only hold the thread longer. Close at once.

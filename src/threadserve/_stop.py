@@ -486,7 +486,9 @@ class StopSequence:
                 continue  # Never picked up by a thread, or already gone.
             stuck.append(thread.name)
             logger.error(
-                "thread %r did not stop (it ignores its cancel token); abandoning it. Stack:\n%s",
+                "thread %r did not stop within the grace period (its handler did not "
+                "return after the cancel, or a blocking cancel callback kept its own "
+                "from running); abandoning it. Stack:\n%s",
                 thread.name,
                 _stack_of(thread),
             )
