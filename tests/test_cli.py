@@ -208,7 +208,6 @@ def test_bad_command_line_exits_2_with_usage(args: list[str]) -> None:
         ("--worker-timeout", "-5"),
         # -1 replaced the worker every second, forever.
         ("--max-worker-connections", "-1"),
-        ("--max-worker-connections", "0"),
         ("--grace", "-1"),
         ("--grace", "1e9"),
         ("--idle-thread-timeout", "nan"),
@@ -221,7 +220,7 @@ def test_a_value_out_of_range_is_a_usage_error_naming_the_flag(
     flag: str, value: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     with pytest.raises(SystemExit) as exited:
-        cli.main(["serve", flag, value, "--workers", "1", "--bind", "127.0.0.1:0"])
+        parse([flag, value, "--workers", "1"])
     assert exited.value.code == 2
     error = capsys.readouterr().err
     assert f"argument {flag}: '{value}': must be " in error, error
@@ -240,13 +239,20 @@ def test_a_value_out_of_range_is_a_usage_error_naming_the_flag(
         ),
     ],
 )
-def test_options_that_do_not_go_together_are_a_usage_error(
-    args: list[str], message: str, capsys: pytest.CaptureFixture[str]
-) -> None:
-    with pytest.raises(SystemExit) as exited:
-        cli.main(["serve", *args])
-    assert exited.value.code == 2
-    assert f"threadserve: error: {message}" in capsys.readouterr().err
+def test_options_that_do_not_go_together_are_named(args: list[str], message: str) -> None:
+    assert cli._conflict(parse(args)) == message
+
+
+def test_options_that_do_not_go_together_are_a_usage_error() -> None:
+    result = run_cli("serve", "--tls-key", "key.pem", "--bind", "127.0.0.1:0")
+    assert result.returncode == 2, result.stderr
+    assert "threadserve: error: --tls-key needs --tls-cert" in result.stderr
+
+
+def test_ports_chosen_by_the_kernel_may_repeat() -> None:
+    # Port 0 binds a fresh free port each time: not the same address twice.
+    args = ["--bind", "127.0.0.1:0", "--bind", "127.0.0.1:0", "--agent-bind", "127.0.0.1:0"]
+    assert cli._conflict(parse(args)) is None
 
 
 def test_worker_options_without_workers_are_reported_as_unused() -> None:

@@ -681,14 +681,22 @@ def test_lifetime_ends_a_connection_that_is_never_idle(serve: ServerFactory) -> 
 
 
 @pytest.mark.parametrize("field", ["idle", "read", "write", "handshake", "lifetime"])
-# 2e6 s: above what poll() can wait (2**31 - 1 ms), every read failed with OverflowError.
-@pytest.mark.parametrize("value", [0, -1, -0.5, float("nan"), float("inf"), 2e6, True, "1"])
+# 3e6 s: above what poll() can wait (2**31 - 1 ms), every read failed with OverflowError.
+@pytest.mark.parametrize("value", [0, -1, -0.5, float("nan"), float("inf"), 3e6, True, "1"])
 def test_bad_timeout_values_raise_configuration_error_naming_the_field(
     field: str, value: object
 ) -> None:
     with pytest.raises(ConfigurationError, match=f"timeout {field}=") as info:
         Timeouts(**{field: value})  # type: ignore[arg-type]
     assert isinstance(info.value, ValueError)
+
+
+def test_a_read_timeout_subclass_has_a_kind_even_without_calling_its_parents_init() -> None:
+    class HandlerTimeout(ReadTimeout):
+        def __init__(self) -> None:
+            Exception.__init__(self, "from the handler")
+
+    assert HandlerTimeout().kind == "read"
 
 
 def test_good_timeout_values_are_kept() -> None:

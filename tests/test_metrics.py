@@ -117,12 +117,14 @@ def test_closing_reasons_are_a_fixed_set() -> None:
     assert {"completed", "stopped", "reset", "read_timeout", "handler_error"} <= reasons
 
 
-def test_a_read_timeout_is_counted_by_its_reason() -> None:
+# With an idle timeout too, the read timeout, the nearer deadline, is the one that ends it.
+@pytest.mark.parametrize("timeouts", [Timeouts(read=0.2), Timeouts(idle=5, read=0.2)])
+def test_a_read_timeout_is_counted_by_its_reason(timeouts: Timeouts) -> None:
     def reads(conn: Connection) -> None:
         conn.readline(limit=100)
 
     registry = CollectorRegistry()
-    with running_server(reads, metrics=registry, timeouts=Timeouts(read=0.2)) as server:
+    with running_server(reads, metrics=registry, timeouts=timeouts) as server:
         with connect(server.tcp_address) as client:
             client.sendall(b"no end of line")
             recv_until_eof(client)  # The timeout notice, then EOF.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import queue
 import re
@@ -23,6 +24,7 @@ from threadserve import (
     Connection,
     Server,
     StopReport,
+    Timeouts,
     echo,
     serve,
 )
@@ -322,6 +324,35 @@ def _takes_two(conn: Connection, extra: object) -> None:
 
 def _takes_none() -> None:
     pass
+
+
+def _supplies_extra(
+    handler: Callable[[Connection, object], None],
+) -> Callable[[Connection], None]:
+    """A decorator as a dependency-injecting library writes it."""
+
+    @functools.wraps(handler)
+    def wrapper(conn: Connection) -> None:
+        handler(conn, {"db": None})
+
+    return wrapper
+
+
+def test_a_decorated_handler_is_checked_by_what_is_called_not_what_it_wraps() -> None:
+    # The wrapper takes one connection; the function it wraps takes two.
+    server = Server(_supplies_extra(_takes_two), "127.0.0.1:0", handle_signals=False)
+    server.stop()
+
+
+def test_values_that_were_accepted_before_the_checks_still_are() -> None:
+    server = Server(
+        echo,
+        "127.0.0.1:0",
+        handle_signals=False,
+        goodbye=bytearray(b"Bye\n"),  # type: ignore[arg-type]
+        timeouts=Timeouts(idle=1.5e6, lifetime=2e6),  # Below poll()'s 24.8 days.
+    )
+    server.stop()
 
 
 @pytest.mark.parametrize("handler", [_takes_two, _takes_none])

@@ -22,9 +22,9 @@ from ._exceptions import ConfigurationError
 
 #: A stop, a drain or a worker's silence longer than a day is a typing mistake.
 MAX_SECONDS = 86400.0
-#: The longest per-connection timeout: below poll()'s limit of 2**31 - 1 ms.
-#: Longer waits are "no limit" (None, or 'none' on the command line).
-MAX_TIMEOUT = 1_000_000.0
+#: The longest per-connection timeout, about 23 days: below poll()'s limit of
+#: 2**31 - 1 ms. Longer waits are "no limit" (None, or 'none' on the command line).
+MAX_TIMEOUT = 2_000_000.0
 
 
 @dataclass(frozen=True)
@@ -43,9 +43,10 @@ class Seconds:
         return above_low and value <= self.high
 
     def describe(self) -> str:
+        # .10g: whole numbers of seconds print whole, 2000000 and not 2e+06.
         if self.low_allowed:
-            return f"a number of seconds from {self.low:g} to {self.high:g}"
-        return f"a number of seconds above {self.low:g}, at most {self.high:g}"
+            return f"a number of seconds from {self.low:.10g} to {self.high:.10g}"
+        return f"a number of seconds above {self.low:.10g}, at most {self.high:.10g}"
 
     def check(self, name: str, value: object) -> float:
         """``value`` as a float, or ConfigurationError naming ``name``."""
@@ -103,7 +104,9 @@ def check_handler(handler: object) -> None:
     if not callable(handler):
         raise ConfigurationError(f"handler {handler!r} is not callable")
     try:
-        signature = inspect.signature(handler)
+        # The signature called, not the one a decorator (functools.wraps) wraps:
+        # a wrapper may well supply the wrapped function's other arguments.
+        signature = inspect.signature(handler, follow_wrapped=False)
     except (TypeError, ValueError):
         return  # Some builtins have no signature to check; they are called as they are.
     try:
@@ -126,5 +129,7 @@ CHUNK_SIZE = Count(1, "a byte count")
 #: What a Group may queue for one member.
 MAX_QUEUED = Count(1, "a byte count")
 WORKERS = Count(1, "a count of workers")
-#: Connections a client may hold, or a worker may serve before it is replaced.
+#: Connections a client may hold at once.
 CONNECTIONS = Count(1, "a count of connections")
+#: Connections a worker serves before it is replaced (0: never replaced).
+WORKER_CONNECTIONS = Count(0, "a count of connections")

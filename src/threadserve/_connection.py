@@ -619,11 +619,11 @@ class Connection:
         deadline = self._idle_deadline()
         if frame_deadline is None or (deadline is not None and deadline <= frame_deadline):
             return self._recv_from_socket(bufsize, deadline)
+        # The frame's deadline is the nearest (the lifetime's is never nearer
+        # than the idle one), so a timeout here is the read timeout's.
         try:
             return self._recv_from_socket(bufsize, frame_deadline)
-        except ReadTimeout as exc:
-            if exc.kind == "lifetime":
-                raise
+        except ReadTimeout:
             raise ReadTimeout(
                 f"no complete line or frame from {self.peer} "
                 f"within {self._timeouts.read:g} s (read timeout)",

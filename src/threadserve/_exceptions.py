@@ -34,6 +34,9 @@ class ReadTimeout(ConnectionTimeout):
     ``"lifetime"``, the connection's lifetime ran out while it waited.
     """
 
+    #: Also the class's, for subclasses whose __init__ does not call this one.
+    kind = "read"
+
     def __init__(self, message: str = "", kind: str = "read") -> None:
         super().__init__(message)
         self.kind = kind

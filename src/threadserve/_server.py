@@ -191,7 +191,7 @@ class Server:
         # Checked here, not where each is first used: that is in a connection
         # thread, or at the stop, where the mistake would show as a handler error.
         check_type("timeouts", timeouts, (Timeouts, type(None)), "a threadserve.Timeouts or None")
-        check_type("goodbye", goodbye, (bytes, str, type(None)), "bytes, str or None")
+        check_type("goodbye", goodbye, (bytes, bytearray, str, type(None)), "bytes, str or None")
         check_type("notices", notices, (Notices, type(None)), "a threadserve.Notices or None")
         check_type("tls", tls, (ssl.SSLContext, type(None)), "an ssl.SSLContext or None")
         if isinstance(bind, (bytes, int)):

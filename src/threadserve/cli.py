@@ -17,7 +17,14 @@ from typing import TYPE_CHECKING, Any
 from . import __version__
 from ._admission import OverloadPolicy, default_max_connections
 from ._agent import AgentResponder
-from ._checks import CONNECTIONS, IDLE_THREADS, INTERVAL, SHORT_WAIT, TIMEOUT
+from ._checks import (
+    CONNECTIONS,
+    IDLE_THREADS,
+    INTERVAL,
+    SHORT_WAIT,
+    TIMEOUT,
+    WORKER_CONNECTIONS,
+)
 from ._environ import HELP as ENVIRONMENT_HELP
 from ._environ import parse_args
 from ._exceptions import ConfigurationError, ThreadserveError
@@ -278,10 +285,10 @@ def _add_worker_options(serve: argparse.ArgumentParser) -> None:
     )
     workers.add_argument(
         "--max-worker-connections",
-        type=CONNECTIONS.parse,
+        type=WORKER_CONNECTIONS.parse,
         metavar="N",
         help="replace a worker after about N connections (plus up to 10%% jitter), its "
-        "replacement ready first; for handlers using leaky libraries",
+        "replacement ready first; for handlers using leaky libraries (default: 0, never)",
     )
     workers.add_argument(
         "--reuse-port",
@@ -353,7 +360,7 @@ def _warn_of_worker_options(args: argparse.Namespace) -> None:
         for flag, given in (
             ("--reuse-port", args.reuse_port),
             ("--worker-timeout", args.worker_timeout != DEFAULT_WORKER_TIMEOUT),
-            ("--max-worker-connections", args.max_worker_connections is not None),
+            ("--max-worker-connections", bool(args.max_worker_connections)),
         )
         if given
     ]
