@@ -20,6 +20,7 @@ from __future__ import annotations
 import enum
 import resource
 
+from ._checks import CONNECTIONS
 from ._exceptions import ConfigurationError
 
 #: Descriptors kept back for the server itself (listeners, pipes, logs, imports).
@@ -58,10 +59,8 @@ class Admission:
             ("max_connections", max_connections),
             ("max_connections_per_ip", max_connections_per_ip),
         ):
-            if value is not None and (
-                isinstance(value, bool) or not isinstance(value, int) or value < 1
-            ):
-                raise ConfigurationError(f"{name}={value!r}: must be a whole number, 1 or more")
+            if value is not None:
+                CONNECTIONS.check(name, value)
         try:
             self.policy = OverloadPolicy(policy)
         except ValueError:

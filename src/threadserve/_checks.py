@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import argparse
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol, TypeVar
 
 from ._exceptions import ConfigurationError
 
@@ -56,13 +58,7 @@ class Seconds:
 
     def parse(self, text: str) -> float:
         """For argparse's ``type=``: the command line's text, checked."""
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-        if not self.holds(value):
-            raise argparse.ArgumentTypeError(f"{text!r}: must be {self.describe()}")
-        return value
+        return _parse(text, float, "a number of seconds", self)
 
 
 @dataclass(frozen=True)
@@ -84,13 +80,28 @@ class Count:
         raise ConfigurationError(f"{name}={value!r}: must be {self.describe()}")
 
     def parse(self, text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {self.what}") from None
-        if not self.holds(value):
-            raise argparse.ArgumentTypeError(f"{text!r}: must be {self.describe()}")
-        return value
+        """For argparse's ``type=``: the command line's text, checked."""
+        return _parse(text, int, self.what, self)
+
+
+class _Range(Protocol):
+    def holds(self, value: object) -> bool: ...
+
+    def describe(self) -> str: ...
+
+
+_Number = TypeVar("_Number", int, float)
+
+
+def _parse(text: str, convert: Callable[[str], _Number], what: str, valid: _Range) -> _Number:
+    """``text`` converted and checked, or argparse's error (which names the flag)."""
+    try:
+        value = convert(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+    if not valid.holds(value):
+        raise argparse.ArgumentTypeError(f"{text!r}: must be {valid.describe()}")
+    return value
 
 
 def check_type(name: str, value: object, expected: type | tuple[type, ...], what: str) -> None:

@@ -24,6 +24,7 @@ from ._checks import (
     SHORT_WAIT,
     TIMEOUT,
     WORKER_CONNECTIONS,
+    WORKERS,
 )
 from ._environ import HELP as ENVIRONMENT_HELP
 from ._environ import parse_args
@@ -311,12 +312,9 @@ def _worker_count(text: str) -> int:
     if text.strip().lower() == "auto":
         return cpu_count()
     try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of workers or 'auto'") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: at least 1 worker")
-    return value
+        return WORKERS.parse(text)
+    except argparse.ArgumentTypeError as exc:
+        raise argparse.ArgumentTypeError(f"{exc} (or 'auto')") from None
 
 
 def _seconds_or_none(text: str) -> float | None:
@@ -324,14 +322,16 @@ def _seconds_or_none(text: str) -> float | None:
     if text.strip().lower() in ("none", "off"):
         return None
     try:
-        if float(text) == 0:
-            return None
+        value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds or 'none'") from None
-    try:
-        return TIMEOUT.parse(text)
-    except argparse.ArgumentTypeError as exc:
-        raise argparse.ArgumentTypeError(f"{exc} (or 'none' for no limit)") from None
+    if value == 0:
+        return None
+    if not TIMEOUT.holds(value):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: must be {TIMEOUT.describe()} (or 'none' for no limit)"
+        )
+    return value
 
 
 def _conflict(args: argparse.Namespace) -> str | None:
