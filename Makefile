@@ -6,10 +6,12 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
+# An editable install builds the compiled read into src/; a changed C file rebuilds it.
+BUILD_INPUTS := pyproject.toml setup.py src/threadserve/_fastread.c
 
 .PHONY: run test test-all-pythons check-package lint typecheck bench bench-quick fuzz clean
 
-$(STAMP): pyproject.toml
+$(STAMP): $(BUILD_INPUTS)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[test]'
@@ -20,7 +22,7 @@ $(STAMP): pyproject.toml
 # installs only the package, so a first run does not wait for the test tools.
 RUN_STAMP := $(VENV)/.run-installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-$(RUN_STAMP): pyproject.toml
+$(RUN_STAMP): $(BUILD_INPUTS)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet -e .
 	rm -f $(VENV)/.run-installed-*
@@ -30,11 +32,17 @@ $(RUN_STAMP): pyproject.toml
 run: $(RUN_STAMP)
 	$(BIN)/threadserve serve echo --bind 127.0.0.1:8000
 
-## test: the whole suite (the stop contract twice: eventfds, then the pipes used where
-## there are none), then strict type checking and lint
+# The suites that read from sockets, run again with the pure-Python read.
+PURE_PYTHON_TESTS := tests/test_fastread.py tests/test_connection.py tests/test_stop.py \
+	tests/test_property.py tests/test_hostile.py tests/test_cli.py
+
+## test: the whole suite (with the compiled read), then the reading suites with the
+## pure-Python read, the stop contract on the pipes used where there is no eventfd,
+## then strict type checking and lint
 test: $(STAMP)
 	bash scripts/system-packages
 	$(BIN)/python -m pytest
+	THREADSERVE_PURE_PYTHON=1 $(BIN)/python -m pytest -q $(PURE_PYTHON_TESTS)
 	THREADSERVE_FORCE_PIPE_BROADCAST=1 $(BIN)/python -m pytest -q tests/test_stop.py
 	$(BIN)/python -m mypy
 	$(BIN)/python -m ruff check .

@@ -3,9 +3,10 @@
 One session per version, ``tests-3.10`` to ``tests-3.13``. Each installs the
 package with its ``test`` extra (not editable: the installed wheel is what is
 tested) into a venv of its own under ``.nox/`` and runs pytest; arguments after
-``--`` go to pytest (``nox -s tests-3.12 -- tests/test_stop.py``). Without arguments, the stop
-contract (tests/test_stop.py) runs a second time with pipes for stop
-descriptors, the fallback for platforms without eventfd.
+``--`` go to pytest (``nox -s tests-3.12 -- tests/test_stop.py``). Without arguments, the
+suites that read from sockets run a second time with the pure-Python read, and the stop
+contract (tests/test_stop.py) a third time with pipes for stop descriptors, the
+fallback for platforms without eventfd.
 
 Why interpreters are found here rather than by nox: on the project's machines
 the interpreters live under pyenv (``~/.pyenv/versions/3.X.Y``) and ``PATH``
@@ -26,6 +27,15 @@ import subprocess
 import nox
 
 PYTHONS = ("3.10", "3.11", "3.12", "3.13")
+# As the Makefile's PURE_PYTHON_TESTS.
+PURE_PYTHON_TESTS = (
+    "tests/test_fastread.py",
+    "tests/test_connection.py",
+    "tests/test_stop.py",
+    "tests/test_property.py",
+    "tests/test_hostile.py",
+    "tests/test_cli.py",
+)
 
 nox.options.default_venv_backend = "venv"
 nox.options.download_python = "never"
@@ -85,6 +95,16 @@ def _install_and_test(session: nox.Session) -> None:
     session.install(".[test]")
     session.run("python", "-m", "pytest", *session.posargs)
     if not session.posargs:
+        # The suites that read from sockets again, with the pure-Python read
+        # (what an install without a C compiler gets).
+        session.run(
+            "python",
+            "-m",
+            "pytest",
+            "-q",
+            *PURE_PYTHON_TESTS,
+            env={"THREADSERVE_PURE_PYTHON": "1"},
+        )
         # The stop contract again on the pipes used where there is no eventfd (macOS).
         session.run(
             "python",

@@ -2,10 +2,13 @@
 
     .venv/bin/python -m bench.cost_per_request [--rounds 3] [--cases echo:1000,blocking:1000]
 
-Four servers, each warmed and then measured under the same closed-loop load,
+Five servers, each warmed and then measured under the same closed-loop load,
 alternated round by round:
 
 - ``threadserve``: the CLI with the built-in echo (or the bench's blocking echo);
+- ``ts, pure-Python reads``: the same with ``THREADSERVE_PURE_PYTHON=1``, so
+  ``Connection.recv`` waits and reads in Python instead of through the
+  compiled ``_fastread`` module: the first two rows differ by what it saves;
 - ``ts + bare loop``: threadserve running the bare loop's body (blocking
   ``recv``, ``sendall``) on the accepted socket itself, so only the
   Connection read/write path is left out;
@@ -17,10 +20,12 @@ alternated round by round:
 For each, the server process's user and system CPU per request, taken from
 the kernel's accounting around the measured run (no profiler is attached:
 ``perf stat -p`` on a thousand threads slows them down, by different amounts
-for different servers). Medians over rounds. Reading it: the first two rows
-differ by what the Connection costs; the second and last by what the rest of
-threadserve costs; the third row splits the Connection's cost into the read
-through ``poll`` and the Python around it.
+for different servers). Medians over rounds. Reading it: ``threadserve``
+and ``ts + bare loop`` differ by what the Connection costs; ``ts + bare
+loop`` and ``threads-bare`` by what the rest of threadserve costs; ``ts +
+poll/recv`` splits the Connection's cost into the read through ``poll`` and
+the Python around it; and ``threadserve`` and ``ts, pure-Python reads`` by
+what the compiled read saves.
 
 A diagnostic, not a published figure: ``python -m bench`` measures throughput.
 """
@@ -48,6 +53,7 @@ class Variant:
     label: str
     peer: str  # the peer as `python -m bench` runs it
     handler: str | None = None  # instead, threadserve serving this handler ({kind}: the workload's)
+    env: tuple[tuple[str, str], ...] = ()  # the server's environment, on top of the usual
 
     def argv(self, port: int, workload: str) -> list[str]:
         if self.handler is None:
@@ -60,6 +66,7 @@ class Variant:
 
 VARIANTS = (
     Variant("threadserve", "threadserve"),
+    Variant("ts, pure-Python reads", "threadserve", env=(("THREADSERVE_PURE_PYTHON", "1"),)),
     Variant("ts + bare loop", "threadserve", "bench.handlers:bare_socket_{kind}"),
     Variant("ts + poll/recv", "threadserve", "bench.handlers:polled_socket_{kind}"),
     Variant("threads-bare", "threads-bare"),
@@ -76,7 +83,7 @@ class Measure:
 def measure(variant: Variant, workload: str, conns: int, loadgen: Path) -> Measure:
     port = free_port()
     size = REQUEST_SIZE[workload]
-    with ServerProcess(variant.argv(port, workload), port, cpu=0) as server:
+    with ServerProcess(variant.argv(port, workload), port, cpu=0, env=dict(variant.env)) as server:
         server.wait_listening(timeout=30)
 
         def load(seconds: float) -> JsonDict:

@@ -36,6 +36,9 @@ SCRUBBED_ENV = (
     "PYTHONMALLOC",
     "PYTHONFAULTHANDLER",
     "PYTHONWARNINGS",
+    # threadserve's own switch to its pure-Python read (bench.cost_per_request
+    # sets it on purpose for one of its rows).
+    "THREADSERVE_PURE_PYTHON",
 )
 
 

@@ -7,7 +7,8 @@ Run by ``make check-package`` (and so by CI). Checks what a user who runs
    missing from the sdist fails here); a setuptools deprecation warning in its
    output (the old ``license`` table, for one) fails too.
 2. A new venv, made outside the source tree, gets the wheel and nothing else.
-3. That venv's ``threadserve --version`` names the built version, and
+3. That venv's ``threadserve --version`` names the built version and the
+   compiled read (the wheel carries the C module), and
    ``threadserve serve echo`` on a free loopback port echoes a real client's
    bytes, and at SIGTERM sends the goodbye notice, a clean EOF, and exits 0.
 
@@ -140,8 +141,12 @@ def main() -> None:
             fail(f"threadserve was imported from {where}, not from the clean venv")
         expected = wheel.name.split("-")[1]
         version = run(venv / "bin" / "threadserve", "--version", cwd=workdir).strip()
-        if version != f"threadserve {expected}":
-            fail(f"threadserve --version said {version!r}, expected 'threadserve {expected}'")
+        # The wheel was built here, where gcc is: its read must be the compiled one.
+        if version != f"threadserve {expected} (compiled reads)":
+            fail(
+                f"threadserve --version said {version!r}, "
+                f"expected 'threadserve {expected} (compiled reads)'"
+            )
         serve_from(venv, workdir)
 
 

@@ -24,7 +24,7 @@ from support import (
 )
 
 import threadserve
-from threadserve import cli
+from threadserve import _accel, cli
 from threadserve._environ import parse_args as cli_parse_args
 from threadserve._environ import variable_name
 from threadserve.cli import build_parser
@@ -299,10 +299,12 @@ def parse(argv: list[str], **environ: str) -> argparse.Namespace:
     return cli_parse_args(build_parser(), ["serve", *argv], environ)
 
 
-def test_version_prints_the_package_version() -> None:
+def test_version_prints_the_package_version_and_how_it_reads() -> None:
     result = run_cli("--version")
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == f"threadserve {threadserve.__version__}"
+    # The CLI runs in a subprocess that inherits this environment, and so reads as we do.
+    reads = _accel.reads()
+    assert result.stdout.strip() == f"threadserve {threadserve.__version__} ({reads} reads)"
 
 
 @pytest.mark.parametrize("spelling", ["WARNING", "warning", "Warning"])

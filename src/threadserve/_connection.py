@@ -34,6 +34,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import TypeVar
 
+from ._accel import poll_recv as _poll_recv
 from ._cancel import CancelCallback, CancelToken
 from ._exceptions import (
     ConnectionClosed,
@@ -226,25 +227,39 @@ class Connection:
         # recv. Anything unusual (the stop, spurious readiness) falls through
         # to the general path below.
         if self._plain_reads and self._stop_budget is None and not self._reading_done:
-            events = self._poll_readable()
-            # Inlined _only_socket_ready and _count_received: this runs once
-            # per message, and each Python call here is a measurable share.
-            if len(events) == 1 and events[0][0] == self._fd and not self._stop_begun.is_set():
-                try:
-                    chunk = self._sock.recv(bufsize)
-                except _WOULD_BLOCK:
-                    pass  # Spurious readiness: the general path waits again.
-                else:
-                    if chunk:
-                        self.bytes_received += len(chunk)
+            if _poll_recv is not None:
+                # Compiled (_fastread.c): both calls in one release of the GIL.
+                # A stop already begun takes the general path, which sees it.
+                if not self._stop_begun.is_set():
+                    result = _poll_recv(self._fd, self._stop_fd, bufsize)
+                    if type(result) is bytes:
+                        if result:
+                            self.bytes_received += len(result)
+                        else:
+                            self._mark_eof()
+                        return result
+                    if result is not None and not self._stop_reading_after(result == 1):
+                        return b""
+            else:
+                events = self._poll_readable()
+                # Inlined _only_socket_ready and _count_received: this runs once
+                # per message, and each Python call here is a measurable share.
+                if len(events) == 1 and events[0][0] == self._fd and not self._stop_begun.is_set():
+                    try:
+                        chunk = self._sock.recv(bufsize)
+                    except _WOULD_BLOCK:
+                        pass  # Spurious readiness: the general path waits again.
                     else:
-                        self._mark_eof()
-                    return chunk
-            # The stop: these events say what had arrived by then, so an idle
-            # connection ends here, without a second poll (at a stop of
-            # thousands, every system call waits for the GIL once more).
-            elif not self._readable_after(events):
-                return b""
+                        if chunk:
+                            self.bytes_received += len(chunk)
+                        else:
+                            self._mark_eof()
+                        return chunk
+                # The stop: these events say what had arrived by then, so an idle
+                # connection ends here, without a second poll (at a stop of
+                # thousands, every system call waits for the GIL once more).
+                elif not self._readable_after(events):
+                    return b""
         return self._recv_from_socket(bufsize, self._idle_deadline())
 
     def recv_into(self, buffer: bytearray | memoryview, nbytes: int = 0) -> int:
@@ -574,10 +589,13 @@ class Connection:
         """What a poll of the socket and the stop descriptor found: True if there is input."""
         if self._only_socket_ready(events):
             return True
-        socket_ready = any(fd == self._fd for fd, _mask in events)
-        # The server is stopping. What the client had sent by now is still read
-        # and answered; what it sends later is not, or a client that keeps
-        # sending would hold the stop open until the grace period runs out.
+        return self._stop_reading_after(any(fd == self._fd for fd, _mask in events))
+
+    def _stop_reading_after(self, socket_ready: bool) -> bool:
+        """The server is stopping: read only what had arrived. True if there is some."""
+        # What the client had sent by now is still read and answered; what it
+        # sends later is not, or a client that keeps sending would hold the
+        # stop open until the grace period runs out.
         self._stop_budget = max(1, queued_bytes(self._fd)) if socket_ready else 0
         return self._stop_budget > 0 or self._end_reading_for_stop()
 

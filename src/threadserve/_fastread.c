@@ -1,0 +1,131 @@
+/*
+ * The read of Connection.recv's hot path, compiled: wait on the client socket
+ * and the stop descriptor, then read, in one release of the GIL.
+ *
+ * Why: in Python the same read is `poll.poll()` and then `socket.recv()`.
+ * Each call gives the GIL up and takes it back, and with many connection
+ * threads every take may wait behind another thread; each also builds
+ * Python objects (the event list, its tuples) that are thrown away at once.
+ * Here both system calls run with the GIL given up once, and the only
+ * object made is the bytes returned (`python -m bench.cost_per_request`
+ * measures the difference: its "pure Python reads" row).
+ *
+ * The module is optional. If it did not build, or THREADSERVE_PURE_PYTHON is
+ * set, _connection.py does the same in Python (see _accel.py), and the test
+ * suite runs the reading tests both ways.
+ *
+ * Only the usual case is handled here; everything else is handed back to the
+ * general path in Python, which knows deadlines, TLS and the stop budget.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <errno.h>
+#include <limits.h>
+#include <poll.h>
+#include <sys/socket.h>
+
+#define SOCKET_EVENTS (POLLIN | POLLPRI)
+
+PyDoc_STRVAR(poll_recv_doc,
+"poll_recv(fd, stop_fd, bufsize, /)\n"
+"--\n"
+"\n"
+"Wait until fd or stop_fd is readable, then read up to bufsize bytes from fd.\n"
+"\n"
+"Returns the bytes read (b\"\" at end of stream) when only fd was ready.\n"
+"Returns an int when stop_fd was ready: 1 if fd had input too, else 0;\n"
+"nothing is read then. Returns None when there was nothing to read after all\n"
+"(spurious readiness) or a signal interrupted the wait: the caller waits again\n"
+"its own way. Raises OSError for any other error of poll() or recv().");
+
+static PyObject *
+poll_recv(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)module;
+    if (nargs != 3) {
+        PyErr_Format(PyExc_TypeError, "poll_recv() takes 3 arguments (%zd given)", nargs);
+        return NULL;
+    }
+    long fd = PyLong_AsLong(args[0]);
+    if (fd == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    long stop_fd = PyLong_AsLong(args[1]);
+    if (stop_fd == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    Py_ssize_t bufsize = PyLong_AsSsize_t(args[2]);
+    if (bufsize == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (fd < 0 || fd > INT_MAX || stop_fd < 0 || stop_fd > INT_MAX) {
+        PyErr_SetString(PyExc_ValueError, "poll_recv(): file descriptors must be >= 0");
+        return NULL;
+    }
+    if (bufsize <= 0) {
+        PyErr_SetString(PyExc_ValueError, "poll_recv(): bufsize must be > 0");
+        return NULL;
+    }
+    /* As socket.recv does: a bytes object of the full size, shrunk after. */
+    PyObject *data = PyBytes_FromStringAndSize(NULL, bufsize);
+    if (data == NULL) {
+        return NULL;
+    }
+    struct pollfd fds[2] = {
+        {.fd = (int)fd, .events = SOCKET_EVENTS, .revents = 0},
+        {.fd = (int)stop_fd, .events = POLLIN, .revents = 0},
+    };
+    int ready;
+    int error = 0;
+    ssize_t received = -1;
+    Py_BEGIN_ALLOW_THREADS
+    ready = poll(fds, 2, -1);
+    if (ready < 0) {
+        error = errno;
+    }
+    else if (fds[1].revents == 0) {
+        /* The socket is non-blocking: this never waits. */
+        received = recv((int)fd, PyBytes_AS_STRING(data), (size_t)bufsize, 0);
+        if (received < 0) {
+            error = errno;
+        }
+    }
+    Py_END_ALLOW_THREADS
+
+    if (ready < 0 || received < 0) {
+        Py_DECREF(data);
+        if (fds[1].revents != 0) {
+            /* The stop: nothing was read; say whether the client had sent more. */
+            return PyLong_FromLong(fds[0].revents != 0);
+        }
+        if (error == EINTR || error == EAGAIN || error == EWOULDBLOCK) {
+            Py_RETURN_NONE;
+        }
+        errno = error;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    if (received < bufsize && _PyBytes_Resize(&data, (Py_ssize_t)received) < 0) {
+        return NULL;
+    }
+    return data;
+}
+
+static PyMethodDef fastread_methods[] = {
+    {"poll_recv", (PyCFunction)(void (*)(void))poll_recv, METH_FASTCALL, poll_recv_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef fastread_module = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "threadserve._fastread",
+    .m_doc = "The compiled read of Connection.recv's hot path (optional; see _accel.py).",
+    .m_size = 0,
+    .m_methods = fastread_methods,
+};
+
+PyMODINIT_FUNC
+PyInit__fastread(void)
+{
+    return PyModuleDef_Init(&fastread_module);
+}

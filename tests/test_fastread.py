@@ -1,0 +1,142 @@
+"""The compiled read (src/threadserve/_fastread.c) and the switch between it and Python.
+
+The module is built by every install on a machine with a C compiler, as CI's
+is: a build that failed quietly fails the first test here. The Connection's
+own behaviour is tested both ways by running the reading suites again with
+THREADSERVE_PURE_PYTHON=1 (see the Makefile and noxfile.py).
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import socket
+import struct
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import pytest
+
+from threadserve import _accel
+from threadserve._fastread import poll_recv
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
+    """A connected TCP pair on loopback: (the server's non-blocking end, the client)."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        client = socket.create_connection(listener.getsockname()[:2], timeout=10)
+        server, _ = listener.accept()
+    server.setblocking(False)
+    with server, client:
+        yield server, client
+
+
+@pytest.fixture
+def stop_pipe() -> Iterator[tuple[int, int]]:
+    read_end, write_end = os.pipe()
+    yield read_end, write_end
+    os.close(read_end)
+    os.close(write_end)
+
+
+def test_the_compiled_read_is_built_and_used_unless_turned_off() -> None:
+    turned_off = os.environ.get(_accel.PURE_PYTHON_VARIABLE, "") not in ("", "0")
+    assert (_accel.poll_recv is None) == turned_off
+    assert _accel.reads() == ("pure Python" if turned_off else "compiled")
+
+
+@pytest.mark.parametrize(
+    ("value", "reads"), [("1", "pure Python"), ("0", "compiled"), ("", "compiled")]
+)
+def test_the_variable_chooses_the_read(value: str, reads: str) -> None:
+    environ = {**os.environ, _accel.PURE_PYTHON_VARIABLE: value}
+    done = subprocess.run(
+        [sys.executable, "-c", "from threadserve import _accel; print(_accel.reads())"],
+        env=environ,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert done.stdout.strip() == reads
+
+
+def test_returns_what_arrived_up_to_bufsize(
+    pair: tuple[socket.socket, socket.socket], stop_pipe: tuple[int, int]
+) -> None:
+    server, client = pair
+    client.sendall(b"hello, world")
+    assert poll_recv(server.fileno(), stop_pipe[0], 5) == b"hello"
+    assert poll_recv(server.fileno(), stop_pipe[0], 100) == b", world"
+
+
+def test_waits_for_input_then_returns_b_empty_at_end_of_stream(
+    pair: tuple[socket.socket, socket.socket], stop_pipe: tuple[int, int]
+) -> None:
+    server, client = pair
+    client.shutdown(socket.SHUT_WR)
+    assert poll_recv(server.fileno(), stop_pipe[0], 100) == b""
+
+
+@pytest.mark.parametrize("client_sent", [b"", b"late"])
+def test_the_stop_reads_nothing_and_says_whether_input_waits(
+    pair: tuple[socket.socket, socket.socket], stop_pipe: tuple[int, int], client_sent: bytes
+) -> None:
+    server, client = pair
+    if client_sent:
+        client.sendall(client_sent)
+        # The bytes are in the server's receive queue before the stop fires.
+        select.select([server], [], [], 10)
+    os.write(stop_pipe[1], b"x")
+    assert poll_recv(server.fileno(), stop_pipe[0], 100) == (1 if client_sent else 0)
+    if client_sent:
+        # Nothing was taken from the socket: the stop path reads it its own way.
+        assert server.recv(100) == client_sent
+
+
+def test_a_reset_raises_connection_reset_error(
+    pair: tuple[socket.socket, socket.socket], stop_pipe: tuple[int, int]
+) -> None:
+    server, client = pair
+    # SO_LINGER with a zero timeout: close() sends RST instead of FIN.
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    client.close()
+    with pytest.raises(ConnectionResetError):
+        poll_recv(server.fileno(), stop_pipe[0], 100)
+
+
+def test_readiness_with_nothing_to_read_returns_none(
+    pair: tuple[socket.socket, socket.socket], stop_pipe: tuple[int, int]
+) -> None:
+    server, client = pair
+    # One byte of TCP urgent data: poll() reports POLLPRI, but a plain recv()
+    # skips the urgent byte and finds nothing (EAGAIN). The caller waits again.
+    client.send(b"!", socket.MSG_OOB)
+    assert poll_recv(server.fileno(), stop_pipe[0], 100) is None
+    client.sendall(b"after")
+    assert poll_recv(server.fileno(), stop_pipe[0], 100) == b"after"
+
+
+def test_a_closed_descriptor_raises_os_error(stop_pipe: tuple[int, int]) -> None:
+    probe = socket.socket()
+    fd = probe.fileno()
+    probe.close()
+    with pytest.raises(OSError, match="Bad file descriptor"):
+        poll_recv(fd, stop_pipe[0], 100)
+
+
+@pytest.mark.parametrize(
+    "arguments", [(-1, 0, 100), (0, -1, 100), (0, 0, 0), (0, 0, -5), (2**40, 0, 1)]
+)
+def test_bad_arguments_raise_value_or_overflow_error(arguments: tuple[int, int, int]) -> None:
+    with pytest.raises((ValueError, OverflowError)):
+        poll_recv(*arguments)
+
+
+def test_wrong_argument_count_or_type_raises_type_error() -> None:
+    with pytest.raises(TypeError):
+        poll_recv(0, 0)  # type: ignore[call-arg]
+    with pytest.raises(TypeError):
+        poll_recv("0", 0, 1)  # type: ignore[arg-type]
