@@ -367,3 +367,22 @@ class StopInBackground:
         self._thread.join(30)
         assert self.report is not None
         return self.report
+
+
+_ports_handed_out: set[int] = set()
+
+
+def free_port() -> int:
+    """A loopback TCP port that was free a moment ago and not handed out before in this run.
+
+    The kernel may give the same port 0 twice in a row once the probe closes;
+    a test that needs two ports (a server and its agent, two instances behind
+    HAProxy) must get two different ones.
+    """
+    while True:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port: int = probe.getsockname()[1]
+        if port not in _ports_handed_out:
+            _ports_handed_out.add(port)
+            return port

@@ -16,7 +16,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support import NOTICE, SETTLE, ServerProcess, recv_until_eof, subprocess_env, wait_until
+from support import (
+    NOTICE,
+    SETTLE,
+    ServerProcess,
+    free_port,
+    recv_until_eof,
+    subprocess_env,
+    wait_until,
+)
 
 from threadserve import BindError, _agent
 from threadserve._agent import AgentResponder
@@ -232,13 +240,6 @@ def test_lingering_checks_are_bounded_and_closed_with_the_responder(
 
 
 # ------------------------------------------------- one process: a real signal starts the drain
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 #: Long enough for the checks below on a busy machine; every run waits it out.

@@ -34,7 +34,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support import NOTICE, SETTLE, ServerProcess, wait_until
+from support import NOTICE, SETTLE, ServerProcess, free_port, wait_until
 
 from threadserve._agent import AgentResponder
 
@@ -48,13 +48,6 @@ CLIENTS = 16
 DRAIN_DELAY = 5.0
 #: Sessions per client at most; the load also stops once the restarts are done.
 MAX_SESSIONS = 20_000
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 class Instance:

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import psutil
 import pytest
 from conftest import ServerFactory
-from support import NOTICE, connect, recv_exactly, recv_until_eof, wait_until
+from support import NOTICE, connect, free_port, recv_exactly, recv_until_eof, wait_until
 
 from threadserve import BindError, ConfigurationError, Server, echo
 from threadserve._listeners import BindAddress, open_listeners, parse_bind_address
@@ -166,14 +166,6 @@ def test_several_addresses_are_served_at_once(serve: ServerFactory, socket_dir: 
     assert peers[0].startswith("127.0.0.1:")
     assert peers[1].startswith("[::1]:")
     assert peers[2].startswith("unix:")
-
-
-def free_port() -> int:
-    """A port that was free a moment ago (the kernel picks the next port 0 elsewhere)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 def listening_ports() -> set[int]:

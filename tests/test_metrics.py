@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -28,6 +27,7 @@ from support import (
     SETTLE,
     ServerProcess,
     connect,
+    free_port,
     recv_exactly,
     recv_until_eof,
     subprocess_env,
@@ -386,13 +386,6 @@ def test_workers_a_recycled_worker_leaves_its_counts_in_the_sums() -> None:
 
 
 # ------------------------------------------------------------------ a real Prometheus
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @pytest.fixture

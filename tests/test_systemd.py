@@ -23,17 +23,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support import NOTICE, SETTLE, ServerProcess, recv_exactly, subprocess_env
+from support import NOTICE, SETTLE, ServerProcess, free_port, recv_exactly, subprocess_env
 
 from threadserve._systemd import Notifier, activated_sockets, resolve_binds
 
 pytestmark = pytest.mark.timeout(90)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def activate(port: int, *args: str) -> ServerProcess:
