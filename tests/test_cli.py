@@ -214,6 +214,8 @@ def test_bad_command_line_exits_2_with_usage(args: list[str]) -> None:
         ("--max-connections", "0"),
         ("--max-connections-per-ip", "-2"),
         ("--idle-threads", "-1"),
+        # Each worker is a process: a typo of a count forked until memory ran out.
+        ("--workers", "40000"),
     ],
 )
 def test_a_value_out_of_range_is_a_usage_error_naming_the_flag(

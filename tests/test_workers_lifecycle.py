@@ -14,6 +14,7 @@ from support import SETTLE, ServerProcess, recv_exactly
 from test_workers import READY_LINE, Load, start_supervisor, wait_for, workers_of
 
 from threadserve import ConfigurationError
+from threadserve._checks import MAX_WORKERS
 from threadserve._supervisor import Supervisor
 
 pytestmark = pytest.mark.timeout(120)
@@ -120,6 +121,7 @@ def test_a_second_sigterm_forces_every_worker_and_exits_3() -> None:
     ("settings", "message"),
     [
         ({"workers": 0}, "workers=0"),
+        ({"workers": MAX_WORKERS + 1}, f"workers={MAX_WORKERS + 1}"),
         # Through the API as through the command line: a NaN or infinite
         # drain never ended, a NaN worker timeout crashed the supervisor's
         # wait, and 0 killed every worker before it could be ready.
@@ -136,3 +138,14 @@ def test_a_supervisor_refuses_bad_settings_before_starting_anything(
     arguments = {"workers": 1, **settings}
     with pytest.raises(ConfigurationError, match=message):
         Supervisor(["true"], [], **arguments)  # type: ignore[arg-type]
+
+
+def test_sigttin_adds_no_worker_past_the_most(caplog: pytest.LogCaptureFixture) -> None:
+    # A supervisor that has not started: at the most already, SIGTTIN's
+    # adjustment returns before it would fork (which would fail here: no listeners).
+    supervisor = Supervisor(["true"], [], workers=MAX_WORKERS)
+    with caplog.at_level("INFO", logger="threadserve"):
+        supervisor._adjust(+1)
+    assert supervisor.wanted == MAX_WORKERS
+    assert supervisor.workers == []
+    assert f"SIGTTIN ignored: {MAX_WORKERS} workers is the most" in caplog.text

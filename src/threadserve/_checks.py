@@ -63,15 +63,20 @@ class Seconds:
 
 @dataclass(frozen=True)
 class Count:
-    """A whole number of at least ``minimum``."""
+    """A whole number of at least ``minimum`` (and at most ``maximum``, if given)."""
 
     minimum: int
     what: str = "a whole number"
+    maximum: int | None = None
 
     def holds(self, value: object) -> bool:
-        return not isinstance(value, bool) and isinstance(value, int) and value >= self.minimum
+        if isinstance(value, bool) or not isinstance(value, int):
+            return False
+        return self.minimum <= value and (self.maximum is None or value <= self.maximum)
 
     def describe(self) -> str:
+        if self.maximum is not None:
+            return f"{self.what}, from {self.minimum} to {self.maximum}"
         return f"{self.what}, {self.minimum} or more"
 
     def check(self, name: str, value: object) -> int:
@@ -139,7 +144,11 @@ IDLE_THREADS = Count(0, "a count of threads")
 CHUNK_SIZE = Count(1, "a byte count")
 #: What a Group may queue for one member.
 MAX_QUEUED = Count(1, "a byte count")
-WORKERS = Count(1, "a count of workers")
+#: Each worker is a whole interpreter (tens of MiB): a typo such as
+#: ``--workers 40000`` would fork until memory or pids ran out. 1,024 is far
+#: above any core count this is meant for, and SIGTTIN stops there too.
+MAX_WORKERS = 1024
+WORKERS = Count(1, "a count of workers", MAX_WORKERS)
 #: Connections a client may hold at once.
 CONNECTIONS = Count(1, "a count of connections")
 #: Connections a worker serves before it is replaced (0: never replaced).

@@ -32,7 +32,8 @@ the main loop handles them in order (gunicorn's arbiter has this shape):
   drain delay the agent says ``up ready`` throughout: the old workers hand
   the shared queue over to ready new ones, so the instance as a whole never
   stops accepting.
-* SIGTTIN, SIGTTOU: one worker more, one fewer (never fewer than one).
+* SIGTTIN, SIGTTOU: one worker more, one fewer (never fewer than one, nor
+  more than MAX_WORKERS).
 * SIGUSR2: upgrade the supervisor itself (see _upgrade.py). A successor
   (``sys.executable -m threadserve`` with the same arguments: a new
   threadserve or Python) starts as a child, inherits the listening sockets
@@ -91,7 +92,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from ._agent import AgentResponder
-from ._checks import INTERVAL, SHORT_WAIT, WORKERS
+from ._checks import INTERVAL, MAX_WORKERS, SHORT_WAIT, WORKERS
 from ._connection import DEFAULT_CHUNK_SIZE
 from ._exceptions import ConfigurationError
 from ._listeners import LISTEN_BACKLOG, BindAddress, Listener, open_listeners
@@ -706,6 +707,9 @@ class Supervisor:
             return
         serving = [w for w in self.workers if not w.stopping and w.replaced_by is None]
         if change > 0:
+            if self.wanted >= MAX_WORKERS:
+                logger.info("SIGTTIN ignored: %d workers is the most", MAX_WORKERS)
+                return
             self.wanted += 1
             self._spawn()
         elif len(serving) > 1:

@@ -21,6 +21,7 @@ from ._checks import (
     CONNECTIONS,
     IDLE_THREADS,
     INTERVAL,
+    MAX_WORKERS,
     SHORT_WAIT,
     TIMEOUT,
     WORKER_CONNECTIONS,
@@ -278,8 +279,8 @@ def _add_worker_options(serve: argparse.ArgumentParser) -> None:
         "--workers",
         type=_worker_count,
         metavar="N|auto",
-        help="serve from N processes under a supervisor ('auto': one per CPU this process "
-        "may use); without it, one process serves",
+        help=f"serve from N processes under a supervisor, N at most {MAX_WORKERS} ('auto': "
+        "one per CPU this process may use); without it, one process serves",
     )
     workers.add_argument(
         "--worker-timeout",
@@ -315,7 +316,7 @@ def _add_worker_options(serve: argparse.ArgumentParser) -> None:
 
 def _worker_count(text: str) -> int:
     if text.strip().lower() == "auto":
-        return cpu_count()
+        return min(cpu_count(), MAX_WORKERS)
     try:
         return WORKERS.parse(text)
     except argparse.ArgumentTypeError as exc:
