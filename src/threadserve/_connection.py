@@ -223,6 +223,11 @@ class Connection:
             return data
         if bufsize <= 0:
             return b""  # As socket.recv(0): nothing asked, nothing read, not the end.
+        return self._read_chunk(bufsize)
+
+    def _read_chunk(self, bufsize: int) -> bytes:
+        """Up to ``bufsize`` bytes from the socket itself, past the buffer: what
+        ``recv``, ``readline`` and ``readexactly`` read when no deadline applies."""
         # The hot path, for plain TCP without read deadlines: one poll, one
         # recv. Anything unusual (the stop, spurious readiness) falls through
         # to the general path below.
@@ -636,6 +641,8 @@ class Connection:
         """The next chunk of a frame: within the idle timeout and the frame's own deadline."""
         deadline = self._idle_deadline()
         if frame_deadline is None or (deadline is not None and deadline <= frame_deadline):
+            if deadline is None:
+                return self._read_chunk(bufsize)  # No deadline at all: the hot path.
             return self._recv_from_socket(bufsize, deadline)
         # The frame's deadline is the nearest (the lifetime's is never nearer
         # than the idle one), so a timeout here is the read timeout's.
