@@ -12,7 +12,9 @@ BUILD_INPUTS := pyproject.toml setup.py src/threadserve/_fastread.c
 .PHONY: run test test-all-pythons check-package lint typecheck bench bench-quick fuzz clean
 
 $(STAMP): $(BUILD_INPUTS)
+	PYTHON=$(PYTHON) bash scripts/system-packages
 	$(PYTHON) -m venv $(VENV)
+	rm -f src/threadserve/_fastread*.so  # A failed build must not leave the old one in use.
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	rm -f $(VENV)/.installed-*
@@ -24,6 +26,7 @@ RUN_STAMP := $(VENV)/.run-installed-$(shell cksum pyproject.toml | cut -d' ' -f1
 
 $(RUN_STAMP): $(BUILD_INPUTS)
 	$(PYTHON) -m venv $(VENV)
+	rm -f src/threadserve/_fastread*.so  # A failed build must not leave the old one in use.
 	$(BIN)/python -m pip install --quiet -e .
 	rm -f $(VENV)/.run-installed-*
 	touch $@
@@ -33,8 +36,7 @@ run: $(RUN_STAMP)
 	$(BIN)/threadserve serve echo --bind 127.0.0.1:8000
 
 # The suites that read from sockets, run again with the pure-Python read.
-PURE_PYTHON_TESTS := tests/test_fastread.py tests/test_connection.py tests/test_stop.py \
-	tests/test_property.py tests/test_hostile.py tests/test_cli.py
+PURE_PYTHON_TESTS := $(shell grep -v '^\#' tests/pure-python-suites)
 
 ## test: the whole suite (with the compiled read), then the reading suites with the
 ## pure-Python read, the stop contract on the pipes used where there is no eventfd,
@@ -97,4 +99,5 @@ typecheck: $(STAMP)
 	$(BIN)/python -m mypy
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis build src/threadserve.egg-info
+	rm -f src/threadserve/_fastread*.so

@@ -27,15 +27,14 @@ import subprocess
 import nox
 
 PYTHONS = ("3.10", "3.11", "3.12", "3.13")
-# As the Makefile's PURE_PYTHON_TESTS.
-PURE_PYTHON_TESTS = (
-    "tests/test_fastread.py",
-    "tests/test_connection.py",
-    "tests/test_stop.py",
-    "tests/test_property.py",
-    "tests/test_hostile.py",
-    "tests/test_cli.py",
+# The suites run again with the pure-Python read; the Makefile reads the same file.
+_SUITES_FILE = os.path.join(
+    os.path.dirname(os.path.abspath(__file__)), "tests", "pure-python-suites"
 )
+with open(_SUITES_FILE) as _suites:
+    PURE_PYTHON_TESTS = tuple(
+        line.strip() for line in _suites if line.strip() and not line.startswith("#")
+    )
 
 nox.options.default_venv_backend = "venv"
 nox.options.download_python = "never"

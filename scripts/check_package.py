@@ -59,7 +59,12 @@ def run(*command: str | Path, cwd: Path | None = None) -> str:
 def build(out: Path) -> tuple[Path, Path]:
     output = run(sys.executable, "-m", "build", "--outdir", out, ROOT)
     # "SetuptoolsDeprecationWarning", "... as a TOML table is deprecated": any case.
-    warnings = [line for line in output.splitlines() if "deprecat" in line.lower()]
+    # Not the C compiler's own warnings (a deprecated C API is not configuration).
+    warnings = [
+        line
+        for line in output.splitlines()
+        if "deprecat" in line.lower() and ".c:" not in line and "-Wdeprecated" not in line
+    ]
     if warnings:
         fail("the build warns of deprecated configuration:\n" + "\n".join(warnings))
     sdists = sorted(out.glob("threadserve-*.tar.gz"))

@@ -149,7 +149,7 @@ def test_iteration_ends_at_stop_after_yielding_what_had_arrived(serve: ServerFac
 @pytest.mark.parametrize(
     "read",
     [lambda conn: conn.recv(100), lambda conn: conn.readline()],
-    ids=["recv (fast path)", "readline (general path)"],
+    ids=["recv", "readline"],
 )
 def test_a_busy_connection_sees_the_stop_begin_without_its_stop_descriptor(
     read: Callable[[Connection], bytes],
@@ -178,6 +178,58 @@ def test_a_busy_connection_sees_the_stop_begin_without_its_stop_descriptor(
         assert read(conn) == b""  # Then end of stream, though "later" is readable.
     finally:
         client.close()
+        conn._close_socket()
+        os.close(never_fired)
+
+
+def _waiting_in_poll(native_id: int) -> bool:
+    """True while the thread is blocked in poll() (Linux: its wait channel says so)."""
+    with open(f"/proc/self/task/{native_id}/wchan") as wchan:
+        return "poll" in wchan.read()
+
+
+@pytest.mark.parametrize(
+    "read",
+    [lambda conn: conn.recv(100), lambda conn: conn.readline()],
+    ids=["recv", "readline"],
+)
+def test_a_stop_that_begins_while_a_read_waits_ends_reading_after_what_had_arrived(
+    read: Callable[[Connection], bytes],
+) -> None:
+    # As above, but the flag is set while the read is already blocked in its
+    # wait: the read that returns must still know the stop has begun (the
+    # compiled read once checked the flag only before its wait, and went on
+    # answering what the client sent after the stop).
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        client = socket.create_connection(listener.getsockname())
+        sock, _address = listener.accept()
+    sock.setblocking(False)
+    never_fired = os.eventfd(0)
+    stop_begun = threading.Event()
+    conn = Connection(
+        sock, "client", stop_fd=never_fired, timeouts=Timeouts(), stop_begun=stop_begun
+    )
+    results: queue.Queue[bytes] = queue.Queue()
+    reader_id: queue.Queue[int] = queue.Queue()
+
+    def reader() -> None:
+        reader_id.put(threading.get_native_id())
+        results.put(read(conn))
+        results.put(read(conn))
+
+    thread = threading.Thread(target=reader, daemon=True)
+    try:
+        thread.start()
+        native_id = reader_id.get(timeout=10)
+        wait_until(lambda: _waiting_in_poll(native_id), what="the read to wait in poll")
+        stop_begun.set()
+        client.sendall(b"arrived\n")
+        assert results.get(timeout=10) == b"arrived\n"  # Arrived during the wait: answered.
+        client.sendall(b"later\n")
+        assert results.get(timeout=10) == b""  # Sent after the stop began: not read.
+    finally:
+        client.close()
+        thread.join(timeout=10)
         conn._close_socket()
         os.close(never_fired)
 

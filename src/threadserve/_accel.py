@@ -36,5 +36,5 @@ poll_recv: PollRecv | None = _load()
 
 
 def reads() -> str:
-    """How this process reads from sockets, for ``--version`` and the start-up log."""
+    """How this process reads from sockets, as ``threadserve --version`` says."""
     return "compiled" if poll_recv is not None else "pure Python"

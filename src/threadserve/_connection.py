@@ -11,6 +11,11 @@ reset, which rules out the lingering close the stop contract needs. CPython
 itself pays the same poll-then-recv on any socket with a timeout, and we need
 timeouts anyway.
 
+The usual wait-and-read (no deadline, no TLS) may be done by the compiled
+``_fastread.c`` in one release of the GIL; it must then end reading for the
+stop exactly as the Python path does, including a stop that began while the
+read waited (see ``_read_chunk``).
+
 Writes try ``send`` first (the socket buffer is usually free) and only poll
 when the client is not reading. The stop descriptor is deliberately *not* part of a
 write's wait: data a handler has read must still be answered while the server
@@ -226,25 +231,31 @@ class Connection:
         return self._read_chunk(bufsize)
 
     def _read_chunk(self, bufsize: int) -> bytes:
-        """Up to ``bufsize`` bytes from the socket itself, past the buffer: what
-        ``recv``, ``readline`` and ``readexactly`` read when no deadline applies."""
+        """Up to ``bufsize`` bytes from the socket itself, past the buffer.
+
+        The hot path when no deadline applies (``recv``, and ``readline`` and
+        ``readexactly`` through ``_read_frame_part``); the general path otherwise.
+        """
         # The hot path, for plain TCP without read deadlines: one poll, one
         # recv. Anything unusual (the stop, spurious readiness) falls through
         # to the general path below.
         if self._plain_reads and self._stop_budget is None and not self._reading_done:
             if _poll_recv is not None:
                 # Compiled (_fastread.c): both calls in one release of the GIL.
-                # A stop already begun takes the general path, which sees it.
-                if not self._stop_begun.is_set():
-                    result = _poll_recv(self._fd, self._stop_fd, bufsize)
-                    if type(result) is bytes:
-                        if result:
-                            self.bytes_received += len(result)
-                        else:
-                            self._mark_eof()
-                        return result
-                    if result is not None and not self._stop_reading_after(result == 1):
-                        return b""
+                result = _poll_recv(self._fd, self._stop_fd, bufsize)
+                if type(result) is bytes:
+                    if result:
+                        self.bytes_received += len(result)
+                        # The stop may have begun while this read waited (before
+                        # this connection's descriptor fired): from now on, read
+                        # only what had arrived, as the general path would.
+                        if self._stop_begun.is_set():
+                            self._stop_budget = queued_bytes(self._fd)
+                    else:
+                        self._mark_eof()
+                    return result
+                if result is not None and not self._stop_reading_after(result == 1):
+                    return b""
             else:
                 events = self._poll_readable()
                 # Inlined _only_socket_ready and _count_received: this runs once
@@ -755,6 +766,7 @@ class Connection:
             self._lingering = False
             self._forget_outbox()
             if not handed_over:
+                self._plain_reads = False  # A later read fails on the closed socket.
                 self._sock.close()
 
     def _sendall_locked(self, data: bytes) -> None:
@@ -820,6 +832,7 @@ class Connection:
             self._force_close()
             locked = lock.acquire(timeout=CLOSE_LOCK_WAIT)
         try:
+            self._plain_reads = False  # A later read fails on the closed socket.
             self._sock.close()
         finally:
             if locked:

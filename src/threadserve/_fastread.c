@@ -8,7 +8,7 @@
  * Python objects (the event list, its tuples) that are thrown away at once.
  * Here both system calls run with the GIL given up once, and the only
  * object made is the bytes returned (`python -m bench.cost_per_request`
- * measures the difference: its "pure Python reads" row).
+ * measures the difference: its "ts, pure-Python reads" row).
  *
  * The module is optional. If it did not build, or THREADSERVE_PURE_PYTHON is
  * set, _connection.py does the same in Python (see _accel.py), and the test
@@ -23,6 +23,7 @@
 #include <errno.h>
 #include <limits.h>
 #include <poll.h>
+#include <stdlib.h>
 #include <sys/socket.h>
 
 #define SOCKET_EVENTS (POLLIN | POLLPRI)
@@ -55,21 +56,18 @@ poll_recv(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     if (stop_fd == -1 && PyErr_Occurred()) {
         return NULL;
     }
-    Py_ssize_t bufsize = PyLong_AsSsize_t(args[2]);
+    /* Any integer-like bufsize, as socket.recv takes (a numpy frame length, say). */
+    Py_ssize_t bufsize = PyNumber_AsSsize_t(args[2], PyExc_OverflowError);
     if (bufsize == -1 && PyErr_Occurred()) {
         return NULL;
     }
     if (fd < 0 || fd > INT_MAX || stop_fd < 0 || stop_fd > INT_MAX) {
-        PyErr_SetString(PyExc_ValueError, "poll_recv(): file descriptors must be >= 0");
+        PyErr_SetString(PyExc_ValueError,
+                        "poll_recv(): file descriptors must be from 0 to INT_MAX");
         return NULL;
     }
     if (bufsize <= 0) {
         PyErr_SetString(PyExc_ValueError, "poll_recv(): bufsize must be > 0");
-        return NULL;
-    }
-    /* As socket.recv does: a bytes object of the full size, shrunk after. */
-    PyObject *data = PyBytes_FromStringAndSize(NULL, bufsize);
-    if (data == NULL) {
         return NULL;
     }
     struct pollfd fds[2] = {
@@ -79,41 +77,62 @@ poll_recv(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     int ready;
     int error = 0;
     ssize_t received = -1;
+    char *buffer = NULL;
     Py_BEGIN_ALLOW_THREADS
     ready = poll(fds, 2, -1);
     if (ready < 0) {
         error = errno;
     }
     else if (fds[1].revents == 0) {
-        /* The socket is non-blocking: this never waits. */
-        received = recv((int)fd, PyBytes_AS_STRING(data), (size_t)bufsize, 0);
-        if (received < 0) {
-            error = errno;
+        /* The buffer is taken only now, once there is input: a connection
+           waiting for its client holds none (with thousands idle, that
+           would be thousands of bufsize buffers). malloc needs no GIL. */
+        buffer = malloc((size_t)bufsize);
+        if (buffer == NULL) {
+            error = ENOMEM;
+        }
+        else {
+            /* The socket is non-blocking: this never waits. */
+            received = recv((int)fd, buffer, (size_t)bufsize, 0);
+            if (received < 0) {
+                error = errno;
+            }
         }
     }
     Py_END_ALLOW_THREADS
 
-    if (ready < 0 || received < 0) {
-        Py_DECREF(data);
-        if (fds[1].revents != 0) {
-            /* The stop: nothing was read; say whether the client had sent more. */
-            return PyLong_FromLong(fds[0].revents != 0);
-        }
-        if (error == EINTR || error == EAGAIN || error == EWOULDBLOCK) {
-            Py_RETURN_NONE;
-        }
-        errno = error;
-        return PyErr_SetFromErrno(PyExc_OSError);
+    if (ready > 0 && fds[1].revents != 0) {
+        /* The stop: nothing was read; say whether the client had sent more. */
+        return PyLong_FromLong(fds[0].revents != 0);
     }
-    if (received < bufsize && _PyBytes_Resize(&data, (Py_ssize_t)received) < 0) {
-        return NULL;
+    if (received >= 0) {
+        PyObject *data = PyBytes_FromStringAndSize(buffer, (Py_ssize_t)received);
+        free(buffer);
+        return data;
     }
-    return data;
+    free(buffer);
+    if (error == EINTR || error == EAGAIN || error == EWOULDBLOCK) {
+        Py_RETURN_NONE; /* A signal, or readiness with nothing to read: wait again. */
+    }
+    if (error == ENOMEM) {
+        return PyErr_NoMemory();
+    }
+    errno = error;
+    return PyErr_SetFromErrno(PyExc_OSError);
 }
 
 static PyMethodDef fastread_methods[] = {
     {"poll_recv", (PyCFunction)(void (*)(void))poll_recv, METH_FASTCALL, poll_recv_doc},
     {NULL, NULL, 0, NULL},
+};
+
+static PyModuleDef_Slot fastread_slots[] = {
+#ifdef Py_mod_gil
+    /* Free-threaded builds (3.13t): nothing here needs the GIL, so importing
+       this must not turn it back on. */
+    {Py_mod_gil, Py_MOD_GIL_NOT_USED},
+#endif
+    {0, NULL},
 };
 
 static struct PyModuleDef fastread_module = {
@@ -122,6 +141,7 @@ static struct PyModuleDef fastread_module = {
     .m_doc = "The compiled read of Connection.recv's hot path (optional; see _accel.py).",
     .m_size = 0,
     .m_methods = fastread_methods,
+    .m_slots = fastread_slots,
 };
 
 PyMODINIT_FUNC
