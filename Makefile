@@ -12,7 +12,7 @@ BUILD_INPUTS := pyproject.toml setup.py src/threadserve/_fastread.c
 .PHONY: run test test-all-pythons check-package lint typecheck bench bench-quick fuzz clean
 
 $(STAMP): $(BUILD_INPUTS)
-	PYTHON=$(PYTHON) bash scripts/system-packages
+	PYTHON=$(PYTHON) bash scripts/system-packages build
 	$(PYTHON) -m venv $(VENV)
 	rm -f src/threadserve/_fastread*.so  # A failed build must not leave the old one in use.
 	$(BIN)/python -m pip install --quiet --upgrade pip

@@ -228,10 +228,11 @@ def test_a_stop_that_begins_while_a_read_waits_ends_reading_after_what_had_arriv
         client.sendall(b"later\n")
         assert results.get(timeout=10) == b""  # Sent after the stop began: not read.
     finally:
-        client.close()
+        client.close()  # Wakes the reader if an assertion left it waiting.
         thread.join(timeout=10)
         conn._close_socket()
         os.close(never_fired)
+    assert not thread.is_alive()
 
 
 # ---------------------------------------------------------------- readline

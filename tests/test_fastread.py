@@ -9,6 +9,7 @@ suites again with THREADSERVE_PURE_PYTHON=1 (tests/pure-python-suites).
 from __future__ import annotations
 
 import os
+import resource
 import select
 import socket
 import struct
@@ -65,13 +66,25 @@ def test_the_variable_chooses_the_read(value: str, reads: str) -> None:
     assert done.stdout.strip() == reads
 
 
+class _Index:
+    """An integer-like value that is not an int (a numpy length, say)."""
+
+    def __init__(self, value: int) -> None:
+        self.value = value
+
+    def __index__(self) -> int:
+        return self.value
+
+
 def test_returns_what_arrived_up_to_bufsize(
     pair: tuple[socket.socket, socket.socket], stop_pipe: tuple[int, int]
 ) -> None:
     server, client = pair
     client.sendall(b"hello, world")
     assert poll_recv(server.fileno(), stop_pipe[0], 5) == b"hello"
-    assert poll_recv(server.fileno(), stop_pipe[0], 100) == b", world"
+    # As socket.recv, any integer-like size.
+    assert poll_recv(server.fileno(), stop_pipe[0], _Index(2)) == b", "
+    assert poll_recv(server.fileno(), stop_pipe[0], 100) == b"world"
 
 
 def test_waits_for_input_then_returns_b_empty_at_end_of_stream(
@@ -122,20 +135,17 @@ def test_readiness_with_nothing_to_read_returns_none(
     # skips the urgent byte and finds nothing (EAGAIN). The caller waits again.
     client.send(b"!", socket.MSG_OOB)
     assert poll_recv(server.fileno(), stop_pipe[0], 100) is None
+    # That first read skipped the urgent byte: the next one waits for data.
     client.sendall(b"after")
-    # Until the bytes are queued, poll() may still report the urgent mark.
-    result = None
-    for _attempt in range(3):
-        result = poll_recv(server.fileno(), stop_pipe[0], 100)
-        if result is not None:
-            break
-    assert result == b"after"
+    assert poll_recv(server.fileno(), stop_pipe[0], 100) == b"after"
 
 
 def test_a_closed_descriptor_raises_os_error(stop_pipe: tuple[int, int]) -> None:
-    # A high number, closed: nothing else in this process opens one that high
-    # meanwhile (a low number could be reused by another thread's socket).
-    fd = os.dup2(stop_pipe[0], 4000)
+    # The highest number allowed, closed: descriptors are given lowest first,
+    # so no other thread's socket takes it meanwhile (a low one could).
+    soft_limit, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    highest = 4000 if soft_limit == resource.RLIM_INFINITY else min(4000, soft_limit - 1)
+    fd = os.dup2(stop_pipe[0], highest)
     os.close(fd)
     with pytest.raises(OSError, match="Bad file descriptor"):
         poll_recv(fd, stop_pipe[0], 100)
@@ -164,6 +174,29 @@ def test_the_connection_reads_through_it_unless_turned_off(
     assert conn.recv(100) == b"more"
     expected = [(server.fileno(), stop_pipe[0], 65536), (server.fileno(), stop_pipe[0], 100)]
     assert calls == (expected if compiled else [])
+
+
+def test_a_connection_with_a_read_deadline_does_not_read_through_it(
+    pair: tuple[socket.socket, socket.socket],
+    stop_pipe: tuple[int, int],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The compiled read waits without a deadline: an idle timeout (or a
+    # lifetime, or TLS) keeps reads on the general path, which has one.
+    server, client = pair
+    calls: list[int] = []
+
+    def counting(fd: int, stop_fd: int, bufsize: int) -> bytes | int | None:
+        calls.append(bufsize)
+        return poll_recv(fd, stop_fd, bufsize)
+
+    monkeypatch.setattr(_connection, "_poll_recv", counting)
+    conn = Connection(server, "client", stop_fd=stop_pipe[0], timeouts=Timeouts(idle=30))
+    client.sendall(b"abcd")
+    assert conn.readexactly(4) == b"abcd"
+    client.sendall(b"more")
+    assert conn.recv(100) == b"more"
+    assert calls == []
 
 
 @pytest.mark.parametrize(

@@ -765,8 +765,11 @@ class Connection:
         finally:
             self._lingering = False
             self._forget_outbox()
+            # The socket is closed here or, handed over, by the stop later: a
+            # read after that must fail on the closed socket, not take the
+            # compiled read on a descriptor number another client may have.
+            self._plain_reads = False
             if not handed_over:
-                self._plain_reads = False  # A later read fails on the closed socket.
                 self._sock.close()
 
     def _sendall_locked(self, data: bytes) -> None:

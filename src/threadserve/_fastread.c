@@ -78,6 +78,7 @@ poll_recv(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     int error = 0;
     ssize_t received = -1;
     char *buffer = NULL;
+    int no_buffer = 0;
     Py_BEGIN_ALLOW_THREADS
     ready = poll(fds, 2, -1);
     if (ready < 0) {
@@ -89,7 +90,7 @@ poll_recv(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
            would be thousands of bufsize buffers). malloc needs no GIL. */
         buffer = malloc((size_t)bufsize);
         if (buffer == NULL) {
-            error = ENOMEM;
+            no_buffer = 1;
         }
         else {
             /* The socket is non-blocking: this never waits. */
@@ -114,7 +115,7 @@ poll_recv(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     if (error == EINTR || error == EAGAIN || error == EWOULDBLOCK) {
         Py_RETURN_NONE; /* A signal, or readiness with nothing to read: wait again. */
     }
-    if (error == ENOMEM) {
+    if (no_buffer) {
         return PyErr_NoMemory();
     }
     errno = error;
@@ -131,6 +132,10 @@ static PyModuleDef_Slot fastread_slots[] = {
     /* Free-threaded builds (3.13t): nothing here needs the GIL, so importing
        this must not turn it back on. */
     {Py_mod_gil, Py_MOD_GIL_NOT_USED},
+#endif
+#ifdef Py_mod_multiple_interpreters
+    /* No state: an interpreter with a GIL of its own may import it too. */
+    {Py_mod_multiple_interpreters, Py_MOD_PER_INTERPRETER_GIL_SUPPORTED},
 #endif
     {0, NULL},
 };

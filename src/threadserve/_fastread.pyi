@@ -1,1 +1,5 @@
-def poll_recv(fd: int, stop_fd: int, bufsize: int, /) -> bytes | int | None: ...
+from typing import SupportsIndex
+
+def poll_recv(
+    fd: SupportsIndex, stop_fd: SupportsIndex, bufsize: SupportsIndex, /
+) -> bytes | int | None: ...
