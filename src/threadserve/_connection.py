@@ -102,8 +102,11 @@ class Connection:
     timeout of no progress, as always). Reads (``recv``, ``recv_into``,
     ``readline``, ``readexactly``, iteration, ``unread``) belong to the
     thread running the handler and are not checked: two threads reading one
-    connection would split its bytes between them unpredictably. To send to
-    many connections without waiting for any one of them, use a ``Group``.
+    connection would split its bytes between them unpredictably. Nor may a
+    read outlive the handler: the server closes the socket when the handler
+    returns, and a read still waiting then may wake on whatever the kernel
+    has since given that descriptor number. To send to many connections
+    without waiting for any one of them, use a ``Group``.
 
     Writes end with the connection. Once the server has begun its goodbye
     (after the handler returned, or at stop) the notice is the last thing
