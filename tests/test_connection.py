@@ -10,7 +10,8 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import NamedTuple
 
 import pytest
 from conftest import ServerFactory
@@ -146,18 +147,16 @@ def test_iteration_ends_at_stop_after_yielding_what_had_arrived(serve: ServerFac
     assert stopping.join().clean
 
 
-@pytest.mark.parametrize(
-    "read",
-    [lambda conn: conn.recv(100), lambda conn: conn.readline()],
-    ids=["recv", "readline"],
-)
-def test_a_busy_connection_sees_the_stop_begin_without_its_stop_descriptor(
-    read: Callable[[Connection], bytes],
-) -> None:
-    # The stop wakes idle connections a group at a time through their stop
-    # descriptors. A busy connection finds its socket readable and never waits
-    # on its descriptor, so the server-wide "stop begun" flag is how it learns
-    # of the stop at its next read, instead of serving on until its group's turn.
+class Flagged(NamedTuple):
+    """A Connection whose stop descriptor never fires, its client, and its "stop begun" flag."""
+
+    conn: Connection
+    client: socket.socket
+    stop_begun: threading.Event
+
+
+@pytest.fixture
+def flagged() -> Iterator[Flagged]:
     with socket.create_server(("127.0.0.1", 0)) as listener:
         client = socket.create_connection(listener.getsockname())
         sock, _address = listener.accept()
@@ -168,18 +167,37 @@ def test_a_busy_connection_sees_the_stop_begin_without_its_stop_descriptor(
         sock, "client", stop_fd=never_fired, timeouts=Timeouts(), stop_begun=stop_begun
     )
     try:
-        client.sendall(b"before\n")
-        assert read(conn) == b"before\n"
-        client.sendall(b"arrived\n")
-        wait_until(lambda: queued_bytes(sock.fileno()) == len(b"arrived\n"))
-        stop_begun.set()
-        assert read(conn) == b"arrived\n"  # Had arrived when the stop began: answered.
-        client.sendall(b"later\n")
-        assert read(conn) == b""  # Then end of stream, though "later" is readable.
+        yield Flagged(conn, client, stop_begun)
     finally:
         client.close()
         conn._close_socket()
         os.close(never_fired)
+
+
+EACH_READ = pytest.mark.parametrize(
+    "read",
+    [lambda conn: conn.recv(100), lambda conn: conn.readline()],
+    ids=["recv", "readline"],
+)
+
+
+@EACH_READ
+def test_a_busy_connection_sees_the_stop_begin_without_its_stop_descriptor(
+    read: Callable[[Connection], bytes], flagged: Flagged
+) -> None:
+    # The stop wakes idle connections a group at a time through their stop
+    # descriptors. A busy connection finds its socket readable and never waits
+    # on its descriptor, so the server-wide "stop begun" flag is how it learns
+    # of the stop at its next read, instead of serving on until its group's turn.
+    conn, client, stop_begun = flagged
+    client.sendall(b"before\n")
+    assert read(conn) == b"before\n"
+    client.sendall(b"arrived\n")
+    wait_until(lambda: queued_bytes(conn._fd) == len(b"arrived\n"))
+    stop_begun.set()
+    assert read(conn) == b"arrived\n"  # Had arrived when the stop began: answered.
+    client.sendall(b"later\n")
+    assert read(conn) == b""  # Then end of stream, though "later" is readable.
 
 
 def _waiting_in_poll(native_id: int) -> bool:
@@ -188,27 +206,15 @@ def _waiting_in_poll(native_id: int) -> bool:
         return "poll" in wchan.read()
 
 
-@pytest.mark.parametrize(
-    "read",
-    [lambda conn: conn.recv(100), lambda conn: conn.readline()],
-    ids=["recv", "readline"],
-)
+@EACH_READ
 def test_a_stop_that_begins_while_a_read_waits_ends_reading_after_what_had_arrived(
-    read: Callable[[Connection], bytes],
+    read: Callable[[Connection], bytes], flagged: Flagged
 ) -> None:
     # As above, but the flag is set while the read is already blocked in its
     # wait: the read that returns must still know the stop has begun (the
     # compiled read once checked the flag only before its wait, and went on
     # answering what the client sent after the stop).
-    with socket.create_server(("127.0.0.1", 0)) as listener:
-        client = socket.create_connection(listener.getsockname())
-        sock, _address = listener.accept()
-    sock.setblocking(False)
-    never_fired = os.eventfd(0)
-    stop_begun = threading.Event()
-    conn = Connection(
-        sock, "client", stop_fd=never_fired, timeouts=Timeouts(), stop_begun=stop_begun
-    )
+    conn, client, stop_begun = flagged
     results: queue.Queue[bytes] = queue.Queue()
     reader_id: queue.Queue[int] = queue.Queue()
 
@@ -230,8 +236,6 @@ def test_a_stop_that_begins_while_a_read_waits_ends_reading_after_what_had_arriv
     finally:
         client.close()  # Wakes the reader if an assertion left it waiting.
         thread.join(timeout=10)
-        conn._close_socket()
-        os.close(never_fired)
     assert not thread.is_alive()
 
 

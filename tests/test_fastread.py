@@ -151,22 +151,35 @@ def test_a_closed_descriptor_raises_os_error(stop_pipe: tuple[int, int]) -> None
         poll_recv(fd, stop_pipe[0], 100)
 
 
+Call = tuple[int, int, int]
+
+
+def spy_on_compiled_reads(monkeypatch: pytest.MonkeyPatch, *, even_if_off: bool) -> list[Call]:
+    """The calls Connections make to the compiled read from now on, with their arguments.
+
+    Where the compiled read is turned off, it stays off (and the list stays
+    empty) unless ``even_if_off``, which puts it in for the test.
+    """
+    calls: list[Call] = []
+
+    def counting(fd: int, stop_fd: int, bufsize: int) -> bytes | int | None:
+        calls.append((fd, stop_fd, bufsize))
+        return poll_recv(fd, stop_fd, bufsize)
+
+    if even_if_off or vars(_connection)["_poll_recv"] is not None:
+        monkeypatch.setattr(_connection, "_poll_recv", counting)
+    return calls
+
+
 def test_the_connection_reads_through_it_unless_turned_off(
     pair: tuple[socket.socket, socket.socket],
     stop_pipe: tuple[int, int],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     server, client = pair
-    calls: list[tuple[int, int, int]] = []
-
-    def counting(fd: int, stop_fd: int, bufsize: int) -> bytes | int | None:
-        calls.append((fd, stop_fd, bufsize))
-        return poll_recv(fd, stop_fd, bufsize)
-
     compiled = vars(_connection)["_poll_recv"] is not None
     assert compiled == (_accel.poll_recv is not None)
-    if compiled:
-        monkeypatch.setattr(_connection, "_poll_recv", counting)
+    calls = spy_on_compiled_reads(monkeypatch, even_if_off=False)
     conn = Connection(server, "client", stop_fd=stop_pipe[0], timeouts=Timeouts())
     client.sendall(b"one line\n")
     assert conn.readline() == b"one line\n"
@@ -184,13 +197,7 @@ def test_a_connection_with_a_read_deadline_does_not_read_through_it(
     # The compiled read waits without a deadline: an idle timeout (or a
     # lifetime, or TLS) keeps reads on the general path, which has one.
     server, client = pair
-    calls: list[int] = []
-
-    def counting(fd: int, stop_fd: int, bufsize: int) -> bytes | int | None:
-        calls.append(bufsize)
-        return poll_recv(fd, stop_fd, bufsize)
-
-    monkeypatch.setattr(_connection, "_poll_recv", counting)
+    calls = spy_on_compiled_reads(monkeypatch, even_if_off=True)
     conn = Connection(server, "client", stop_fd=stop_pipe[0], timeouts=Timeouts(idle=30))
     client.sendall(b"abcd")
     assert conn.readexactly(4) == b"abcd"
