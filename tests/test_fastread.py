@@ -16,11 +16,12 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
 
-from threadserve import Timeouts, _accel, _connection
+from threadserve import ReadTimeout, Timeouts, _accel, _connection
 from threadserve._connection import Connection
 from threadserve._fastread import poll_recv
 
@@ -116,6 +117,20 @@ def test_the_stop_reads_nothing_and_says_whether_input_waits(
         assert server.recv(100) == client_sent
 
 
+def test_a_wait_that_times_out_returns_none_having_read_nothing(
+    pair: tuple[socket.socket, socket.socket], stop_pipe: tuple[int, int]
+) -> None:
+    server, client = pair
+    began = time.monotonic()
+    assert poll_recv(server.fileno(), stop_pipe[0], 100, 50) is None
+    assert time.monotonic() - began >= 0.045  # poll() never ends a timed wait early.
+    # With input waiting, a timeout changes nothing, whatever its value.
+    client.sendall(b"here")
+    select.select([server], [], [], 10)
+    assert poll_recv(server.fileno(), stop_pipe[0], 2, 0) == b"he"
+    assert poll_recv(server.fileno(), stop_pipe[0], 100, 2**40) == b"re"
+
+
 def test_a_reset_raises_connection_reset_error(
     pair: tuple[socket.socket, socket.socket], stop_pipe: tuple[int, int]
 ) -> None:
@@ -151,7 +166,7 @@ def test_a_closed_descriptor_raises_os_error(stop_pipe: tuple[int, int]) -> None
         poll_recv(fd, stop_pipe[0], 100)
 
 
-Call = tuple[int, int, int]
+Call = tuple[int, int, int, int]
 
 
 def spy_on_compiled_reads(monkeypatch: pytest.MonkeyPatch, *, even_if_off: bool) -> list[Call]:
@@ -162,9 +177,9 @@ def spy_on_compiled_reads(monkeypatch: pytest.MonkeyPatch, *, even_if_off: bool)
     """
     calls: list[Call] = []
 
-    def counting(fd: int, stop_fd: int, bufsize: int) -> bytes | int | None:
-        calls.append((fd, stop_fd, bufsize))
-        return poll_recv(fd, stop_fd, bufsize)
+    def counting(fd: int, stop_fd: int, bufsize: int, timeout_ms: int) -> bytes | int | None:
+        calls.append((fd, stop_fd, bufsize, timeout_ms))
+        return poll_recv(fd, stop_fd, bufsize, timeout_ms)
 
     if even_if_off or vars(_connection)["_poll_recv"] is not None:
         monkeypatch.setattr(_connection, "_poll_recv", counting)
@@ -185,31 +200,59 @@ def test_the_connection_reads_through_it_unless_turned_off(
     assert conn.readline() == b"one line\n"
     client.sendall(b"more")
     assert conn.recv(100) == b"more"
-    expected = [(server.fileno(), stop_pipe[0], 65536), (server.fileno(), stop_pipe[0], 100)]
+    # No idle timeout and no lifetime: the reads wait without limit (-1).
+    fd, stop_fd = server.fileno(), stop_pipe[0]
+    expected = [(fd, stop_fd, 65536, -1), (fd, stop_fd, 100, -1)]
     assert calls == (expected if compiled else [])
 
 
-def test_a_connection_with_a_read_deadline_does_not_read_through_it(
+@pytest.mark.parametrize("timeouts", [Timeouts(idle=30), Timeouts(lifetime=30)])
+def test_a_connection_with_an_idle_or_lifetime_deadline_reads_through_it_with_a_timeout(
     pair: tuple[socket.socket, socket.socket],
     stop_pipe: tuple[int, int],
     monkeypatch: pytest.MonkeyPatch,
+    timeouts: Timeouts,
 ) -> None:
-    # The compiled read waits without a deadline: an idle timeout (or a
-    # lifetime, or TLS) keeps reads on the general path, which has one.
     server, client = pair
     calls = spy_on_compiled_reads(monkeypatch, even_if_off=True)
-    conn = Connection(server, "client", stop_fd=stop_pipe[0], timeouts=Timeouts(idle=30))
+    conn = Connection(server, "client", stop_fd=stop_pipe[0], timeouts=timeouts)
     client.sendall(b"abcd")
     assert conn.readexactly(4) == b"abcd"
     client.sendall(b"more")
     assert conn.recv(100) == b"more"
-    assert calls == []
+    assert [call[:3] for call in calls] == [
+        (server.fileno(), stop_pipe[0], 65536),
+        (server.fileno(), stop_pipe[0], 100),
+    ]
+    # Each wait ends at the deadline, rounded up to the next millisecond.
+    assert all(25_000 < call[3] <= 30_001 for call in calls)
+
+
+@pytest.mark.parametrize("read", ["recv", "readline"])
+def test_the_idle_timeout_of_a_read_through_it_raises_read_timeout(
+    pair: tuple[socket.socket, socket.socket],
+    stop_pipe: tuple[int, int],
+    monkeypatch: pytest.MonkeyPatch,
+    read: str,
+) -> None:
+    server, _client = pair
+    calls = spy_on_compiled_reads(monkeypatch, even_if_off=True)
+    conn = Connection(server, "client", stop_fd=stop_pipe[0], timeouts=Timeouts(idle=0.2))
+    began = time.monotonic()
+    with pytest.raises(ReadTimeout) as raised:
+        getattr(conn, read)()
+    assert raised.value.kind == "idle"
+    assert time.monotonic() - began >= 0.2
+    # The compiled read timed out first; the general path then raised.
+    assert len(calls) == 1
+    assert 150 < calls[0][3] <= 201
 
 
 @pytest.mark.parametrize(
-    "arguments", [(-1, 0, 100), (0, -1, 100), (0, 0, 0), (0, 0, -5), (2**40, 0, 1)]
+    "arguments",
+    [(-1, 0, 100), (0, -1, 100), (0, 0, 0), (0, 0, -5), (2**40, 0, 1), (0, 0, 1, 2**70)],
 )
-def test_bad_arguments_raise_value_or_overflow_error(arguments: tuple[int, int, int]) -> None:
+def test_bad_arguments_raise_value_or_overflow_error(arguments: tuple[int, ...]) -> None:
     with pytest.raises((ValueError, OverflowError)):
         poll_recv(*arguments)
 
@@ -217,5 +260,9 @@ def test_bad_arguments_raise_value_or_overflow_error(arguments: tuple[int, int, 
 def test_wrong_argument_count_or_type_raises_type_error() -> None:
     with pytest.raises(TypeError):
         poll_recv(0, 0)  # type: ignore[call-arg]
+    with pytest.raises(TypeError):
+        poll_recv(0, 0, 1, -1, 0)  # type: ignore[call-arg]
+    with pytest.raises(TypeError):
+        poll_recv(0, 0, 1, 0.5)  # type: ignore[arg-type]
     with pytest.raises(TypeError):
         poll_recv("0", 0, 1)  # type: ignore[arg-type]

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 
-PollRecv = Callable[[int, int, int], bytes | int | None]
+PollRecv = Callable[[int, int, int, int], bytes | int | None]
 
 #: Set (not "" or "0") to read in Python even where the compiled read was built.
 PURE_PYTHON_VARIABLE = "THREADSERVE_PURE_PYTHON"
@@ -31,7 +31,7 @@ def _load() -> PollRecv | None:
     return poll_recv
 
 
-#: ``poll_recv(fd, stop_fd, bufsize)``; see ``_fastread.c`` for what it returns.
+#: ``poll_recv(fd, stop_fd, bufsize, timeout_ms)``; see ``_fastread.c`` for what it returns.
 poll_recv: PollRecv | None = _load()
 
 

@@ -11,10 +11,10 @@ reset, which rules out the lingering close the stop contract needs. CPython
 itself pays the same poll-then-recv on any socket with a timeout, and we need
 timeouts anyway.
 
-The usual wait-and-read (no deadline, no TLS) may be done by the compiled
-``_fastread.c`` in one release of the GIL; it must then end reading for the
-stop exactly as the Python path does, including a stop that began while the
-read waited (see ``_read_chunk``).
+The usual wait-and-read (no TLS, and an idle or lifetime deadline at most)
+may be done by the compiled ``_fastread.c`` in one release of the GIL; it
+must then end reading for the stop exactly as the Python path does,
+including a stop that began while the read waited (see ``_read_chunk``).
 
 Writes try ``send`` first (the socket buffer is usually free) and only poll
 when the client is not reading. The stop descriptor is deliberately *not* part of a
@@ -166,8 +166,10 @@ class Connection:
         self._read_poller.register(self._fd, _READABLE)
         self._read_poller.register(stop_fd, select.POLLIN)
         self._poll_readable = self._read_poller.poll
-        # Reads with no deadline to compute and no TLS buffer to consult.
-        self._plain_reads = timeouts.idle is None and timeouts.lifetime is None
+        # Reads with no TLS buffer to consult (TLS, and the close, turn it off).
+        self._plain_reads = True
+        # Whether a read waiting for the next bytes has a deadline to compute.
+        self._idle_deadlines = timeouts.idle is not None or timeouts.lifetime is not None
         self._write_poller: select.poll | None = None
         # Held by whoever writes to the socket, so writes from several
         # threads never interleave, and by the goodbye, so nothing follows it.
@@ -231,21 +233,29 @@ class Connection:
             return data
         if bufsize <= 0:
             return b""  # As socket.recv(0): nothing asked, nothing read, not the end.
-        return self._read_chunk(bufsize)
+        return self._read_chunk(bufsize, self._idle_deadline() if self._idle_deadlines else None)
 
-    def _read_chunk(self, bufsize: int) -> bytes:
-        """Up to ``bufsize`` bytes from the socket itself, past the buffer.
+    def _read_chunk(self, bufsize: int, deadline: float | None) -> bytes:
+        """Up to ``bufsize`` bytes from the socket itself, past the buffer, by ``deadline``.
 
-        The hot path when no deadline applies (``recv``, and ``readline`` and
+        The hot path for plain TCP (``recv``, and ``readline`` and
         ``readexactly`` through ``_read_frame_part``); the general path otherwise.
         """
-        # The hot path, for plain TCP without read deadlines: one poll, one
-        # recv. Anything unusual (the stop, spurious readiness) falls through
-        # to the general path below.
+        # The hot path: one poll, one recv. Anything unusual (the stop,
+        # spurious readiness, a deadline reached) falls through to the general
+        # path below, which raises the timeout.
         if self._plain_reads and self._stop_budget is None and not self._reading_done:
-            if _poll_recv is not None:
+            timeout_ms = -1
+            if deadline is not None:
+                # Rounded up, as _poll_timeout_ms: a wait that ends a little
+                # early would find the deadline not yet passed and wait again.
+                remaining = deadline - self._clock()
+                timeout_ms = int(remaining * 1000) + 1 if remaining > 0 else 0
+            if not timeout_ms:
+                pass  # The deadline has passed: the general path raises the timeout.
+            elif _poll_recv is not None:
                 # Compiled (_fastread.c): both calls in one release of the GIL.
-                result = _poll_recv(self._fd, self._stop_fd, bufsize)
+                result = _poll_recv(self._fd, self._stop_fd, bufsize, timeout_ms)
                 if type(result) is bytes:
                     if result:
                         self.bytes_received += len(result)
@@ -260,7 +270,7 @@ class Connection:
                 if result is not None and not self._stop_reading_after(result == 1):
                     return b""
             else:
-                events = self._poll_readable()
+                events = self._poll_readable(timeout_ms)
                 # Inlined _only_socket_ready and _count_received: this runs once
                 # per message, and each Python call here is a measurable share.
                 if len(events) == 1 and events[0][0] == self._fd and not self._stop_begun.is_set():
@@ -277,9 +287,10 @@ class Connection:
                 # The stop: these events say what had arrived by then, so an idle
                 # connection ends here, without a second poll (at a stop of
                 # thousands, every system call waits for the GIL once more).
-                elif not self._readable_after(events):
+                # No events: the deadline passed, for the general path to raise.
+                elif events and not self._readable_after(events):
                     return b""
-        return self._recv_from_socket(bufsize, self._idle_deadline())
+        return self._recv_from_socket(bufsize, deadline)
 
     def recv_into(self, buffer: bytearray | memoryview, nbytes: int = 0) -> int:
         """Like ``socket.recv_into``: fill ``buffer``, return the count; 0 at end of stream."""
@@ -653,15 +664,13 @@ class Connection:
 
     def _read_frame_part(self, bufsize: int, frame_deadline: float | None) -> bytes:
         """The next chunk of a frame: within the idle timeout and the frame's own deadline."""
-        deadline = self._idle_deadline()
+        deadline = self._idle_deadline() if self._idle_deadlines else None
         if frame_deadline is None or (deadline is not None and deadline <= frame_deadline):
-            if deadline is None:
-                return self._read_chunk(bufsize)  # No deadline at all: the hot path.
-            return self._recv_from_socket(bufsize, deadline)
+            return self._read_chunk(bufsize, deadline)
         # The frame's deadline is the nearest (the lifetime's is never nearer
         # than the idle one), so a timeout here is the read timeout's.
         try:
-            return self._recv_from_socket(bufsize, frame_deadline)
+            return self._read_chunk(bufsize, frame_deadline)
         except ReadTimeout:
             raise ReadTimeout(
                 f"no complete line or frame from {self.peer} "

@@ -14,8 +14,10 @@
  * set, _connection.py does the same in Python (see _accel.py), and the test
  * suite runs the reading tests both ways.
  *
- * Only the usual case is handled here; everything else is handed back to the
- * general path in Python, which knows deadlines, TLS and the stop budget.
+ * Only the usual case is handled here: data, end of stream, the stop, and a
+ * wait of at most timeout_ms (the caller's idle or lifetime deadline).
+ * Everything else is handed back to the general path in Python, which raises
+ * the timeout once the deadline has passed, and knows TLS and the stop budget.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -29,7 +31,7 @@
 #define SOCKET_EVENTS (POLLIN | POLLPRI)
 
 PyDoc_STRVAR(poll_recv_doc,
-"poll_recv(fd, stop_fd, bufsize, /)\n"
+"poll_recv(fd, stop_fd, bufsize, timeout_ms=-1, /)\n"
 "--\n"
 "\n"
 "Wait until fd or stop_fd is readable, then read up to bufsize bytes from fd.\n"
@@ -37,15 +39,17 @@ PyDoc_STRVAR(poll_recv_doc,
 "Returns the bytes read (b\"\" at end of stream) when only fd was ready.\n"
 "Returns an int when stop_fd was ready: 1 if fd had input too, else 0;\n"
 "nothing is read then. Returns None when there was nothing to read after all\n"
-"(spurious readiness) or a signal interrupted the wait: the caller waits again\n"
-"its own way. Raises OSError for any other error of poll() or recv().");
+"(spurious readiness), a signal interrupted the wait, or timeout_ms passed\n"
+"first: the caller waits again its own way (and finds its deadline passed).\n"
+"A negative timeout_ms waits without limit. Raises OSError for any other\n"
+"error of poll() or recv().");
 
 static PyObject *
 poll_recv(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
     (void)module;
-    if (nargs != 3) {
-        PyErr_Format(PyExc_TypeError, "poll_recv() takes 3 arguments (%zd given)", nargs);
+    if (nargs != 3 && nargs != 4) {
+        PyErr_Format(PyExc_TypeError, "poll_recv() takes 3 or 4 arguments (%zd given)", nargs);
         return NULL;
     }
     long fd = PyLong_AsLong(args[0]);
@@ -70,6 +74,16 @@ poll_recv(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_ValueError, "poll_recv(): bufsize must be > 0");
         return NULL;
     }
+    int timeout_ms = -1;
+    if (nargs == 4) {
+        long timeout = PyLong_AsLong(args[3]);
+        if (timeout == -1 && PyErr_Occurred()) {
+            return NULL;
+        }
+        /* As poll() takes it: negative is no limit; beyond INT_MAX ms (24
+           days) is clamped, and the caller's deadline check still holds. */
+        timeout_ms = timeout < 0 ? -1 : (timeout > INT_MAX ? INT_MAX : (int)timeout);
+    }
     struct pollfd fds[2] = {
         {.fd = (int)fd, .events = SOCKET_EVENTS, .revents = 0},
         {.fd = (int)stop_fd, .events = POLLIN, .revents = 0},
@@ -80,11 +94,11 @@ poll_recv(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     char *buffer = NULL;
     int no_buffer = 0;
     Py_BEGIN_ALLOW_THREADS
-    ready = poll(fds, 2, -1);
+    ready = poll(fds, 2, timeout_ms);
     if (ready < 0) {
         error = errno;
     }
-    else if (fds[1].revents == 0) {
+    else if (ready > 0 && fds[1].revents == 0) {
         /* The buffer is taken only now, once there is input: a connection
            waiting for its client holds none (with thousands idle, that
            would be thousands of bufsize buffers). malloc needs no GIL. */
@@ -112,6 +126,9 @@ poll_recv(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         return data;
     }
     free(buffer);
+    if (ready == 0) {
+        Py_RETURN_NONE; /* Timed out: the caller's own wait raises the timeout. */
+    }
     if (error == EINTR || error == EAGAIN || error == EWOULDBLOCK) {
         Py_RETURN_NONE; /* A signal, or readiness with nothing to read: wait again. */
     }

@@ -1,5 +1,9 @@
 from typing import SupportsIndex
 
 def poll_recv(
-    fd: SupportsIndex, stop_fd: SupportsIndex, bufsize: SupportsIndex, /
+    fd: SupportsIndex,
+    stop_fd: SupportsIndex,
+    bufsize: SupportsIndex,
+    timeout_ms: SupportsIndex = -1,
+    /,
 ) -> bytes | int | None: ...
