@@ -2,13 +2,16 @@
 
     .venv/bin/python -m bench.cost_per_request [--rounds 3] [--cases echo:1000,blocking:1000]
 
-Five servers, each warmed and then measured under the same closed-loop load,
+Six servers, each warmed and then measured under the same closed-loop load,
 alternated round by round:
 
 - ``threadserve``: the CLI with the built-in echo (or the bench's blocking echo);
 - ``ts, pure-Python reads``: the same with ``THREADSERVE_PURE_PYTHON=1``, so
   ``Connection.recv`` waits and reads in Python instead of through the
   compiled ``_fastread`` module: the first two rows differ by what it saves;
+- ``ts, --idle-timeout 300``: the CLI's echo with an idle timeout, so every
+  read has a deadline to compute and a timed wait (what a deployment that
+  sets one pays, against the first row);
 - ``ts + bare loop``: threadserve running the bare loop's body (blocking
   ``recv``, ``sendall``) on the accepted socket itself, so only the
   Connection read/write path is left out;
@@ -54,19 +57,21 @@ class Variant:
     peer: str  # the peer as `python -m bench` runs it
     handler: str | None = None  # instead, threadserve serving this handler ({kind}: the workload's)
     env: tuple[tuple[str, str], ...] = ()  # the server's environment, on top of the usual
+    options: tuple[str, ...] = ()  # more options for threadserve's CLI
 
     def argv(self, port: int, workload: str) -> list[str]:
         if self.handler is None:
-            return PEERS[self.peer].command(port, workload)
+            return [*PEERS[self.peer].command(port, workload), *self.options]
         handler = self.handler.format(kind="blocking_echo" if workload == "blocking" else "echo")
         bind = f"127.0.0.1:{port}"
-        serve = ["serve", handler, "--bind", bind, "--log-level", "warning"]
+        serve = ["serve", handler, "--bind", bind, "--log-level", "warning", *self.options]
         return [sys.executable, "-m", "threadserve", *serve]
 
 
 VARIANTS = (
     Variant("threadserve", "threadserve"),
     Variant("ts, pure-Python reads", "threadserve", env=(("THREADSERVE_PURE_PYTHON", "1"),)),
+    Variant("ts, --idle-timeout 300", "threadserve", options=("--idle-timeout", "300")),
     Variant("ts + bare loop", "threadserve", "bench.handlers:bare_socket_{kind}"),
     Variant("ts + poll/recv", "threadserve", "bench.handlers:polled_socket_{kind}"),
     Variant("threads-bare", "threads-bare"),
