@@ -155,8 +155,13 @@ class Flagged(NamedTuple):
     stop_begun: threading.Event
 
 
-@pytest.fixture
-def flagged() -> Iterator[Flagged]:
+@pytest.fixture(
+    # Without deadlines, and with them: a read with an idle or lifetime
+    # deadline waits with a timeout, and must see the stop the same way.
+    params=[Timeouts(), Timeouts(idle=30, lifetime=60)],
+    ids=["no-deadline", "deadlines"],
+)
+def flagged(request: pytest.FixtureRequest) -> Iterator[Flagged]:
     with socket.create_server(("127.0.0.1", 0)) as listener:
         client = socket.create_connection(listener.getsockname())
         sock, _address = listener.accept()
@@ -164,7 +169,7 @@ def flagged() -> Iterator[Flagged]:
     never_fired = os.eventfd(0)
     stop_begun = threading.Event()
     conn = Connection(
-        sock, "client", stop_fd=never_fired, timeouts=Timeouts(), stop_begun=stop_begun
+        sock, "client", stop_fd=never_fired, timeouts=request.param, stop_begun=stop_begun
     )
     try:
         yield Flagged(conn, client, stop_begun)

@@ -228,24 +228,99 @@ def test_a_connection_with_an_idle_or_lifetime_deadline_reads_through_it_with_a_
     assert all(25_000 < call[3] <= 30_001 for call in calls)
 
 
-@pytest.mark.parametrize("read", ["recv", "readline"])
-def test_the_idle_timeout_of_a_read_through_it_raises_read_timeout(
+EACH_PATH = pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "pure-python"])
+
+
+def read_through(monkeypatch: pytest.MonkeyPatch, compiled: bool) -> None:
+    """Connections made from now on read through the compiled read, or in Python."""
+    monkeypatch.setattr(_connection, "_poll_recv", poll_recv if compiled else None)
+
+
+@EACH_PATH
+@pytest.mark.parametrize(
+    ("timeouts", "read", "kind"),
+    [
+        (Timeouts(idle=0.2), "recv", "idle"),
+        (Timeouts(idle=0.2), "readline", "idle"),
+        (Timeouts(lifetime=0.2), "recv", "lifetime"),
+        (Timeouts(read=0.2), "readline", "read"),  # A line begun and never finished.
+    ],
+    ids=["idle-recv", "idle-readline", "lifetime", "read"],
+)
+def test_a_timed_read_raises_its_timeout_at_its_deadline_and_not_later(
     pair: tuple[socket.socket, socket.socket],
     stop_pipe: tuple[int, int],
     monkeypatch: pytest.MonkeyPatch,
+    compiled: bool,
+    timeouts: Timeouts,
     read: str,
+    kind: str,
 ) -> None:
-    server, _client = pair
-    calls = spy_on_compiled_reads(monkeypatch, even_if_off=True)
-    conn = Connection(server, "client", stop_fd=stop_pipe[0], timeouts=Timeouts(idle=0.2))
+    server, client = pair
+    read_through(monkeypatch, compiled)
+    calls = spy_on_compiled_reads(monkeypatch, even_if_off=False)
     began = time.monotonic()
+    conn = Connection(server, "client", stop_fd=stop_pipe[0], timeouts=timeouts)
+    # The hot path's wait runs out; the general path must then get the same
+    # deadline, already passed, and raise. A deadline worked out afresh there
+    # would be later than the moment it is handed over, and the read would
+    # wait a second timeout.
+    handed_over: list[tuple[float | None, float]] = []
+    general_path = conn._recv_from_socket
+
+    def spied(bufsize: int, deadline: float | None) -> bytes:
+        handed_over.append((deadline, time.monotonic()))
+        return general_path(bufsize, deadline)
+
+    monkeypatch.setattr(conn, "_recv_from_socket", spied)
+    if kind == "read":
+        client.sendall(b"no newline yet")
     with pytest.raises(ReadTimeout) as raised:
         getattr(conn, read)()
-    assert raised.value.kind == "idle"
+    assert raised.value.kind == kind
     assert time.monotonic() - began >= 0.2
-    # The compiled read timed out first; the general path then raised.
-    assert len(calls) == 1
-    assert 150 < calls[0][3] <= 201
+    assert len(handed_over) == 1
+    deadline, handed_over_at = handed_over[0]
+    assert deadline is not None
+    assert deadline <= handed_over_at
+    if compiled:  # Its last wait was the timed one, of at most the timeout.
+        assert 0 < calls[-1][3] <= 201
+
+
+@EACH_PATH
+@pytest.mark.parametrize("arrived", [b"", b"arrived"], ids=["nothing-arrived", "some-arrived"])
+def test_the_stop_descriptor_ends_a_timed_read_after_what_had_arrived(
+    pair: tuple[socket.socket, socket.socket],
+    stop_pipe: tuple[int, int],
+    monkeypatch: pytest.MonkeyPatch,
+    compiled: bool,
+    arrived: bytes,
+) -> None:
+    server, client = pair
+    read_through(monkeypatch, compiled)
+    timeouts = Timeouts(idle=30, lifetime=60)
+    conn = Connection(server, "client", stop_fd=stop_pipe[0], timeouts=timeouts)
+    if arrived:
+        client.sendall(arrived)
+        select.select([server], [], [], 10)
+    os.write(stop_pipe[1], b"x")
+    assert conn.recv(100) == arrived
+    client.sendall(b"later")
+    assert conn.recv(100) == b""  # Sent after the stop: not read.
+
+
+def test_a_timeout_beyond_what_poll_takes_waits_without_limit(
+    pair: tuple[socket.socket, socket.socket], stop_pipe: tuple[int, int]
+) -> None:
+    # poll() takes an int of milliseconds: a longer timeout is clamped to the
+    # longest, not wrapped round (2**32 + 50 cast to int would be 50 ms).
+    server, client = pair
+    sender = threading.Timer(0.2, client.sendall, args=(b"late",))
+    sender.start()
+    try:
+        assert poll_recv(server.fileno(), stop_pipe[0], 100, 2**32 + 50) == b"late"
+    finally:
+        sender.join()
 
 
 @pytest.mark.parametrize(

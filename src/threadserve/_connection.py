@@ -11,8 +11,8 @@ reset, which rules out the lingering close the stop contract needs. CPython
 itself pays the same poll-then-recv on any socket with a timeout, and we need
 timeouts anyway.
 
-The usual wait-and-read (no TLS, and an idle or lifetime deadline at most)
-may be done by the compiled ``_fastread.c`` in one release of the GIL; it
+The usual wait-and-read (no TLS; an idle, lifetime or frame deadline at
+most) may be done by the compiled ``_fastread.c`` in one release of the GIL; it
 must then end reading for the stop exactly as the Python path does,
 including a stop that began while the read waited (see ``_read_chunk``).
 

@@ -15,7 +15,7 @@
  * suite runs the reading tests both ways.
  *
  * Only the usual case is handled here: data, end of stream, the stop, and a
- * wait of at most timeout_ms (the caller's idle or lifetime deadline).
+ * wait of at most timeout_ms (the caller's idle, lifetime or frame deadline).
  * Everything else is handed back to the general path in Python, which raises
  * the timeout once the deadline has passed, and knows TLS and the stop budget.
  */
