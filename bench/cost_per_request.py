@@ -27,8 +27,9 @@ for different servers). Medians over rounds. Reading it: ``threadserve``
 and ``ts + bare loop`` differ by what the Connection costs; ``ts + bare
 loop`` and ``threads-bare`` by what the rest of threadserve costs; ``ts +
 poll/recv`` splits the Connection's cost into the read through ``poll`` and
-the Python around it; and ``threadserve`` and ``ts, pure-Python reads`` by
-what the compiled read saves.
+the Python around it; ``threadserve`` and ``ts, pure-Python reads`` by
+what the compiled read saves; and ``threadserve`` and ``ts, --idle-timeout
+300`` by what a read deadline costs.
 
 A diagnostic, not a published figure: ``python -m bench`` measures throughput.
 """
