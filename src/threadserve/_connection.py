@@ -245,12 +245,7 @@ class Connection:
         # spurious readiness, a deadline reached) falls through to the general
         # path below, which raises the timeout.
         if self._plain_reads and self._stop_budget is None and not self._reading_done:
-            timeout_ms = -1
-            if deadline is not None:
-                # Rounded up, as _poll_timeout_ms: a wait that ends a little
-                # early would find the deadline not yet passed and wait again.
-                remaining = deadline - self._clock()
-                timeout_ms = int(remaining * 1000) + 1 if remaining > 0 else 0
+            timeout_ms = -1 if deadline is None else self._ms_until(deadline)
             if not timeout_ms:
                 pass  # The deadline has passed: the general path raises the timeout.
             elif _poll_recv is not None:
@@ -687,10 +682,14 @@ class Connection:
         return min(deadline, lifetime)
 
     def _poll_timeout_ms(self, deadline: float | None) -> int | None:
-        if deadline is None:
-            return None
-        # Round up: waking a millisecond early would report a timeout too soon.
-        return max(0, int((deadline - self._clock()) * 1000) + 1)
+        return None if deadline is None else self._ms_until(deadline)
+
+    def _ms_until(self, deadline: float) -> int:
+        """A poll timeout that ends at ``deadline``: 0 once it has passed."""
+        remaining = deadline - self._clock()
+        # Round up: waking a millisecond early would find the deadline not yet
+        # passed, and wait (or report a timeout) too soon.
+        return int(remaining * 1000) + 1 if remaining > 0 else 0
 
     # ------------------------------------------------------------------ TLS (server side)
 
