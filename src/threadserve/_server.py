@@ -23,7 +23,9 @@ thread then runs the stop sequence (_stop.py: tell the listen queue, close
 the listeners, wake connections in waves, drain, force at the grace
 deadline, report stuck threads). Each connection thread, seeing the stop,
 finishes what it had read, writes the goodbye notice, sends FIN and lingers
-(``_finish_connection``).
+(``_finish_connection``). How a connection ended, from what its handler
+raised to the reason counted, the notice sent and whether to linger, is
+sorted out in _ending.py.
 
 Shared state is changed under ``_lock``; socket I/O happens outside it.
 """
@@ -47,24 +49,15 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from . import _connection as _connection_module
 from . import _setup
 from ._admission import Admission, OverloadPolicy
 from ._agent import AgentResponder
 from ._broadcast import MAX_GROUPS, StopBroadcast
 from ._checks import CHUNK_SIZE, IDLE_THREADS, SHORT_WAIT, check_handler, check_type
-from ._connection import DEFAULT_CHUNK_SIZE, PEER_GONE_ERRNOS, Connection
+from ._connection import DEFAULT_CHUNK_SIZE, Connection
+from ._ending import COMPLETED, ending_of
 from ._events import CloseReason, Counters, RejectReason, StopOutcome
-from ._exceptions import (
-    ConfigurationError,
-    ConnectionTimeout,
-    FrameTooLarge,
-    HandshakeTimeout,
-    IncompleteRead,
-    ProxyProtocolError,
-    ReadTimeout,
-    WriteTimeout,
-)
+from ._exceptions import ConfigurationError
 from ._gil import threads_changed
 from ._keepalive import keepalive_options
 from ._listeners import (
@@ -808,78 +801,30 @@ class Server:
                 conn.peer,
                 extra={"event": "connection_opened", "peer": conn.peer},
             )
-        outcome = "closed"
-        reason = CloseReason.COMPLETED
-        cutoff_notice: bytes | None = None
-        abandon = False
+        ending = COMPLETED
         try:
             _setup.set_up(conn, self._setup_steps)  # PROXY header, then TLS handshake.
             if self._proxy is not None:
                 thread.name = f"threadserve {conn.peer}"  # The client the proxy reported.
             self.handler(conn)
-        except ProxyProtocolError as exc:
-            # Malformed, truncated or late: the handler never runs. Close at
-            # once; the proxy reads nothing from us.
-            outcome, abandon = f"PROXY protocol: {exc}", True
-            reason = CloseReason.PROXY_ERROR
-            self._reject_proxy(conn.peer, exc)
-        except _setup.Aborted as exc:
-            # Stopping: the proxy (and its client) still hear the goodbye.
-            outcome, abandon = str(exc), not exc.stopping
-            reason = CloseReason.STOPPED if self._stop.stopping else CloseReason.RESET
-        except _setup.Refused as exc:
-            outcome, cutoff_notice = str(exc), None if self.tls else self.notices.busy
-            reason = CloseReason.REFUSED
-        except FrameTooLarge as exc:
-            outcome, cutoff_notice = str(exc), self.notices.too_large
-            reason = CloseReason.TOO_LARGE
-        except ReadTimeout as exc:
-            outcome, cutoff_notice = str(exc), self.notices.timed_out
-            # "read_timeout" is the read timeout's own (a frame too slow);
-            # the idle and lifetime timeouts count as "timeout".
-            reason = CloseReason.READ_TIMEOUT if exc.kind == "read" else CloseReason.TIMEOUT
-        except (WriteTimeout, HandshakeTimeout) as exc:
-            # The client reads nothing (or says nothing): a notice or a
-            # lingering close would only hold the thread longer. Close at once.
-            outcome, abandon = str(exc), True
-            reason = (
-                CloseReason.WRITE_TIMEOUT
-                if isinstance(exc, WriteTimeout)
-                else CloseReason.HANDSHAKE_TIMEOUT
-            )
-        except (ConnectionTimeout, IncompleteRead) as exc:
-            outcome = str(exc)
-            reason = (
-                CloseReason.INCOMPLETE if isinstance(exc, IncompleteRead) else CloseReason.TIMEOUT
-            )
-        except ssl.SSLError as exc:
-            outcome = f"TLS error: {exc.reason or exc}"
-            reason = CloseReason.TLS_ERROR
-            if not _raised_by_connection(exc):  # The handler's own TLS (a backend, say).
-                self._count_handler_error(conn)
-        except OSError as exc:
-            outcome = exc.strerror or str(exc)
-            reason = CloseReason.RESET
-            # The client going away is expected; the same error from the
-            # handler's own sockets (a database connection, say) is a bug to see.
-            expected = exc.errno in PEER_GONE_ERRNOS or self._stop.stopping
-            if not (expected and _raised_by_connection(exc)):
-                reason = CloseReason.HANDLER_ERROR
-                self._count_handler_error(conn)
-        except Exception:
-            outcome = "handler error"
-            reason = CloseReason.HANDLER_ERROR
-            self._count_handler_error(conn)
+        except Exception as exc:
+            stopping, tls = self._stop.stopping, self.tls is not None
+            ending = ending_of(exc, stopping=stopping, notices=self.notices, tls=tls)
+            if ending.handler_error:
+                self._count_handler_error(conn)  # Inside the except: it logs the traceback.
+            elif ending.reason is CloseReason.PROXY_ERROR:
+                self._reject_proxy(conn.peer, exc)
         finally:
+            reason = ending.reason
             if reason is CloseReason.COMPLETED and self._stop.stopping:
                 reason = CloseReason.STOPPED
             try:
-                if abandon:
+                if ending.abandon:
                     conn._close_socket()
                 else:
-                    self._finish_connection(conn, cutoff_notice)
+                    self._finish_connection(conn, ending.notice)
             finally:
-                self._unregister(conn, outcome, reason)
+                self._unregister(conn, ending.outcome, reason)
 
     def _count_handler_error(self, conn: Connection) -> None:
         with self._lock:
@@ -1057,28 +1002,6 @@ def serve(
     """
     with Server(handler, bind, **settings) as server:
         return server.serve_forever()
-
-
-def _raised_by_connection(exc: BaseException) -> bool:
-    """Whether ``exc`` came out of this connection's own I/O (a Connection method).
-
-    The innermost frame of such an error is a Connection method, or the
-    standard library's socket/ssl wrappers it called. Errors from anything
-    else the handler does (its database driver, say) end elsewhere.
-    """
-    frames = []
-    tb = exc.__traceback__
-    while tb is not None:
-        frames.append(tb.tb_frame.f_code.co_filename)
-        tb = tb.tb_next
-    for filename in reversed(frames):
-        if filename not in _IO_WRAPPER_FILES:
-            return filename == _connection_module.__file__
-    return False
-
-
-#: Library modules between a Connection method and the system call.
-_IO_WRAPPER_FILES = frozenset({ssl.__file__, socket.__file__})
 
 
 def _tell_and_close(sock: socket.socket, notice: bytes | None) -> None:
