@@ -8,6 +8,7 @@ tests drive it directly, with any order of those calls hypothesis finds.
 from __future__ import annotations
 
 import collections
+import resource
 
 import pytest
 from hypothesis import settings
@@ -64,12 +65,20 @@ def test_bad_settings_are_refused_with_a_clear_message(
         Admission(*settings_)
 
 
-def test_the_default_total_leaves_a_quarter_of_the_descriptors_to_handlers() -> None:
-    import resource
-
-    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    assert default_max_connections() == (soft - RESERVED_FDS) * 3 // 4
-    assert Admission(None, None, "wait").max_connections == default_max_connections()
+@pytest.mark.parametrize(
+    ("soft", "expected"),
+    [
+        (20_000, (20_000 - RESERVED_FDS) * 3 // 4),  # A quarter is left to the handlers.
+        (resource.RLIM_INFINITY, ((1 << 20) - RESERVED_FDS) * 3 // 4),
+        (RESERVED_FDS, 1),  # Never below one connection.
+    ],
+)
+def test_the_default_total_follows_the_open_file_limit(
+    monkeypatch: pytest.MonkeyPatch, soft: int, expected: int
+) -> None:
+    monkeypatch.setattr(resource, "getrlimit", lambda _which: (soft, resource.RLIM_INFINITY))
+    assert default_max_connections() == expected
+    assert Admission(None, None, "wait").max_connections == expected
 
 
 class AdmissionMachine(RuleBasedStateMachine):

@@ -70,87 +70,125 @@ def error_from(conn: Connection) -> OSError:
 
 
 def test_a_handler_that_returns_completes() -> None:
-    assert COMPLETED.reason is CloseReason.COMPLETED
-    assert (COMPLETED.notice, COMPLETED.abandon, COMPLETED.handler_error) == (None, False, False)
+    assert Ending("closed", CloseReason.COMPLETED) == COMPLETED
 
 
-@pytest.mark.parametrize(
-    ("exc", "reason", "notice"),
-    [
-        (FrameTooLarge(10), CloseReason.TOO_LARGE, b"big\n"),
-        (ReadTimeout("no line", kind="read"), CloseReason.READ_TIMEOUT, b"late\n"),
-        (ReadTimeout("idle", kind="idle"), CloseReason.TIMEOUT, b"late\n"),
-        (ReadTimeout("too old", kind="lifetime"), CloseReason.TIMEOUT, b"late\n"),
-        (IncompleteRead(b"ab", 4), CloseReason.INCOMPLETE, None),
-        (ConnectionTimeout("over"), CloseReason.TIMEOUT, None),
-    ],
-)
-def test_limits_and_timeouts_tell_the_client_why_then_close_gracefully(
-    exc: Exception, reason: CloseReason, notice: bytes | None
+# What each exception comes to, raised by the handler itself (its traceback
+# ends in the handler, not in a Connection method): (exception, stopping,
+# tls, the whole Ending). Whole Endings, so that no field goes unchecked.
+TABLE = [
+    # Limits and timeouts: the client is told why, then a lingering close.
+    (
+        FrameTooLarge(10),
+        False,
+        False,
+        Ending("frame exceeds the limit of 10 bytes", CloseReason.TOO_LARGE, b"big\n"),
+    ),
+    (
+        ReadTimeout("no line", kind="read"),
+        False,
+        False,
+        Ending("no line", CloseReason.READ_TIMEOUT, b"late\n"),
+    ),
+    (
+        ReadTimeout("idle", kind="idle"),
+        False,
+        False,
+        Ending("idle", CloseReason.TIMEOUT, b"late\n"),
+    ),
+    (
+        ReadTimeout("old", kind="lifetime"),
+        True,
+        False,
+        Ending("old", CloseReason.TIMEOUT, b"late\n"),
+    ),
+    (
+        IncompleteRead(b"ab", 4),
+        False,
+        False,
+        Ending("stream ended after 2 bytes, before 4 bytes", CloseReason.INCOMPLETE),
+    ),
+    (ConnectionTimeout("over"), False, False, Ending("over", CloseReason.TIMEOUT)),
+    # A peer that reads (or says) nothing, a bad proxy: closed at once, told nothing.
+    (
+        WriteTimeout("took nothing"),
+        False,
+        False,
+        Ending("took nothing", CloseReason.WRITE_TIMEOUT, abandon=True),
+    ),
+    (
+        WriteTimeout("took nothing"),
+        True,
+        False,
+        Ending("took nothing", CloseReason.WRITE_TIMEOUT, abandon=True),
+    ),
+    (
+        HandshakeTimeout("no hello"),
+        False,
+        True,
+        Ending("no hello", CloseReason.HANDSHAKE_TIMEOUT, abandon=True),
+    ),
+    (
+        ProxyProtocolError("bad"),
+        False,
+        False,
+        Ending("PROXY protocol: bad", CloseReason.PROXY_ERROR, abandon=True),
+    ),
+    # Setup ended: by the stop (the goodbye is still said) or by the peer.
+    (Aborted("stopping", stopping=True), True, False, Ending("stopping", CloseReason.STOPPED)),
+    (Aborted("stopping", stopping=True), False, False, Ending("stopping", CloseReason.RESET)),
+    (Aborted("peer left"), False, False, Ending("peer left", CloseReason.RESET, abandon=True)),
+    (Aborted("peer left"), True, False, Ending("peer left", CloseReason.STOPPED, abandon=True)),
+    # Over the per-address limit behind a proxy: told busy, except over TLS.
+    (Refused("over"), False, False, Ending("over", CloseReason.REFUSED, b"busy\n")),
+    (Refused("over"), False, True, Ending("over", CloseReason.REFUSED)),
+    # The handler's own socket failing is its error, during a stop too.
+    (
+        ConnectionResetError(errno.ECONNRESET, "reset"),
+        False,
+        False,
+        Ending("reset", CloseReason.HANDLER_ERROR, handler_error=True),
+    ),
+    (
+        ConnectionResetError(errno.ECONNRESET, "reset"),
+        True,
+        False,
+        Ending("reset", CloseReason.HANDLER_ERROR, handler_error=True),
+    ),
+    (
+        OSError("no errno"),
+        False,
+        False,
+        Ending("no errno", CloseReason.HANDLER_ERROR, handler_error=True),
+    ),
+    # Anything else is a bug in the handler.
+    (
+        KeyError("x"),
+        False,
+        False,
+        Ending("handler error", CloseReason.HANDLER_ERROR, handler_error=True),
+    ),
+    (
+        KeyError("x"),
+        True,
+        True,
+        Ending("handler error", CloseReason.HANDLER_ERROR, handler_error=True),
+    ),
+]
+
+
+@pytest.mark.parametrize(("exc", "stopping", "tls", "expected"), TABLE)
+def test_each_exception_comes_to_its_ending(
+    exc: Exception, stopping: bool, tls: bool, expected: Ending
 ) -> None:
-    ending = end(raised(exc))
-    assert (ending.reason, ending.notice) == (reason, notice)
-    assert not ending.abandon, "a client that is still reading gets a lingering close"
-    assert not ending.handler_error
-    assert ending.outcome == str(exc)
-
-
-@pytest.mark.parametrize(
-    ("exc", "reason"),
-    [
-        (WriteTimeout("took nothing"), CloseReason.WRITE_TIMEOUT),
-        (HandshakeTimeout("no hello"), CloseReason.HANDSHAKE_TIMEOUT),
-        (ProxyProtocolError("not a PROXY header"), CloseReason.PROXY_ERROR),
-    ],
-)
-def test_a_peer_that_reads_nothing_or_a_bad_proxy_is_closed_at_once(
-    exc: Exception, reason: CloseReason
-) -> None:
-    ending = end(raised(exc))
-    assert (ending.reason, ending.notice, ending.abandon) == (reason, None, True)
-    assert not ending.handler_error
-
-
-def test_a_proxy_error_names_the_protocol_in_the_log() -> None:
-    assert end(raised(ProxyProtocolError("bad"))).outcome == "PROXY protocol: bad"
-
-
-@pytest.mark.parametrize("stopping", [False, True])
-def test_a_setup_ended_by_the_stop_still_says_goodbye(stopping: bool) -> None:
-    by_stop = end(raised(Aborted("stopping", stopping=True)), stopping=stopping)
-    assert not by_stop.abandon, "the proxy and its client hear the goodbye"
-    by_peer = end(raised(Aborted("peer left")), stopping=stopping)
-    assert by_peer.abandon
-    expected = CloseReason.STOPPED if stopping else CloseReason.RESET
-    assert by_stop.reason is by_peer.reason is expected
-
-
-@pytest.mark.parametrize(("tls", "notice"), [(False, b"busy\n"), (True, None)])
-def test_a_refused_client_is_told_busy_except_over_tls(tls: bool, notice: bytes | None) -> None:
-    ending = end(raised(Refused("over the per-address limit")), tls=tls)
-    assert (ending.reason, ending.notice, ending.abandon) == (CloseReason.REFUSED, notice, False)
-
-
-def test_an_unexpected_exception_is_a_handler_error() -> None:
-    ending = end(raised(KeyError("x")))
-    assert (ending.reason, ending.handler_error) == (CloseReason.HANDLER_ERROR, True)
-    assert ending.outcome == "handler error"
+    assert end(raised(exc), stopping=stopping, tls=tls) == expected
 
 
 def test_a_client_that_went_away_is_a_reset_not_a_handler_error(gone_client: Connection) -> None:
     exc = error_from(gone_client)
     assert exc.errno in (errno.EPIPE, errno.ECONNRESET)
     assert raised_by_connection(exc)
-    ending = end(exc)
-    assert (ending.reason, ending.handler_error) == (CloseReason.RESET, False)
-
-
-def test_the_same_error_from_the_handlers_own_socket_is_a_handler_error() -> None:
-    exc = raised(ConnectionResetError(errno.ECONNRESET, "Connection reset by peer"))
-    assert not raised_by_connection(exc)
-    ending = end(exc)
-    assert (ending.reason, ending.handler_error) == (CloseReason.HANDLER_ERROR, True)
-    assert ending.outcome == "Connection reset by peer"
+    assert end(exc) == Ending(exc.strerror or "", CloseReason.RESET)
 
 
 def test_during_the_stop_any_error_of_the_connection_itself_is_expected(
@@ -163,12 +201,10 @@ def test_during_the_stop_any_error_of_the_connection_itself_is_expected(
     assert end(exc, stopping=True).reason is CloseReason.RESET
 
 
-def test_a_tls_error_is_the_handlers_own_unless_the_connection_raised_it() -> None:
+def test_a_tls_error_raised_outside_the_connection_is_the_handlers_own() -> None:
+    # Made in Python, it has no OpenSSL reason: the message stands in for it.
     exc = raised(ssl.SSLError(1, "[SSL: WRONG_VERSION_NUMBER] wrong version number"))
-    ending = end(exc)
-    assert ending.reason is CloseReason.TLS_ERROR
-    assert ending.handler_error, "raised outside the Connection: the handler's own TLS"
-    assert ending.outcome == f"TLS error: {exc}"
+    assert end(exc) == Ending(f"TLS error: {exc}", CloseReason.TLS_ERROR, handler_error=True)
 
 
 def test_a_tls_error_of_the_connections_own_handshake_is_not_the_handlers(
@@ -187,6 +223,4 @@ def test_a_tls_error_of_the_connections_own_handshake_is_not_the_handlers(
         finally:
             conn._sock.close()  # The TLS socket, which took over the descriptor.
     assert raised_by_connection(info.value)
-    ending = end(info.value)
-    assert (ending.reason, ending.handler_error) == (CloseReason.TLS_ERROR, False)
-    assert ending.outcome == f"TLS error: {info.value.reason}"
+    assert end(info.value) == Ending(f"TLS error: {info.value.reason}", CloseReason.TLS_ERROR)

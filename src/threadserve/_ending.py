@@ -1,13 +1,16 @@
 """How a connection ended: from what its handler raised to a reason, a notice and a way to close.
 
-Every exception a connection thread can see is sorted here, in one place
-and without sockets, so that each has its own test (tests/test_ending.py)
-and the server's connection loop only carries out the answer:
+Every ``Exception`` a connection's setup or handler raises is sorted here,
+in one place and without sockets, so that each has its own test
+(tests/test_ending.py) and the server's connection loop only carries out
+the answer (a ``BaseException`` such as ``SystemExit`` is not caught: the
+connection is then closed as if the handler had returned):
 
 - ``reason``: the ``CloseReason`` counted and logged;
 - ``notice``: the line the client is told before the close (None: none);
-- ``abandon``: close at once, with no notice and no lingering close, for a
-  client that reads nothing or a proxy that must hear nothing;
+- ``abandon``: close at once, with no notice and no lingering close (no
+  goodbye either, even at a stop), for a client that reads nothing or a
+  proxy that must hear nothing;
 - ``handler_error``: the server logs the traceback and counts it.
 
 The order of the checks matters where the classes overlap: ``ssl.SSLError``
@@ -56,8 +59,10 @@ COMPLETED = Ending("closed", CloseReason.COMPLETED)
 def ending_of(exc: Exception, *, stopping: bool, notices: Notices, tls: bool) -> Ending:
     """The ending for a connection whose handler (or setup) raised ``exc``.
 
-    ``stopping``: the server is stopping; ``tls``: the listener speaks TLS,
-    where a notice in plain text would be a protocol error.
+    ``stopping``: the server is stopping (not to be confused with
+    ``Aborted.stopping``, which says the setup itself was ended by the
+    stop); ``tls``: the listener speaks TLS, where a notice in plain text
+    would be a protocol error.
     """
     if isinstance(exc, ProxyProtocolError):
         # Malformed, truncated or late: the handler never ran. The proxy reads nothing from us.
@@ -80,6 +85,7 @@ def ending_of(exc: Exception, *, stopping: bool, notices: Notices, tls: bool) ->
         # hold the thread longer. Close at once.
         return Ending(str(exc), CloseReason.WRITE_TIMEOUT, abandon=True)
     if isinstance(exc, HandshakeTimeout):
+        # The client says nothing (or too slowly to finish a hello): the same.
         return Ending(str(exc), CloseReason.HANDSHAKE_TIMEOUT, abandon=True)
     if isinstance(exc, IncompleteRead):
         return Ending(str(exc), CloseReason.INCOMPLETE)
