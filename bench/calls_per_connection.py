@@ -13,7 +13,9 @@ Why calls and not time: this machine's speed moves by more than the
 per-connection trims do, but the number of calls is the same in every run.
 It is how the per-connection path is kept lean: 154 calls per connection
 before the trims of commit 996b245 (an Event, a Condition and an outbox made
-for every connection whether used or not), 131-133 after. The hook slows
+for every connection whether used or not), 131-133 after; 122 before
+``Listener.accept`` (socket.accept's enum and default-timeout reads) and the
+switch interval's early return, 109 after. The hook slows
 the server down a lot, so no time is reported; ``python -m bench
 --workloads short`` measures the rate.
 """

@@ -180,7 +180,7 @@ class AgentResponder:
     def _answer_all(self, selector: selectors.BaseSelector, listener: Listener) -> None:
         while True:
             try:
-                sock, _address = listener.socket.accept()
+                sock, _address = listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:

@@ -62,6 +62,10 @@ def threads_changed(delta: int) -> None:
     with _lock:
         _threads += delta
         current = sys.getswitchinterval()
+        # Every connection comes here twice; with fewer threads than would
+        # double the interval, and no raise of ours to undo, nothing moves.
+        if _ours is None and _threads * PER_THREAD < current * HYSTERESIS:
+            return
         if _ours is not None and current != _ours:
             _base, _ours = None, None  # Someone else set it since: theirs now.
         base = current if _base is None else _base

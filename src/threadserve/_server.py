@@ -568,7 +568,7 @@ class Server:
             if not self._begin_accept():
                 return True
             try:
-                sock, address = listener.socket.accept()
+                sock, address = listener.accept()
             except (BlockingIOError, InterruptedError):
                 self._accept_failed()
                 return True
@@ -628,7 +628,7 @@ class Server:
             if not self._begin_accept(direct=True):
                 return None
             try:
-                sock, address = listener.socket.accept()
+                sock, address = listener.accept()
             except OSError:
                 # Nobody waiting, or an error the accept loop will meet and report.
                 self._accept_failed()

@@ -357,7 +357,7 @@ class StopSequence:
                 listener.socket.listen(0)
         for _ in range(LISTEN_BACKLOG):
             try:
-                sock, _address = listener.socket.accept()
+                sock, _address = listener.accept()
             except OSError:
                 break  # Empty (EAGAIN), or out of descriptors: the rest get the reset.
             _tell(sock, notice)
