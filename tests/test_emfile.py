@@ -24,7 +24,7 @@ from hostile import OutputFile, ms, report
 from support import SETTLE, connect, recv_exactly, wait_until
 
 import threadserve
-from threadserve._server import ACCEPT_BACKOFF_MAX
+from threadserve._accept import ACCEPT_BACKOFF_MAX
 
 NOFILE = 64
 #: How long the test keeps the server out of descriptors.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import select
 import socket
 import tempfile
 import threading
@@ -223,6 +224,31 @@ def test_the_listen_backlog_holds_a_burst_of_a_thousand_connects() -> None:
         for client in clients:
             client.close()
         stop_once(server)
+
+
+@pytest.mark.parametrize("bind", ["127.0.0.1:0", "[::1]:0", "unix"])
+def test_listener_accept_gives_what_socket_accept_gives(bind: str, socket_dir: str) -> None:
+    spec = f"unix:{os.path.join(socket_dir, 'accept.sock')}" if bind == "unix" else bind
+    (listener,) = open_listeners([parse_bind_address(spec)])
+    try:
+        with pytest.raises(BlockingIOError):
+            listener.accept()  # Nobody waiting: the listener is non-blocking.
+        client = socket.socket(listener.family, socket.SOCK_STREAM)
+        client.settimeout(10)
+        with client:
+            client.connect(listener.socket.getsockname())
+            wait_until(lambda: listener.socket in select.select([listener.socket], [], [], 0)[0])
+            sock, address = listener.accept()
+            with sock:
+                assert (sock.family, sock.type) == (listener.socket.family, socket.SOCK_STREAM)
+                assert sock.getblocking(), "socket.accept() gives a blocking socket too"
+                assert address == sock.getpeername()
+                if bind != "unix":
+                    assert address == client.getsockname()
+                sock.sendall(b"both ways")
+                assert recv_exactly(client, 9) == b"both ways"
+    finally:
+        listener.close()
 
 
 # ---------------------------------------------------------------- Unix sockets

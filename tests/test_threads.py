@@ -10,7 +10,7 @@ import pytest
 from support import SETTLE, wait_until
 
 from threadserve import ConfigurationError, Connection, Server, echo
-from threadserve._server import ACCEPT_LOOP_LAG
+from threadserve._accept import ACCEPT_LOOP_LAG
 from threadserve._threads import PARKED_NAME, ParkingThreads
 from threadserve.testing import RunningServer, running_server
 
@@ -237,21 +237,24 @@ def test_a_job_at_hand_runs_on_the_finished_thread_without_parking() -> None:
     wait_until(lambda: not _parked(), what="the parked thread to end at close")
 
 
-def _waiting_client(server: RunningServer) -> socket.socket:
-    """A client the kernel has connected, waiting in the (unserved) server's listen queue."""
-    client = socket.create_connection(server.tcp_address, timeout=SETTLE)
-    client.sendall(b"ping")
-    return client
-
-
-def test_a_finishing_thread_takes_a_waiting_client_from_the_listen_queue() -> None:
-    # Bound, never served: no accept loop competes for the client.
+def test_a_finishing_thread_takes_a_waiting_client_and_the_server_registers_it() -> None:
+    # Bound, never served: no accept loop competes for the client. The
+    # direct accept's own rules are tested in test_accept.py.
     server = RunningServer(echo, "127.0.0.1:0")
     try:
-        assert server._take_next_client() is None, "nobody is waiting yet"
-        with _waiting_client(server) as client:
-            conn = server._take_next_client()
-            assert conn is not None
+        with socket.create_connection(server.tcp_address, timeout=SETTLE) as client:
+            server._acceptor.loop_ran_at = time.monotonic() - 2 * ACCEPT_LOOP_LAG
+            taken: list[Connection] = []
+
+            def took() -> bool:
+                # Retried: connect() can return before the client reaches the queue.
+                conn = server._acceptor.take_next_client()
+                if conn is not None:
+                    taken.append(conn)
+                return bool(taken)
+
+            wait_until(took, what="the waiting client to be taken")
+            conn = taken[0]
             try:
                 assert conn.peer == "{}:{}".format(*client.getsockname())
                 assert conn in server._connections, "the connection was not registered"
@@ -259,44 +262,9 @@ def test_a_finishing_thread_takes_a_waiting_client_from_the_listen_queue() -> No
             finally:
                 conn._close_socket()
                 server._unregister(conn, "test over")
-    finally:
-        server.stop()
-
-
-def test_no_client_is_taken_directly_once_a_stop_is_requested_or_accepting_is_paused() -> None:
-    server = RunningServer(echo, "127.0.0.1:0", max_connections=1, overload="wait")
-    try:
-        with _waiting_client(server), _waiting_client(server):
-            first = server._take_next_client()
-            assert first is not None
-            try:
-                # The only slot is taken: under the wait policy the second
-                # client stays in the queue instead of being turned away.
-                assert server._take_next_client() is None
-                assert server.statistics().connections_rejected == 0
-            finally:
-                first._close_socket()
-                server._unregister(first, "test over")
+        assert server.statistics().connections_active == 0
+        with socket.create_connection(server.tcp_address, timeout=SETTLE):
             server._request_stop()
-            assert server._take_next_client() is None
-            assert server.statistics().connections_accepted == 1
-    finally:
-        server.stop()
-
-
-def test_no_client_is_taken_directly_while_the_accept_loop_keeps_up() -> None:
-    server = RunningServer(echo, "127.0.0.1:0")
-    try:
-        with _waiting_client(server):
-            # The accept loop ran just now: the client is left to it.
-            server._accept_loop_ran_at = time.monotonic()
-            assert server._take_next_client() is None
-            assert server.statistics().connections_accepted == 0
-            # It has not run for longer than ACCEPT_LOOP_LAG: taken directly.
-            server._accept_loop_ran_at = time.monotonic() - 2 * ACCEPT_LOOP_LAG
-            conn = server._take_next_client()
-            assert conn is not None
-            conn._close_socket()
-            server._unregister(conn, "test over")
+            assert server._acceptor.take_next_client() is None, "taken after a stop request"
     finally:
         server.stop()

@@ -1,4 +1,4 @@
-"""The server: accept loop, connection registry, and each connection's thread.
+"""The server: the registry of live connections, each connection's thread, and the facade.
 
 Theory of operation
 ===================
@@ -9,8 +9,8 @@ the main thread) waits in ``select`` on the listening sockets and on a
 handler with a ``Connection``; the registry of live connections is a dict the
 connection thread removes itself from in ``finally``, so it prunes itself. A
 connection thread whose client has left takes the next waiting client from
-the listen queue itself before it parks (``_take_next_client``), so under
-load most clients never wait for the accept loop.
+the listen queue itself before it parks, so under load most clients never
+wait for the accept loop (_accept.py: the loop, direct accepts, back-off).
 
 Nothing polls on a timer. Everything that must reach the serving thread (a
 stop request from a signal handler or another thread, a force request, "the
@@ -33,12 +33,10 @@ Shared state is changed under ``_lock``; socket I/O happens outside it.
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import os
 import queue
 import select
-import selectors
 import socket
 import ssl
 import threading
@@ -50,6 +48,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from . import _setup
+from ._accept import Acceptor, drain_pipe
 from ._admission import Admission, OverloadPolicy
 from ._agent import AgentResponder
 from ._broadcast import MAX_GROUPS, StopBroadcast
@@ -84,15 +83,6 @@ DEFAULT_BIND = "127.0.0.1:8000"
 DEFAULT_GRACE = 5.0
 DEFAULT_GOODBYE = b"Shutting down!\n"
 DEFAULT_LINGER = 2.0
-#: Accept at most this many clients per wake-up, so the control pipe is heard promptly.
-ACCEPT_BATCH = 64
-#: A finishing connection thread takes a waiting client itself once the
-#: accept loop has not run for this long (see Server._take_next_client).
-ACCEPT_LOOP_LAG = 0.002
-#: accept() failures that mean "out of a resource": back off instead of spinning.
-RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
-ACCEPT_BACKOFF_FIRST = 0.005
-ACCEPT_BACKOFF_MAX = 1.0
 #: TCP keepalive: probe after 60 s of silence, every 10 s, give up after 3
 #: unanswered probes. A client that vanished (power loss, cable, NAT timeout)
 #: frees its thread after about 90 s instead of never.
@@ -242,25 +232,25 @@ class Server:
         # Raise sys.setswitchinterval with the number of connections, so
         # thousands of GIL waiters cannot start a convoy (see _gil.py).
         self._adapt_switch_interval = adapt_switch_interval
+        # The accept loop, and finishing threads' own accepts (_accept.py).
+        self._acceptor: Acceptor[Connection] = Acceptor(
+            lock=self._lock,
+            admission=self._admission,
+            listeners=self._listeners,
+            control_fd=self._control_r,
+            admit=self._admit,
+            dispatch=self._dispatch,
+            wake=self._wake,
+            wait_control=self._wait_control,
+            stop_requested=lambda: self._stop_requested,
+        )
         # Connection threads park between connections (see _threads.py).
         self._threads: ParkingThreads[Connection] = ParkingThreads(
             self._run_connection,
             max_idle=idle_threads,
             idle_timeout=idle_thread_timeout,
-            next_job=self._take_next_client,
+            next_job=self._acceptor.take_next_client,
         )
-        # Accepts under way, by the accept loop or by finishing connection
-        # threads (see _take_next_client), under the lock. Under the wait
-        # policy each holds a place below max_connections until its client
-        # is admitted, so two accepting at once never take one free slot
-        # twice. The stop waits for none to be left once it has closed the
-        # way in to finishing threads.
-        self._accepts_under_way = 0
-        # When the accept loop last ran Python after its select (monotonic):
-        # finishing threads accept for themselves only while it lags.
-        self._accept_loop_ran_at = 0.0
-        self._direct_accepts_closed = False
-        self._accepts_done = threading.Condition(self._lock)
         self._group_live = [0] * MAX_GROUPS  # Live connections per stop group.
         # Set without the lock (a signal handler may set them); read by the serving thread.
         self._stop_requested = False
@@ -273,10 +263,7 @@ class Server:
         # Threads that left the registry but may not have returned yet.
         self._finishing: weakref.WeakSet[threading.Thread] = weakref.WeakSet()
         self._spawn_queue: queue.SimpleQueue[Connection | None] = queue.SimpleQueue()
-        self._accept_paused = False  # At max_connections under the wait policy.
-        self._accept_handed_over = False  # pause_accepting() was called.
         self._rejections_log = RateLimitedLog(logger, logging.WARNING)
-        self._accept_errors_log = RateLimitedLog(logger, logging.ERROR)
         self._proxy_log = RateLimitedLog(logger, logging.WARNING)
         self._proxy_rejected = 0
         # Counters; closed-connection totals are folded in under the lock.
@@ -285,7 +272,6 @@ class Server:
         self._closed_bytes_in = 0
         self._closed_bytes_out = 0
         self._handler_errors = 0
-        self._accept_errors = 0
         self._rejected = 0
         self._counters = Counters()  # Per reason, and histograms (see _events.py).
         # The stop sequence, and the stop state connections read (_stop.py).
@@ -354,7 +340,7 @@ class Server:
                 logger.info("serving on %s", ", ".join(self.addresses), extra={"event": "serving"})
                 self._call_hook(self.on_serving)
                 try:
-                    self._accept_until_stop_requested()
+                    self._acceptor.run(self._keep_accepting, lambda: self._drain_until)
                 except BaseException:
                     # KeyboardInterrupt without our signal handlers, or a bug:
                     # still end every connection before letting it propagate.
@@ -415,7 +401,7 @@ class Server:
                 bytes_received=bytes_in,
                 bytes_sent=bytes_out,
                 handler_errors=self._handler_errors,
-                accept_errors=self._accept_errors,
+                accept_errors=self._acceptor.errors,
                 counters=self._counters.copy(),
                 proxy_rejected=self._proxy_rejected,
                 threads_started=self._threads.started,
@@ -464,7 +450,7 @@ class Server:
         for listener in own:
             listener.refuse_new_clients()
         if len(own) < len(self._listeners):
-            self._accept_handed_over = True
+            self._acceptor.hand_over()
         self._wake()
 
     def __enter__(self) -> Server:
@@ -493,40 +479,6 @@ class Server:
 
     # ------------------------------------------------------------------ accepting
 
-    def _accept_until_stop_requested(self) -> None:
-        selector = selectors.DefaultSelector()
-        try:
-            selector.register(self._control_r, selectors.EVENT_READ)
-            listening = False
-            backoff = 0.0
-            while self._keep_accepting():
-                with self._lock:
-                    # Under the lock, so a connection ending right now sees the
-                    # flag and wakes us (see _unregister): no lost wake-up.
-                    self._update_accept_paused()
-                if listening == self._accept_paused:
-                    listening = not listening
-                    for listener in self._listeners:
-                        if listening:
-                            selector.register(listener.socket, selectors.EVENT_READ, listener)
-                        else:
-                            selector.unregister(listener.socket)
-                for key, _events in selector.select(self._accept_wait(backoff)):
-                    self._accept_loop_ran_at = time.monotonic()
-                    if key.data is None:
-                        _drain(self._control_r)
-                    elif self._accept_batch(key.data):
-                        backoff = 0.0
-                    else:
-                        backoff = min(max(backoff * 2, ACCEPT_BACKOFF_FIRST), ACCEPT_BACKOFF_MAX)
-                if backoff:
-                    # Out of descriptors or memory: stop listening for a while
-                    # (only the control pipe wakes us) instead of spinning.
-                    # Go's net/http backs off the same way, 5 ms doubling to 1 s.
-                    self._wait_control(backoff)
-        finally:
-            selector.close()
-
     def _keep_accepting(self) -> bool:
         """True until a stop is requested, and then for the drain delay (unless forced).
 
@@ -548,130 +500,13 @@ class Server:
             )
         return now < self._drain_until
 
-    def _accept_wait(self, backoff: float) -> float | None:
-        """How long the accept loop may sleep: the back-off, and no later than the drain's end."""
-        if self._drain_until is None:
-            return backoff or None
-        remaining = max(0.0, self._drain_until - time.monotonic())
-        return min(backoff, remaining) if backoff else remaining
-
-    def _update_accept_paused(self) -> None:
-        """Pause accepting at max_connections under the wait policy; the caller holds the lock."""
-        self._accept_paused = self._accept_handed_over or (
-            self._admission.policy is OverloadPolicy.WAIT
-            and self._admission.active + self._accepts_under_way >= self._admission.max_connections
-        )
-
-    def _accept_batch(self, listener: Listener) -> bool:
-        """Accept what is waiting; False if accept failed for lack of a resource."""
-        for _ in range(ACCEPT_BATCH):
-            if not self._begin_accept():
-                return True
-            try:
-                sock, address = listener.accept()
-            except (BlockingIOError, InterruptedError):
-                self._accept_failed()
-                return True
-            except OSError as exc:
-                self._accept_failed()
-                if exc.errno in RESOURCE_ERRNOS:
-                    with self._lock:
-                        self._accept_errors += 1
-                    self._accept_errors_log.emit(
-                        "accept on %s failed: %s; pausing accepts (backing off)",
-                        listener.address,
-                        exc.strerror,
-                    )
-                    return False
-                # ECONNABORTED and friends: that client is gone, the next one is not.
-                logger.debug("accept on %s: %s", listener.address, exc)
-                continue
-            conn = self._admit(sock, address, listener.family)
-            if conn is not None:
-                self._dispatch(conn)
-        return True
-
-    def _take_next_client(self) -> Connection | None:
-        """A client from the listen queue for the thread whose connection just ended, if one waits.
-
-        Why: under load the accept loop is the slowest way to a new client.
-        Woken from ``select``, it needs the GIL back, and a thread that slept
-        gets it last: the busy connection threads returning from their short
-        socket calls take it first, again and again. With 50 busy connections
-        it got the GIL about every 80 ms and then accepted some 50 queued
-        clients at once, each of which then waited once more for the parked
-        thread it was handed to. A thread that has just finished a connection
-        holds the GIL already: one non-blocking ``accept`` and it serves the
-        next client itself, with no hand-off. The accept loop still accepts
-        whatever these threads leave, and is the only one to log accept
-        errors and back off from them.
-
-        Only while the accept loop lags (it has not run for ACCEPT_LOOP_LAG):
-        a finishing thread that accepts serves new clients at the expense of
-        the busy ones. The mixed load (50 busy + 50 short-connection
-        clients, ``python -m bench --workloads short,mixed --repeats 2``,
-        runs alternated on one quiet machine, asyncio in each run for the
-        ratios): always on, short connections 0.77x/0.70x asyncio's rate,
-        p99 2.4x/2.9x, busy throughput 0.72x/0.70x; at 2 ms, 0.66x/0.67x/
-        0.64x, p99 2.7x/3.0x/5.7x, busy 1.08x/1.09x/0.95x; at 1 ms in
-        between (busy 0.89x/0.86x). Short connections alone did not tell
-        the settings apart (0.89-1.40x asyncio either way).
-
-        Never once a stop is requested or accepting is paused; and the stop
-        waits for every ``accept`` under way here to return before it empties
-        and closes the listeners (a descriptor closed under a call in
-        progress could be reused by the time the call runs).
-        """
-        if self._stop_requested or time.monotonic() - self._accept_loop_ran_at < ACCEPT_LOOP_LAG:
-            return None
-        for listener in self._listeners:
-            if not self._begin_accept(direct=True):
-                return None
-            try:
-                sock, address = listener.accept()
-            except OSError:
-                # Nobody waiting, or an error the accept loop will meet and report.
-                self._accept_failed()
-                continue
-            return self._admit(sock, address, listener.family)
-        return None
-
-    def _begin_accept(self, direct: bool = False) -> bool:
-        """Claim a place for one accept; False while accepting is paused (or, direct, closed)."""
-        with self._lock:
-            self._update_accept_paused()
-            if self._accept_paused or (direct and self._direct_accepts_closed):
-                return False
-            self._accepts_under_way += 1
-            return True
-
-    def _end_accept(self) -> None:
-        """An accept is over (the caller holds the lock): release its place."""
-        self._accepts_under_way -= 1
-        if self._direct_accepts_closed and not self._accepts_under_way:
-            self._accepts_done.notify_all()
-
-    def _accept_failed(self) -> None:
-        """An accept took no client: give its place back, and wake a loop it kept paused."""
-        with self._lock:
-            self._end_accept()
-            wake = self._resume_if_room()
-        if wake:
-            self._wake()
-
-    def _resume_if_room(self) -> bool:
-        """Recompute the pause (the lock is held); True if the accept loop must wake to resume."""
-        was_paused = self._accept_paused
-        self._update_accept_paused()
-        return was_paused and not self._accept_paused
-
     def _admit(self, sock: socket.socket, address: object, family: int) -> Connection | None:
         """Admit a new client and register its connection (None: turned away and closed)."""
         peer = format_address(family, address)
         ip = address[0] if isinstance(address, tuple) else None
         if self._proxy is not None:
             if not self._proxy.allows(ip):
-                self._accept_failed()
+                self._acceptor.failed()
                 self._reject_proxy(peer, "not in proxy_allow")
                 sock.close()
                 return None
@@ -679,7 +514,7 @@ class Server:
             # address once the header names them (_readmit).
             ip = None
         with self._lock:
-            self._end_accept()  # Counted by admission from here on, if admitted.
+            self._acceptor.end()  # Counted by admission from here on, if admitted.
             refusal = self._admission.admit(ip)
             if refusal is None:
                 self._accepted += 1
@@ -693,7 +528,7 @@ class Server:
                 )
                 self._counters.rejected[why] += 1
             # Turned away: the place this accept held is free again.
-            wake = self._resume_if_room()
+            wake = self._acceptor.resume_if_room()
         if wake:
             self._wake()
         if refusal is None:
@@ -776,11 +611,9 @@ class Server:
         try:
             self._threads.start(conn, name=f"threadserve {conn.peer}")
         except RuntimeError as exc:  # "can't start new thread": out of threads or memory.
-            self._accept_errors_log.emit(
+            self._acceptor.resource_error(
                 "cannot start a thread for %s: %s; closing it", conn.peer, exc
             )
-            with self._lock:
-                self._accept_errors += 1
             conn._close_socket()
             self._unregister(conn, "no thread", CloseReason.NO_THREAD)
 
@@ -887,7 +720,9 @@ class Server:
             self._closed_bytes_out += conn.bytes_sent
             self._counters.closed[reason] += 1
             self._counters.connection_durations.observe(duration)
-            wake = self._accept_paused
+            # A loop paused at max_connections listens to the control pipe
+            # only: this connection's slot is what it waits for.
+            wake = self._acceptor.paused
             if self._stop.connection_left(len(self._connections)):
                 wake = True
         if wake:
@@ -919,13 +754,9 @@ class Server:
             os.write(control, b"\0")  # A full pipe already means "wake up".
 
     def _stop_sequence(self) -> StopReport:
-        # No finishing thread accepts from here on (see _take_next_client):
-        # the listeners are the stop's to empty and close. An accept under
-        # way is one non-blocking system call and an admission, so the wait
-        # is short; the bound is for a listener someone made blocking.
-        with self._lock:
-            self._direct_accepts_closed = True
-            self._accepts_done.wait_for(lambda: not self._accepts_under_way, FORCE_MARGIN)
+        # No finishing thread accepts from here on: the listeners are the
+        # stop's to empty and close.
+        self._acceptor.close_direct(FORCE_MARGIN)
         # A TLS client cannot read a plain-text notice: the listen queue's
         # clients get a clean EOF instead.
         self._report = self._stop.run(
@@ -956,7 +787,7 @@ class Server:
         ready = []
         for fd, _events in poller.poll(int(timeout * 1000) + 1):
             if fd == self._control_r:
-                _drain(self._control_r)
+                drain_pipe(self._control_r)
             else:
                 ready.append(fd)
         return ready
@@ -1038,9 +869,3 @@ def _nonblocking_pipe() -> tuple[int, int]:
     os.set_blocking(read_fd, False)
     os.set_blocking(write_fd, False)
     return read_fd, write_fd
-
-
-def _drain(fd: int) -> None:
-    with contextlib.suppress(BlockingIOError, OSError):
-        while os.read(fd, 4096):
-            pass
