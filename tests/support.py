@@ -22,6 +22,8 @@ import threadserve
 from threadserve import Connection, Server, StopReport
 from threadserve._broadcast import MAX_GROUPS
 
+T = TypeVar("T")
+
 NOTICE = b"Shutting down!\n"
 
 
@@ -79,6 +81,20 @@ def wait_until(
             )
         time.sleep(delay)
         delay = min(delay * 2, 0.02)
+
+
+def wait_for_value(produce: Callable[[], T | None], what: str, timeout: float = SETTLE) -> T:
+    """Call ``produce`` until it returns something other than None, bounded in time; return that."""
+    found: list[T] = []
+
+    def produced() -> bool:
+        value = produce()
+        if value is not None:
+            found.append(value)
+        return bool(found)
+
+    wait_until(produced, timeout=timeout, what=what)
+    return found[0]
 
 
 def connection_threads() -> list[str]:
@@ -314,9 +330,6 @@ def recv_many(
         for sock, sock_timeout in zip(socks, timeouts, strict=True):
             if sock.fileno() != -1:
                 sock.settimeout(sock_timeout)
-
-
-T = TypeVar("T")
 
 
 class Probe(Generic[T]):

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import pytest
-from support import SETTLE, wait_until
+from support import SETTLE, wait_for_value, wait_until
 
 from threadserve._accept import ACCEPT_LOOP_LAG, Acceptor, _select_timeout
 from threadserve._admission import Admission
@@ -82,16 +82,7 @@ class Rig:
 
     def take(self) -> socket.socket:
         """A direct accept that must take a client (retried while its connect is under way)."""
-        taken: list[socket.socket] = []
-
-        def took() -> bool:
-            sock = self.acceptor.take_next_client()
-            if sock is not None:
-                taken.append(sock)
-            return bool(taken)
-
-        wait_until(took, what="a direct accept to take a waiting client")
-        return taken[0]
+        return wait_for_value(self.acceptor.take_next_client, "a direct accept to take a client")
 
 
 def _rig(max_connections: int = 100, policy: str = "wait") -> Iterator[Rig]:

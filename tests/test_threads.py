@@ -7,7 +7,7 @@ import threading
 import time
 
 import pytest
-from support import SETTLE, wait_until
+from support import SETTLE, wait_for_value, wait_until
 
 from threadserve import ConfigurationError, Connection, Server, echo
 from threadserve._accept import ACCEPT_LOOP_LAG
@@ -244,17 +244,8 @@ def test_a_finishing_thread_takes_a_waiting_client_and_the_server_registers_it()
     try:
         with socket.create_connection(server.tcp_address, timeout=SETTLE) as client:
             server._acceptor.loop_ran_at = time.monotonic() - 2 * ACCEPT_LOOP_LAG
-            taken: list[Connection] = []
-
-            def took() -> bool:
-                # Retried: connect() can return before the client reaches the queue.
-                conn = server._acceptor.take_next_client()
-                if conn is not None:
-                    taken.append(conn)
-                return bool(taken)
-
-            wait_until(took, what="the waiting client to be taken")
-            conn = taken[0]
+            # Retried: connect() can return before the client reaches the queue.
+            conn = wait_for_value(server._acceptor.take_next_client, "the client to be taken")
             try:
                 assert conn.peer == "{}:{}".format(*client.getsockname())
                 assert conn in server._connections, "the connection was not registered"
