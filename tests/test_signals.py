@@ -136,7 +136,7 @@ def test_second_signal_forces_at_once(clients: list[socket.socket]) -> None:
         assert recv_many([stuck], sizes=[len(READ_ACK)]) == [READ_ACK]
 
         server.send_signal(signal.SIGINT)
-        server.wait_for_log(r"stopping: 1 connections")
+        server.wait_for_log(r"stopping: 1 connection,")
         # Stopping means not accepting: the listener is already closed.
         with pytest.raises(ConnectionRefusedError):
             connect(address).close()

@@ -218,9 +218,11 @@ class StopSequence:
         # that finish from here on end instead of parking.
         self._threads.close()
         self._on_stop_accepting()
+        live = len(self._connections)
         logger.info(
-            "stopping: %d connections, grace %.1f s; %d waiting in the listen queue were told",
-            len(self._connections),
+            "stopping: %d connection%s, grace %.1f s; %d waiting in the listen queue were told",
+            live,
+            "" if live == 1 else "s",
             grace,
             queued,
             extra={"event": "stopping"},

@@ -898,7 +898,8 @@ class Supervisor:
         for listener in listeners:
             listener.close()
         if told:
-            logger.info("%d clients waiting in the listen queue were told", told)
+            clients = "client" if told == 1 else "clients"
+            logger.info("%d %s waiting in the listen queue were told", told, clients)
 
     def _discard_dismissed(self, fd: int) -> None:
         sock = self._dismissed[fd]
