@@ -39,12 +39,7 @@ class Rig:
     stop_requested: bool = False
 
     def admit(self, sock: socket.socket, address: object, family: int) -> socket.socket | None:
-        with self.lock:
-            self.acceptor.end()
-            refusal = self.admission.admit(None)
-            wake = self.acceptor.resume_if_room()
-        if wake:
-            self.wake()
+        refusal = self.acceptor.settle(self.admission.admit, None)
         if refusal is not None:
             self.refused += 1
             sock.close()

@@ -24,7 +24,7 @@ from support import (
 )
 
 from threadserve import echo
-from threadserve._logging import JsonFormatter, configure_logging
+from threadserve._logging import JsonFormatter, configure_logging, counted
 from threadserve._proxy import Command, Family, ProxyAddress, ProxyInfo, Transport, build_header
 from threadserve.testing import running_server
 
@@ -35,6 +35,13 @@ def record(message: str, *args: object, **extra: Any) -> logging.LogRecord:
     made = logging.LogRecord("threadserve", logging.INFO, __file__, 1, message, args, None)
     made.__dict__.update(extra)
     return made
+
+
+@pytest.mark.parametrize(
+    ("count", "expected"), [(0, "0 clients"), (1, "1 client"), (2, "2 clients")]
+)
+def test_a_count_in_a_log_line_takes_the_noun_s_number(count: int, expected: str) -> None:
+    assert counted(count, "client") == expected
 
 
 def test_a_record_becomes_one_json_object_on_one_line() -> None:

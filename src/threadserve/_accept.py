@@ -64,6 +64,9 @@ ACCEPT_BACKOFF_MAX = 1.0
 
 #: What an admitted client becomes (the server's Connection).
 Client = TypeVar("Client")
+#: What ``settle``'s admission step takes, and the verdict it gives.
+Arg = TypeVar("Arg")
+Verdict = TypeVar("Verdict")
 
 
 class Acceptor(Generic[Client]):
@@ -76,10 +79,9 @@ class Acceptor(Generic[Client]):
 
     - ``admit``: an accepted socket, its peer address and the listener's
       family in; the registered client out, or None once it was turned away
-      and closed. Under one hold of the lock it must ``end`` the accept,
-      count the client in (or not) and call ``resume_if_room``; if that
-      returned True, ``wake`` after letting the lock go. A client it turns
-      away before that (``proxy_allow``) is given back with ``failed``.
+      and closed. It ends the accept with ``settle``, which counts the
+      client in (or turns it away) under the same hold of the lock, or, for
+      a client it turns away before admission (``proxy_allow``), ``failed``.
 
     - ``dispatch``: hand an admitted client to a thread.
     - ``wake``: write to the control pipe; ``wait_control``: wait on it (the
@@ -273,6 +275,22 @@ class Acceptor(Generic[Client]):
         self.under_way -= 1
         if self._direct_closed and not self.under_way:
             self._done.notify_all()
+
+    def settle(self, count_in: Callable[[Arg], Verdict], arg: Arg) -> Verdict:
+        """End an accept that brought a client in; ``count_in(arg)`` admits it, under the lock.
+
+        The accept's place and admission's count change under one hold of
+        the lock, so the wait policy never sees the client twice or not at
+        all. A client turned away frees its place, which may resume a paused
+        loop: it is woken once the lock is let go.
+        """
+        with self._lock:
+            self.end()
+            verdict = count_in(arg)
+            wake = self.resume_if_room()
+        if wake:
+            self._wake()
+        return verdict
 
     def failed(self) -> None:
         """An accept brought no client in: give its place back, and wake a loop it kept paused.

@@ -32,6 +32,11 @@ TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 FIELDS = ("peer", "proxy", "duration", "bytes_in", "bytes_out", "reason", "worker")
 
 
+def counted(count: int, noun: str) -> str:
+    """``count`` and ``noun``, the noun plural unless the count is one: "1 client", "2 clients"."""
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per record, on one line (json.dumps escapes newlines).
 

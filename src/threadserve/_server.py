@@ -513,28 +513,27 @@ class Server:
             # Every client of a proxy comes from its address: count them per
             # address once the header names them (_readmit).
             ip = None
-        with self._lock:
-            self._acceptor.end()  # Counted by admission from here on, if admitted.
-            refusal = self._admission.admit(ip)
-            if refusal is None:
-                self._accepted += 1
-            else:
-                self._rejected += 1
-                # Admission checks the total before the per-address limit.
-                why = (
-                    RejectReason.MAX_CONNECTIONS
-                    if self._admission.full
-                    else RejectReason.MAX_CONNECTIONS_PER_IP
-                )
-                self._counters.rejected[why] += 1
-            # Turned away: the place this accept held is free again.
-            wake = self._acceptor.resume_if_room()
-        if wake:
-            self._wake()
+        refusal = self._acceptor.settle(self._count_in, ip)
         if refusal is None:
             return self._register(sock, peer, ip)
-        self._turn_away(sock, peer, refusal, why)
+        self._turn_away(sock, peer, *refusal)
         return None
+
+    def _count_in(self, ip: str | None) -> tuple[str, RejectReason] | None:
+        """Admission's verdict on a new client, counted (the lock is held): None, or why not."""
+        refusal = self._admission.admit(ip)
+        if refusal is None:
+            self._accepted += 1
+            return None
+        self._rejected += 1
+        # Admission checks the total before the per-address limit.
+        why = (
+            RejectReason.MAX_CONNECTIONS
+            if self._admission.full
+            else RejectReason.MAX_CONNECTIONS_PER_IP
+        )
+        self._counters.rejected[why] += 1
+        return refusal, why
 
     def _reject_proxy(self, peer: str, reason: object) -> None:
         with self._lock:

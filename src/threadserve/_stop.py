@@ -77,6 +77,7 @@ from ._cancel import CallbackRunner, CancelCallback
 from ._connection import DEFAULT_CHUNK_SIZE, Connection, queued_bytes
 from ._events import StopOutcome
 from ._listeners import LISTEN_BACKLOG, Listener
+from ._logging import counted
 from ._threads import ParkingThreads
 
 logger = logging.getLogger("threadserve")
@@ -218,11 +219,9 @@ class StopSequence:
         # that finish from here on end instead of parking.
         self._threads.close()
         self._on_stop_accepting()
-        live = len(self._connections)
         logger.info(
-            "stopping: %d connection%s, grace %.1f s; %d waiting in the listen queue were told",
-            live,
-            "" if live == 1 else "s",
+            "stopping: %s, grace %.1f s; %d waiting in the listen queue were told",
+            counted(len(self._connections), "connection"),
             grace,
             queued,
             extra={"event": "stopping"},

@@ -96,6 +96,7 @@ from ._checks import INTERVAL, MAX_WORKERS, SHORT_WAIT, WORKERS
 from ._connection import DEFAULT_CHUNK_SIZE
 from ._exceptions import ConfigurationError
 from ._listeners import LISTEN_BACKLOG, BindAddress, Listener, open_listeners
+from ._logging import counted
 from ._pidfile import remove_pid_file, write_pid_file
 from ._signals import signals_handled
 from ._stop import _tell
@@ -898,8 +899,7 @@ class Supervisor:
         for listener in listeners:
             listener.close()
         if told:
-            clients = "client" if told == 1 else "clients"
-            logger.info("%d %s waiting in the listen queue were told", told, clients)
+            logger.info("%s waiting in the listen queue were told", counted(told, "client"))
 
     def _discard_dismissed(self, fd: int) -> None:
         sock = self._dismissed[fd]
