@@ -15,7 +15,8 @@ It is how the per-connection path is kept lean: 154 calls per connection
 before the trims of commit 996b245 (an Event, a Condition and an outbox made
 for every connection whether used or not), 131-133 after; 122 before
 ``Listener.accept`` (socket.accept's enum and default-timeout reads) and the
-switch interval's early return, 109 after. The hook slows
+switch interval's early return, 109 after (112 once admission went
+through ``Acceptor.settle``, two calls more). The hook slows
 the server down a lot, so no time is reported; ``python -m bench
 --workloads short`` measures the rate.
 """
