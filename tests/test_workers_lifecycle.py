@@ -99,7 +99,7 @@ def test_a_second_sigterm_forces_every_worker_and_exits_3() -> None:
                 clients.append(sock)
             server.send_signal(signal.SIGTERM)
             wait_for(
-                lambda: len(re.findall(r"stopping: \d+ connections", server.output())) == 2,
+                lambda: len(re.findall(r"stopping: \d+ connections?,", server.output())) == 2,
                 SETTLE,
                 "both workers to begin their stop",
             )
