@@ -2,24 +2,25 @@
 
 The stop contract itself is tested through the Server in test_stop.py;
 these check the sequence's interface: what it does with the parts it is
-given, and what it reports back through its callbacks.
+given, and what it counts in the registry.
 """
 
 from __future__ import annotations
 
 import select
 import threading
-import weakref
 from collections.abc import Collection, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import pytest
 from support import SETTLE, connect, recv_until_eof
 
-from threadserve._broadcast import MAX_GROUPS, StopBroadcast
+from threadserve._admission import Admission
+from threadserve._broadcast import StopBroadcast
 from threadserve._connection import Connection
-from threadserve._events import StopOutcome
+from threadserve._events import RejectReason, StopOutcome
 from threadserve._listeners import Listener, open_listeners, parse_bind_address
+from threadserve._registry import Registry
 from threadserve._stop import StopReport, StopSequence
 from threadserve._threads import ParkingThreads
 
@@ -35,19 +36,20 @@ def poll_wait(timeout: float, watch: Collection[int]) -> list[int]:
 
 
 @dataclass
-class Calls:
-    """What the sequence told its server."""
-
-    stop_accepting: int = 0
-    dismissed: list[int] = field(default_factory=list)
-    stops: list[StopOutcome] = field(default_factory=list)
-
-
-@dataclass
 class Parts:
     sequence: StopSequence
     listener: Listener
-    calls: Calls
+    registry: Registry
+    stop_accepting_calls: list[None]
+
+    def counted(self) -> tuple[int, dict[RejectReason, int], dict[StopOutcome, int]]:
+        """What the stop counted: refusals in all, per reason, and stop outcomes."""
+        counters = self.registry.counters
+        return self.registry.rejected, counters.rejected, counters.stops
+
+
+def empty_registry() -> Registry:
+    return Registry(Admission(100, None, "wait"))
 
 
 @pytest.fixture
@@ -56,27 +58,20 @@ def parts(request: pytest.FixtureRequest) -> Iterator[Parts]:
     (bound,) = open_listeners([parse_bind_address("127.0.0.1:0")])
     listener = Listener(bound.socket, bound.bind_address, owns_queue=owns_queue)
     broadcast = StopBroadcast()
-    calls = Calls()
-
-    def stop_accepting() -> None:
-        calls.stop_accepting += 1
-
+    registry = empty_registry()
+    stop_accepting_calls: list[None] = []
     sequence = StopSequence(
         lock=threading.Lock(),
-        connections={},
-        group_live=[0] * MAX_GROUPS,
-        finishing=weakref.WeakSet(),
+        registry=registry,
         listeners=[listener],
         threads=ParkingThreads[Connection](lambda conn: None),
         broadcast=broadcast,
         wait=poll_wait,
         forced=lambda: False,
-        on_stop_accepting=stop_accepting,
-        count_dismissed=calls.dismissed.append,
-        count_stop=lambda outcome, duration: calls.stops.append(outcome),
+        on_stop_accepting=lambda: stop_accepting_calls.append(None),
     )
     try:
-        yield Parts(sequence, listener, calls)
+        yield Parts(sequence, listener, registry, stop_accepting_calls)
     finally:
         listener.close()
         broadcast.close()
@@ -95,17 +90,13 @@ def test_connection_left_wakes_the_serving_thread_only_once_stopping() -> None:
     broadcast = StopBroadcast()
     sequence = StopSequence(
         lock=threading.Lock(),
-        connections={},
-        group_live=[0] * MAX_GROUPS,
-        finishing=weakref.WeakSet(),
+        registry=empty_registry(),
         listeners=[],
         threads=ParkingThreads[Connection](lambda conn: None),
         broadcast=broadcast,
         wait=poll_wait,
         forced=lambda: False,
         on_stop_accepting=lambda: None,
-        count_dismissed=lambda n: None,
-        count_stop=lambda outcome, duration: None,
     )
     # While serving, a connection ending wakes nobody (the accept loop has
     # its own reason to wake: a paused accept).
@@ -130,7 +121,11 @@ def test_an_empty_registry_stops_clean_and_its_queue_is_told(parts: Parts) -> No
     (report,) = reports
     assert report.clean
     assert (report.drained, report.forced, report.stuck_threads) == (0, 0, ())
-    assert parts.calls == Calls(stop_accepting=1, dismissed=[1], stops=[StopOutcome.CLEAN])
+    assert parts.stop_accepting_calls == [None]
+    rejected, per_reason, stops = parts.counted()
+    assert rejected == 1
+    assert per_reason == {**dict.fromkeys(RejectReason, 0), RejectReason.STOPPING: 1}
+    assert stops == {**dict.fromkeys(StopOutcome, 0), StopOutcome.CLEAN: 1}
     assert parts.sequence.stopping
     assert parts.sequence.begun.is_set()
     # The listener is closed: a new client is refused.
@@ -149,8 +144,10 @@ def test_a_queue_other_processes_serve_is_not_emptied(parts: Parts) -> None:
     assert report.clean
     # Not taken from the queue, so not told and not counted: the queue's
     # other owners would have served it.
-    assert parts.calls.dismissed == []
-    assert parts.calls.stop_accepting == 1
+    rejected, per_reason, _stops = parts.counted()
+    assert rejected == 0
+    assert not any(per_reason.values())
+    assert parts.stop_accepting_calls == [None]
     queued.settimeout(SETTLE)
     try:
         told = recv_until_eof(queued)

@@ -248,7 +248,7 @@ def test_a_finishing_thread_takes_a_waiting_client_and_the_server_registers_it()
             conn = wait_for_value(server._acceptor.take_next_client, "the client to be taken")
             try:
                 assert conn.peer == "{}:{}".format(*client.getsockname())
-                assert conn in server._connections, "the connection was not registered"
+                assert conn in server._registry.live, "the connection was not registered"
                 assert server.statistics().connections_accepted == 1
             finally:
                 conn._close_socket()

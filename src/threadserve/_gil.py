@@ -45,8 +45,11 @@ CEILING = 1.0
 #: Change it only when the target moved by this factor: no churn on every connection.
 HYSTERESIS = 2.0
 
-_lock = threading.Lock()
-_threads = 0
+# The count, as a list's length: append and delete are each one step that no
+# other thread can split (the GIL, or the list's own lock without one), so
+# counting takes no lock. Every connection comes here twice.
+_counted: list[None] = []
+_lock = threading.Lock()  # Taken only to change the interval.
 _base: float | None = None  # The process's own interval, before we raised it.
 _ours: float | None = None  # What we set it to last.
 
@@ -58,18 +61,28 @@ def target_interval(threads: int, base: float) -> float:
 
 def threads_changed(delta: int) -> None:
     """Count connection threads in or out; adjust the interval when it moved enough."""
-    global _threads, _base, _ours
+    if delta > 0:
+        _counted.extend([None] * delta)
+    elif delta < 0:
+        del _counted[delta:]  # The slice's end is found within the one step.
+    # With fewer threads than would double the interval, and no raise of ours
+    # to undo, nothing moves. (_ours is read without the lock: a raise that
+    # another thread makes meanwhile counts this change or not, and is off by
+    # at most this delta, well inside the hysteresis; the next change re-sizes it.)
+    if _ours is None and len(_counted) * PER_THREAD < sys.getswitchinterval() * HYSTERESIS:
+        return
+    _retune()
+
+
+def _retune() -> None:
+    global _base, _ours
     with _lock:
-        _threads += delta
+        threads = len(_counted)
         current = sys.getswitchinterval()
-        # Every connection comes here twice; with fewer threads than would
-        # double the interval, and no raise of ours to undo, nothing moves.
-        if _ours is None and _threads * PER_THREAD < current * HYSTERESIS:
-            return
         if _ours is not None and current != _ours:
             _base, _ours = None, None  # Someone else set it since: theirs now.
         base = current if _base is None else _base
-        target = target_interval(_threads, base)
+        target = target_interval(threads, base)
         if _ours is None:
             if target < base * HYSTERESIS:
                 return
@@ -86,4 +99,4 @@ def threads_changed(delta: int) -> None:
 
 def live_threads() -> int:
     """Connection threads counted now, over every server in the process."""
-    return _threads
+    return len(_counted)

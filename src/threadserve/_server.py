@@ -1,4 +1,4 @@
-"""The server: the registry of live connections, each connection's thread, and the facade.
+"""The server: each connection's thread, and the facade that composes the parts.
 
 Theory of operation
 ===================
@@ -6,8 +6,9 @@ Theory of operation
 One thread (the *serving thread*: whoever calls ``serve_forever``, usually
 the main thread) waits in ``select`` on the listening sockets and on a
 *control pipe*. Each accepted client gets its own daemon thread running the
-handler with a ``Connection``; the registry of live connections is a dict the
-connection thread removes itself from in ``finally``, so it prunes itself. A
+handler with a ``Connection``; the registry of live connections
+(_registry.py) is one the connection thread removes itself from in
+``finally``, so it prunes itself. A
 connection thread whose client has left takes the next waiting client from
 the listen queue itself before it parks, so under load most clients never
 wait for the accept loop (_accept.py: the loop, direct accepts, back-off).
@@ -41,7 +42,6 @@ import socket
 import ssl
 import threading
 import time
-import weakref
 from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -51,11 +51,11 @@ from . import _setup
 from ._accept import Acceptor, drain_pipe
 from ._admission import Admission, OverloadPolicy
 from ._agent import AgentResponder
-from ._broadcast import MAX_GROUPS, StopBroadcast
+from ._broadcast import StopBroadcast
 from ._checks import CHUNK_SIZE, IDLE_THREADS, SHORT_WAIT, check_handler, check_type
 from ._connection import DEFAULT_CHUNK_SIZE, Connection
 from ._ending import COMPLETED, ending_of
-from ._events import CloseReason, Counters, RejectReason, StopOutcome
+from ._events import CloseReason, Counters, RejectReason
 from ._exceptions import ConfigurationError
 from ._gil import threads_changed
 from ._keepalive import keepalive_options
@@ -68,6 +68,7 @@ from ._listeners import (
 from ._notices import Notices
 from ._proxy import ProxyMode
 from ._ratelimit import RateLimitedLog
+from ._registry import Registry
 from ._stop import FORCE_MARGIN, StopReport, StopSequence, _tell
 from ._threads import DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_IDLE, ParkingThreads
 from ._timeouts import Timeouts
@@ -225,10 +226,10 @@ class Server:
             raise
         self.addresses: list[str] = [listener.address for listener in self._listeners]
 
+        # Guards the registry, and the accept and stop state changed with it.
         self._lock = threading.Lock()
-        # Live connections and the thread serving each (None until a thread
-        # picks the connection up: see _run_connection).
-        self._connections: dict[Connection, threading.Thread | None] = {}
+        # Live connections, their threads and the counts (_registry.py).
+        self._registry = Registry(self._admission)
         # Raise sys.setswitchinterval with the number of connections, so
         # thousands of GIL waiters cannot start a convoy (see _gil.py).
         self._adapt_switch_interval = adapt_switch_interval
@@ -251,7 +252,6 @@ class Server:
             idle_timeout=idle_thread_timeout,
             next_job=self._acceptor.take_next_client,
         )
-        self._group_live = [0] * MAX_GROUPS  # Live connections per stop group.
         # Set without the lock (a signal handler may set them); read by the serving thread.
         self._stop_requested = False
         self._force_requested = False
@@ -260,34 +260,19 @@ class Server:
         self._stopped = threading.Event()
         self._report: StopReport | None = None
         self._background: threading.Thread | None = None
-        # Threads that left the registry but may not have returned yet.
-        self._finishing: weakref.WeakSet[threading.Thread] = weakref.WeakSet()
         self._spawn_queue: queue.SimpleQueue[Connection | None] = queue.SimpleQueue()
         self._rejections_log = RateLimitedLog(logger, logging.WARNING)
         self._proxy_log = RateLimitedLog(logger, logging.WARNING)
-        self._proxy_rejected = 0
-        # Counters; closed-connection totals are folded in under the lock.
-        self._accepted = 0
-        self._closed = 0
-        self._closed_bytes_in = 0
-        self._closed_bytes_out = 0
-        self._handler_errors = 0
-        self._rejected = 0
-        self._counters = Counters()  # Per reason, and histograms (see _events.py).
         # The stop sequence, and the stop state connections read (_stop.py).
         self._stop = StopSequence(
             lock=self._lock,
-            connections=self._connections,
-            group_live=self._group_live,
-            finishing=self._finishing,
+            registry=self._registry,
             listeners=self._listeners,
             threads=self._threads,
             broadcast=self._broadcast,
             wait=self._wait_control,
             forced=lambda: self._force_requested,
             on_stop_accepting=lambda: self._call_hook(self.on_stop_accepting),
-            count_dismissed=self._count_dismissed,
-            count_stop=self._count_stop,
         )
         if metrics is not None:
             # A collector that reads statistics() at scrape time (_metrics.py):
@@ -390,20 +375,19 @@ class Server:
 
     def statistics(self) -> ServerStatistics:
         with self._lock:
-            live = list(self._connections)
-            bytes_in = self._closed_bytes_in + sum(c.bytes_received for c in live)
-            bytes_out = self._closed_bytes_out + sum(c.bytes_sent for c in live)
+            registry = self._registry
+            bytes_in, bytes_out = registry.bytes_moved()
             return ServerStatistics(
-                connections_active=len(live),
-                connections_accepted=self._accepted,
-                connections_closed=self._closed,
-                connections_rejected=self._rejected,
+                connections_active=len(registry.live),
+                connections_accepted=registry.accepted,
+                connections_closed=registry.closed,
+                connections_rejected=registry.rejected,
                 bytes_received=bytes_in,
                 bytes_sent=bytes_out,
-                handler_errors=self._handler_errors,
+                handler_errors=registry.handler_errors,
                 accept_errors=self._acceptor.errors,
-                counters=self._counters.copy(),
-                proxy_rejected=self._proxy_rejected,
+                counters=registry.counters.copy(),
+                proxy_rejected=registry.proxy_rejected,
                 threads_started=self._threads.started,
                 threads_reused=self._threads.reused,
                 threads_idle=self._threads.idle,
@@ -426,7 +410,7 @@ class Server:
     def connections(self) -> list[Connection]:
         """The live connections right now (a copy)."""
         with self._lock:
-            return list(self._connections)
+            return list(self._registry.live)
 
     @property
     def stopping(self) -> bool:
@@ -473,9 +457,8 @@ class Server:
             state = "serving"
         else:
             state = "bound"
-        return (
-            f"<Server {state} on {', '.join(self.addresses)} connections={len(self._connections)}>"
-        )
+        live = len(self._registry.live)
+        return f"<Server {state} on {', '.join(self.addresses)} connections={live}>"
 
     # ------------------------------------------------------------------ accepting
 
@@ -513,42 +496,21 @@ class Server:
             # Every client of a proxy comes from its address: count them per
             # address once the header names them (_readmit).
             ip = None
-        refusal = self._acceptor.settle(self._count_in, ip)
+        refusal = self._acceptor.settle(self._registry.count_in, ip)
         if refusal is None:
             return self._register(sock, peer, ip)
         self._turn_away(sock, peer, *refusal)
         return None
 
-    def _count_in(self, ip: str | None) -> tuple[str, RejectReason] | None:
-        """Admission's verdict on a new client, counted (the lock is held): None, or why not."""
-        refusal = self._admission.admit(ip)
-        if refusal is None:
-            self._accepted += 1
-            return None
-        self._rejected += 1
-        # Admission checks the total before the per-address limit.
-        why = (
-            RejectReason.MAX_CONNECTIONS
-            if self._admission.full
-            else RejectReason.MAX_CONNECTIONS_PER_IP
-        )
-        self._counters.rejected[why] += 1
-        return refusal, why
-
     def _reject_proxy(self, peer: str, reason: object) -> None:
         with self._lock:
-            self._proxy_rejected += 1
+            self._registry.proxy_rejected += 1
         self._proxy_log.emit("PROXY protocol: closing %s: %s", peer, reason)
 
     def _readmit(self, conn: Connection, ip: str | None) -> str | None:
         """Count ``conn`` under the client its proxy reported; or say why that client is over."""
         with self._lock:
-            refusal = self._admission.move(conn._client_ip, ip)
-            if refusal is None:
-                conn._client_ip = ip
-            else:
-                self._rejected += 1
-                self._counters.rejected[RejectReason.MAX_CONNECTIONS_PER_IP] += 1
+            refusal = self._registry.readmit(conn, ip)
         if refusal is not None:
             self._rejections_log.emit("turning away %s: %s", conn.peer, refusal)
         return refusal
@@ -571,7 +533,7 @@ class Server:
     def _register(self, sock: socket.socket, peer: str, ip: str | None) -> Connection:
         """The connection for an admitted client, in the registry; no thread serves it yet."""
         sock.setblocking(False)
-        group, stop_fd = self._broadcast.assign(len(self._connections))
+        group, stop_fd = self._broadcast.assign(len(self._registry.live))
         conn = Connection(
             sock,
             peer,
@@ -583,8 +545,7 @@ class Server:
             stop_begun=self._stop.begun,
         )
         with self._lock:
-            self._connections[conn] = None
-            self._group_live[group] += 1
+            self._registry.add(conn)
         if self._adapt_switch_interval:
             threads_changed(+1)
         return conn
@@ -623,7 +584,7 @@ class Server:
         thread.name = f"threadserve {conn.peer}"  # A reused thread is renamed for its new peer.
         _current.server = self
         with self._lock:
-            self._connections[conn] = thread
+            self._registry.serve(conn, thread)
         # Checked first: the line's fields would otherwise be built for every
         # connection, logged or not. (Behind a proxy it is logged once the
         # header names the client.)
@@ -660,7 +621,7 @@ class Server:
 
     def _count_handler_error(self, conn: Connection) -> None:
         with self._lock:
-            self._handler_errors += 1
+            self._registry.handler_errors += 1
         logger.exception("handler failed for %s", conn.peer)
 
     def _finish_connection(self, conn: Connection, cutoff_notice: bytes | None) -> None:
@@ -706,24 +667,18 @@ class Server:
                     "reason": reason.value,
                 },
             )
+        # In a connection thread (not a failed thread start): the stop joins it.
+        here = getattr(_current, "server", None) is self
+        thread = threading.current_thread() if here else None
         with self._lock:
-            if getattr(_current, "server", None) is self:  # A connection thread, about to end.
-                self._finishing.add(threading.current_thread())
-            del self._connections[conn]
-            self._group_live[conn._stop_group] -= 1
-            if self._adapt_switch_interval:
-                threads_changed(-1)
-            self._admission.release(conn._client_ip)
-            self._closed += 1
-            self._closed_bytes_in += conn.bytes_received
-            self._closed_bytes_out += conn.bytes_sent
-            self._counters.closed[reason] += 1
-            self._counters.connection_durations.observe(duration)
+            live = self._registry.remove(conn, reason, duration, thread)
             # A loop paused at max_connections listens to the control pipe
             # only: this connection's slot is what it waits for.
             wake = self._acceptor.paused
-            if self._stop.connection_left(len(self._connections)):
+            if self._stop.connection_left(live):
                 wake = True
+        if self._adapt_switch_interval:
+            threads_changed(-1)
         if wake:
             self._wake()
 
@@ -763,16 +718,6 @@ class Server:
         )
         return self._report
 
-    def _count_dismissed(self, dismissed: int) -> None:
-        with self._lock:
-            self._rejected += dismissed
-            self._counters.rejected[RejectReason.STOPPING] += dismissed
-
-    def _count_stop(self, outcome: StopOutcome, duration: float) -> None:
-        with self._lock:
-            self._counters.stops[outcome] += 1
-            self._counters.stop_durations.observe(duration)
-
     def _wait_control(self, timeout: float, watch: Collection[int] = ()) -> list[int]:
         """Wait up to ``timeout`` s for a wake-up; return the ``watch`` descriptors readable."""
         # Signal handlers write to the control pipe, so a second Ctrl-C ends
@@ -797,7 +742,7 @@ class Server:
         for listener in self._listeners:
             listener.close()
         with self._lock:
-            abandoned = bool(self._connections) or any(t.is_alive() for t in self._finishing)
+            abandoned = self._registry.threads_remain()
         if abandoned:
             # A stuck thread may still wake up and poll a stop descriptor or write
             # to the control pipe; closing them would let those fd numbers be

@@ -52,9 +52,10 @@ the last connection leaving is heard at once.
    joined, and the cancel-hook thread too; then the ``StopReport`` is made,
    counted and logged.
 
-The registry (live connections, live count per stop group) belongs to the
-server and changes under its lock; this module reads it under that lock and
-does its socket I/O outside it.
+The registry (_registry.py: live connections, live count per stop group,
+the counts) belongs to the server and changes under its lock; this module
+reads it and counts what the stop did under that lock, and does its socket
+I/O outside it.
 """
 
 from __future__ import annotations
@@ -68,16 +69,16 @@ import sys
 import threading
 import time
 import traceback
-import weakref
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
 from ._broadcast import StopBroadcast
 from ._cancel import CallbackRunner, CancelCallback
 from ._connection import DEFAULT_CHUNK_SIZE, Connection, queued_bytes
-from ._events import StopOutcome
+from ._events import RejectReason, StopOutcome
 from ._listeners import LISTEN_BACKLOG, Listener
 from ._logging import counted
+from ._registry import Registry
 from ._threads import ParkingThreads
 
 logger = logging.getLogger("threadserve")
@@ -109,12 +110,10 @@ class StopSequence:
     """The stop of one server, run once from its serving thread (see above).
 
     It is given the parts of the server it works on: the lock and the
-    registry under it (live connections with their threads, the live count
-    per stop group, threads that left the registry but may not have
-    returned yet), the listeners, the parked threads and the stop broadcast.
-    ``wait`` is the serving thread's wait (see ``Wait``), ``forced`` says
-    whether a forced stop was asked for, and the ``count_*`` callbacks fold
-    what the stop did into the server's counters.
+    registry under it (_registry.py), the listeners, the parked threads and
+    the stop broadcast. ``wait`` is the serving thread's wait (see
+    ``Wait``), and ``forced`` says whether a forced stop was asked for. What
+    the stop did (clients dismissed, its outcome) is counted in the registry.
 
     The connection side reads ``stopping``, ``begun`` and ``deadline``, and
     calls ``connection_left`` under the lock whenever a connection ends.
@@ -128,30 +127,24 @@ class StopSequence:
         self,
         *,
         lock: threading.Lock,
-        connections: dict[Connection, threading.Thread | None],
-        group_live: list[int],
-        finishing: weakref.WeakSet[threading.Thread],
+        registry: Registry,
         listeners: Sequence[Listener],
         threads: ParkingThreads[Connection],
         broadcast: StopBroadcast,
         wait: Wait,
         forced: Callable[[], bool],
         on_stop_accepting: Callable[[], object],
-        count_dismissed: Callable[[int], object],
-        count_stop: Callable[[StopOutcome, float], object],
     ) -> None:
         self._lock = lock
-        self._connections = connections
-        self._group_live = group_live
-        self._finishing = finishing
+        self._registry = registry
+        # The registry's live connections, read on every wait of the stop.
+        self._connections = registry.live
         self._listeners = listeners
         self._threads = threads
         self._broadcast = broadcast
         self._wait = wait
         self._forced = forced
         self._on_stop_accepting = on_stop_accepting
-        self._count_dismissed = count_dismissed
-        self._count_stop = count_stop
         #: Set under the lock once the connections are about to be woken.
         self.stopping = False
         # Busy connections watch this; idle ones wait for their wave (_connection.py).
@@ -270,7 +263,7 @@ class StopSequence:
         if not self._forced():
             join_deadline = max(join_deadline, self.deadline)
         with self._lock:
-            finishing = list(self._finishing)
+            finishing = list(self._registry.finishing)
         # Only those still running: after a stop of thousands, nearly all have
         # ended, and joining each ended one again took 75 ms for 10,000.
         running = set(threading.enumerate())
@@ -290,7 +283,8 @@ class StopSequence:
             duration=duration,
         )
         outcome = StopOutcome.CLEAN if report.clean else StopOutcome.FORCED
-        self._count_stop(outcome, duration)
+        with self._lock:
+            self._registry.count_stop(outcome, duration)
         logger.info(
             "stopped in %.3f s: %d drained, %d forced",
             duration,
@@ -322,7 +316,7 @@ class StopSequence:
         """Wait until fewer than STOP_WAVE woken connections are still finishing."""
 
         def room_for_a_wave() -> bool:
-            waiting = sum(self._group_live[group] for group in unreleased)
+            waiting = sum(self._registry.group_live[group] for group in unreleased)
             if len(self._connections) - waiting < STOP_WAVE:
                 return True
             # Not yet: have the connection threads wake us when there is.
@@ -370,7 +364,8 @@ class StopSequence:
                 with self._lock:
                     self._linger_for(sock, linger_until)
             dismissed += 1
-        self._count_dismissed(dismissed)
+        with self._lock:
+            self._registry.count_refused(RejectReason.STOPPING, dismissed)
         return dismissed
 
     def linger_until(self, now: float, linger: float) -> float:
