@@ -303,8 +303,15 @@ class Connection:
 
     def __iter__(self) -> Iterator[bytes]:
         """Yield chunks as they arrive, until end of stream (client EOF or server stop)."""
+        size = self._chunk_size
         while True:
-            chunk = self.recv(self._chunk_size)
+            # recv(), without its call when nothing is buffered: this runs once per message.
+            if self._buffer:
+                chunk = self.recv(size)
+            else:
+                chunk = self._read_chunk(
+                    size, self._idle_deadline() if self._idle_deadlines else None
+                )
             if not chunk:
                 return
             yield chunk
