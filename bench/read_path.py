@@ -9,6 +9,8 @@ other end reads it, in three ways:
 - ``Connection.recv()``: a handler's explicit read;
 - ``next(iter(conn))``: a handler's ``for chunk in conn``, the echo's read.
 
+Each asks for up to 64 KiB, as the bare loop and ``Connection`` do.
+
 The message is always there before the read, so no read waits: what is
 measured is the path, not a wake-up, and the thread's CPU time
 (``time.thread_time``) per message is what another busy process inflates
@@ -30,7 +32,7 @@ import time
 from collections.abc import Callable, Iterator
 
 from threadserve._accel import reads
-from threadserve._connection import Connection
+from threadserve._connection import DEFAULT_CHUNK_SIZE, Connection
 from threadserve._timeouts import Timeouts
 
 MESSAGE = b"x" * 1024
@@ -64,9 +66,11 @@ def main(argv: list[str] | None = None) -> int:
     conn = Connection(conn_socket, "bench", stop_fd=stop_r, timeouts=Timeouts())
     chunks: Iterator[bytes] = iter(conn)
     size = len(MESSAGE)
+    # The same request size for all (the bare loop's 64 KiB is also the
+    # Connection's default), and one lambda call around each read.
     variants: dict[str, tuple[socket.socket, Callable[[], bytes]]] = {
-        "socket.recv": (bare_sender, lambda: bare_reader.recv(size)),
-        "Connection.recv()": (conn_sender, conn.recv),
+        "socket.recv": (bare_sender, lambda: bare_reader.recv(DEFAULT_CHUNK_SIZE)),
+        "Connection.recv()": (conn_sender, lambda: conn.recv()),
         "next(iter(conn))": (conn_sender, lambda: next(chunks)),
     }
     results: dict[str, list[float]] = {name: [] for name in variants}

@@ -15,7 +15,15 @@ from typing import NamedTuple
 
 import pytest
 from conftest import ServerFactory
-from support import NOTICE, Probe, StopInBackground, connect, recv_until_eof, wait_until
+from support import (
+    NOTICE,
+    SETTLE,
+    Probe,
+    StopInBackground,
+    connect,
+    recv_until_eof,
+    wait_until,
+)
 
 from threadserve import (
     ConfigurationError,
@@ -420,6 +428,27 @@ def test_unread_bytes_come_back_first_and_are_not_counted_twice(serve: ServerFac
     with connect(server.tcp_address) as client:
         send_in_pieces(server, client, [b"GET", b" /\n"])
         assert probe.result() == (b"GET", b"GET /\n", 6)
+
+
+def test_iterating_gives_unread_bytes_first_then_the_stream(serve: ServerFactory) -> None:
+    line_read = threading.Event()
+
+    def body(conn: Connection) -> tuple[list[bytes], int]:
+        line = conn.readline()  # Leaves what followed the line in the buffer.
+        conn.unread(line)
+        line_read.set()
+        return list(conn), conn.bytes_received
+
+    probe = Probe(body)
+    server = serve(probe)
+    with connect(server.tcp_address) as client:
+        client.sendall(b"one\ntwo")  # One segment: readline takes both parts.
+        assert line_read.wait(SETTLE)
+        client.sendall(b"three")  # Read from the socket once the buffer is handed out.
+        client.shutdown(socket.SHUT_WR)
+        chunks, received = probe.result()
+    assert chunks == [b"one\ntwo", b"three"]
+    assert received == len(b"one\ntwothree")
 
 
 # ---------------------------------------------------------------- addresses, counters, repr

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import sys
+import threading
 from collections.abc import Iterator
 
 import pytest
@@ -57,6 +58,29 @@ def test_an_interval_the_process_set_itself_is_left_alone() -> None:
     finally:
         _gil.threads_changed(-2_010)
     assert sys.getswitchinterval() == 0.002
+
+
+def test_threads_that_leave_during_a_raise_still_get_the_interval_restored(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The count falls to zero after a raise read it, before the raise is recorded."""
+    base, set_interval = sys.getswitchinterval(), sys.setswitchinterval
+    leaving: list[threading.Thread] = []
+
+    def raise_while_they_leave(value: float) -> None:
+        set_interval(value)
+        if value > base and not leaving:
+            thread = threading.Thread(target=_gil.threads_changed, args=(-2_000,))
+            leaving.append(thread)
+            thread.start()
+            # Counted out (without the lock, which this raise holds).
+            wait_until(lambda: _gil.live_threads() == 0, what="the threads to be counted out")
+
+    monkeypatch.setattr(sys, "setswitchinterval", raise_while_they_leave)
+    _gil.threads_changed(+2_000)
+    leaving[0].join(SETTLE)
+    assert not leaving[0].is_alive()
+    assert sys.getswitchinterval() == base
 
 
 def test_a_server_counts_its_connections_in_and_out() -> None:

@@ -238,7 +238,7 @@ class Connection:
     def _read_chunk(self, bufsize: int, deadline: float | None) -> bytes:
         """Up to ``bufsize`` bytes from the socket itself, past the buffer, by ``deadline``.
 
-        The hot path for plain TCP (``recv``, and ``readline`` and
+        The hot path for plain TCP (``recv``, iteration, and ``readline`` and
         ``readexactly`` through ``_read_frame_part``); the general path otherwise.
         """
         # The hot path: one poll, one recv. Anything unusual (the stop,

@@ -66,10 +66,15 @@ def threads_changed(delta: int) -> None:
     elif delta < 0:
         del _counted[delta:]  # The slice's end is found within the one step.
     # With fewer threads than would double the interval, and no raise of ours
-    # to undo, nothing moves. (_ours is read without the lock: a raise that
-    # another thread makes meanwhile counts this change or not, and is off by
-    # at most this delta, well inside the hysteresis; the next change re-sizes it.)
-    if _ours is None and len(_counted) * PER_THREAD < sys.getswitchinterval() * HYSTERESIS:
+    # to undo, nothing moves. A retune under way (the lock held) may have
+    # read the count before this change and not yet published its raise in
+    # _ours: this change then retunes after it, or the last thread to leave
+    # could leave the interval raised for good.
+    if (
+        _ours is None
+        and not _lock.locked()
+        and len(_counted) * PER_THREAD < sys.getswitchinterval() * HYSTERESIS
+    ):
         return
     _retune()
 

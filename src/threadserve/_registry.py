@@ -99,8 +99,9 @@ class Registry:
     ) -> int:
         """``conn`` has closed: fold it into the totals; return how many are still live.
 
-        ``finishing`` is the thread that served it, if that thread is about
-        to end rather than park.
+        ``finishing`` is the thread that served it (None when no thread did:
+        its start failed). It may park for the next client or end; either
+        way the stop joins it, so that no thread outlives the stop.
         """
         if finishing is not None:
             self.finishing.add(finishing)
