@@ -6,9 +6,8 @@ Theory of operation
 One thread (the *serving thread*: whoever calls ``serve_forever``, usually
 the main thread) waits in ``select`` on the listening sockets and on a
 *control pipe*. Each accepted client gets its own daemon thread running the
-handler with a ``Connection``; the registry of live connections
-(_registry.py) is one the connection thread removes itself from in
-``finally``, so it prunes itself. A
+handler with a ``Connection``, and removes it from the registry of live
+connections (_registry.py) in ``finally``, so the registry prunes itself. A
 connection thread whose client has left takes the next waiting client from
 the listen queue itself before it parks, so under load most clients never
 wait for the accept loop (_accept.py: the loop, direct accepts, back-off).
