@@ -19,7 +19,12 @@ over ``--repeats`` runs. The C read (``_fastread``) is used where it was
 built; ``THREADSERVE_PURE_PYTHON=1`` measures the pure-Python read instead.
 
 A diagnostic for changes to the read path; the throughput a server gets is
-what ``python -m bench`` measures.
+what ``python -m bench`` measures. Within one process the medians are
+steady, but from one process to the next they move by several hundred
+nanoseconds on this project's 2-core machine (the same tree gave +300 and
++1,140 ns for ``Connection.recv()`` in two runs a minute apart): to compare
+two trees, alternate several runs of each, pinned to one core (``taskset
+-c 0``), and compare the spreads, not one run's figures.
 """
 
 from __future__ import annotations
