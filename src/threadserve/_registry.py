@@ -130,9 +130,8 @@ class Registry:
 
     def bytes_moved(self) -> tuple[int, int]:
         """Bytes received and sent, by closed connections and live ones so far."""
-        live = list(self.live)
-        received = self._closed_bytes_in + sum(conn.bytes_received for conn in live)
-        sent = self._closed_bytes_out + sum(conn.bytes_sent for conn in live)
+        received = self._closed_bytes_in + sum(conn.bytes_received for conn in self.live)
+        sent = self._closed_bytes_out + sum(conn.bytes_sent for conn in self.live)
         return received, sent
 
     def threads_remain(self) -> bool:

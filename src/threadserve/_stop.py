@@ -137,8 +137,6 @@ class StopSequence:
     ) -> None:
         self._lock = lock
         self._registry = registry
-        # The registry's live connections, read on every wait of the stop.
-        self._connections = registry.live
         self._listeners = listeners
         self._threads = threads
         self._broadcast = broadcast
@@ -214,14 +212,14 @@ class StopSequence:
         self._on_stop_accepting()
         logger.info(
             "stopping: %s, grace %.1f s; %d waiting in the listen queue were told",
-            counted(len(self._connections), "connection"),
+            counted(len(self._registry.live), "connection"),
             grace,
             queued,
             extra={"event": "stopping"},
         )
         with self._lock:
             self.stopping = True
-            connections = dict(self._connections)
+            connections = dict(self._registry.live)
         # Only now: a connection that sees this must also see stopping, or it
         # would close without the goodbye notice (Server._finish_connection).
         self.begun.set()
@@ -235,8 +233,8 @@ class StopSequence:
         with self._lock:
             # A connection still in its lingering close has had its notice and
             # FIN: cutting the linger short is not forcing it.
-            lingering = [conn for conn in self._connections if conn._lingering]
-            leftover = {c: t for c, t in self._connections.items() if not c._lingering}
+            lingering = [conn for conn in self._registry.live if conn._lingering]
+            leftover = {c: t for c, t in self._registry.live.items() if not c._lingering}
         for conn in lingering:
             conn._force_close()
         stuck: list[str] = []
@@ -317,7 +315,7 @@ class StopSequence:
 
         def room_for_a_wave() -> bool:
             waiting = sum(self._registry.group_live[group] for group in unreleased)
-            if len(self._connections) - waiting < STOP_WAVE:
+            if len(self._registry.live) - waiting < STOP_WAVE:
                 return True
             # Not yet: have the connection threads wake us when there is.
             self._wake_at_live = waiting + STOP_WAVE // 2
@@ -442,7 +440,7 @@ class StopSequence:
 
     def _wait_for_connections(self, deadline: float, until_forced: bool = True) -> None:
         self._wait_until(
-            lambda: not self._connections and not self._dismissed, deadline, until_forced
+            lambda: not self._registry.live and not self._dismissed, deadline, until_forced
         )
 
     def _wait_until(
@@ -476,7 +474,7 @@ class StopSequence:
         stuck = []
         with self._lock:
             # Still registered: a thread that unregistered is only finishing.
-            still_there = [(c, t) for c, t in leftover.items() if c in self._connections]
+            still_there = [(c, t) for c, t in leftover.items() if c in self._registry.live]
         for _conn, thread in still_there:
             if thread is None or not thread.is_alive():
                 continue  # Never picked up by a thread, or already gone.
