@@ -15,9 +15,9 @@ alternated round by round:
 - ``ts + bare loop``: threadserve running the bare loop's body (blocking
   ``recv``, ``sendall``) on the accepted socket itself, so only the
   Connection read/write path is left out;
-- ``ts + poll/recv``: the same, reading the way the Connection does (``poll``
-  on the socket and the stop descriptor, then a non-blocking ``recv``), without
-  the Connection's layers;
+- ``ts + poll/recv``: the same, reading the way the Connection does (the
+  compiled ``poll_recv``: a ``poll`` on the socket and the stop descriptor,
+  then a non-blocking ``recv``), without the Connection's layers in Python;
 - ``threads-bare``: the seed's loop without its print, in a process of its own;
 - ``asyncio-protocol``: one event loop serving every connection, the peer
   the echo goals compare against.

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from typing import Any, Protocol
 
 from bench.peers._common import BLOCKING_SECONDS
+from threadserve._accel import poll_recv
 
 
 class ChunkConnection(Protocol):
@@ -64,21 +65,33 @@ def _bare_socket_loop(conn: Any, pause: float) -> None:
 def _polled_socket_loop(conn: Any, pause: float) -> None:
     """The bare loop with threadserve's way of reading.
 
-    ``poll`` on the socket and the connection's stop descriptor together, then
-    a non-blocking ``recv``; the stop, when its descriptor fires, ends the loop.
+    Wait on the socket and the connection's stop descriptor together, then a
+    non-blocking ``recv``; the stop, when its descriptor fires, ends the loop.
+    The wait and the read are the compiled ``poll_recv`` the Connection uses
+    where it was built (one release of the GIL for both), else ``poll`` and
+    ``recv`` in Python, as the Connection then does.
     """
     sock = _socket_of(conn)
+    fd = sock.fileno()
     stop_fd: int = conn._stop_fd
     poller = select.poll()
-    poller.register(sock.fileno(), select.POLLIN)
+    poller.register(fd, select.POLLIN)
     poller.register(stop_fd, select.POLLIN)
     while True:
-        if any(fd == stop_fd for fd, _mask in poller.poll()):
-            return
-        try:
-            data = sock.recv(65536)
-        except BlockingIOError:
-            continue
+        if poll_recv is not None:
+            result = poll_recv(fd, stop_fd, 65536, -1)
+            if result is None:
+                continue  # Nothing to read after all: wait again.
+            if not isinstance(result, bytes):
+                return  # The stop.
+            data = result
+        else:
+            if any(ready == stop_fd for ready, _mask in poller.poll()):
+                return
+            try:
+                data = sock.recv(65536)
+            except BlockingIOError:
+                continue
         if not data:
             return
         if pause:
