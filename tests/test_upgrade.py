@@ -1,4 +1,4 @@
-"""Upgrading the supervisor itself (SIGUSR2): real processes, real signals, loopback clients.
+"""Upgrading in place (SIGUSR2), and one process's reload (SIGHUP): real processes and signals.
 
 The supervisor runs under upgrade_reaper.py, a child subreaper, so that a
 successor left behind by an old supervisor that exited is still a child of
@@ -460,12 +460,16 @@ def test_one_process_upgrade_that_cannot_start_leaves_it_serving(folder: Path) -
         server.close()
 
 
-def test_one_process_with_an_agent_logs_and_ignores_sigusr2(folder: Path) -> None:
+@pytest.mark.parametrize("signum", [signal.SIGUSR2, signal.SIGHUP], ids=["SIGUSR2", "SIGHUP"])
+def test_one_process_with_an_agent_logs_and_ignores_upgrade_and_reload(
+    folder: Path, signum: int
+) -> None:
     server = OneProcess(folder, "--agent-bind", "127.0.0.1:0")
     try:
         pid = server.pid()
-        os.kill(pid, signal.SIGUSR2)
-        server.process.wait_for_log(r"SIGUSR2 ignored: with --agent-bind or --metrics")
+        os.kill(pid, signum)
+        name = signal.Signals(signum).name
+        server.process.wait_for_log(rf"{name} ignored: with --agent-bind or --metrics")
         with socket.create_connection(server.address, timeout=10) as fresh:
             fresh.sendall(b"still\n")
             assert recv_exactly(fresh, 6) == b"still\n"
@@ -474,6 +478,63 @@ def test_one_process_with_an_agent_logs_and_ignores_sigusr2(folder: Path) -> Non
         assert server.process.wait_exit(30) == 0, server.process.output()
     finally:
         server.close()
+
+
+VERSIONED_MODULE = '''\
+"""An echo handler that says which version of this file it was imported from."""
+
+VERSION = %r
+
+
+def handle(conn):
+    for chunk in conn:
+        conn.sendall(VERSION + b" " + chunk)
+'''
+
+
+def test_one_process_reloads_on_sighup_importing_the_handler_afresh(folder: Path) -> None:
+    """SIGHUP without --workers: a new process with the handler as it is now takes over."""
+    (folder / "versioned_echo.py").write_text(VERSIONED_MODULE % b"first")
+    notify = NotifyListener(str(folder / "notify"))
+    env = {**subprocess_env(), "NOTIFY_SOCKET": str(folder / "notify")}
+    server = OneProcess(folder, "versioned_echo:handle", env=env, cwd=folder)
+    try:
+        old = server.pid()
+        with socket.create_connection(server.address, timeout=10) as held:
+            held.sendall(b"a\n")
+            assert recv_exactly(held, 8) == b"first a\n"
+            # A different length too, so no stale bytecode of the first can pass for it.
+            (folder / "versioned_echo.py").write_text(VERSIONED_MODULE % b"second")
+            os.kill(old, signal.SIGHUP)
+            match = server.process.wait_for_log(
+                r"SIGHUP received: reloading: new server process (\d+) started", timeout=60
+            )
+            new = int(match.group(1))
+            server.process.wait_for_log(rf"process {old} exits: process {new} serves on", 60)
+            # The old process's own client: served until the hand-over, then told.
+            assert recv_exactly(held, len(NOTICE)) == NOTICE
+        assert server.pid() == new
+        with socket.create_connection(server.address, timeout=10) as fresh:
+            fresh.sendall(b"b\n")
+            assert recv_exactly(fresh, 9) == b"second b\n"
+        os.kill(new, signal.SIGTERM)
+        assert server.process.wait_exit(30) == 0, server.process.output()
+        output = server.process.output()
+        messages = notify.drain()
+    finally:
+        server.close()
+        notify.close()
+    assert re.search(rf"^reaped {old} 0$", output, re.M), output
+    assert re.search(rf"^reaped {new} 0$", output, re.M), output
+    # systemd's notify-reload protocol: RELOADING=1 with the time, from the
+    # old process; then READY=1 with MAINPID= naming the new one, from it too.
+    from_old = [fields for sender, fields in messages if sender == old]
+    reloading = [f for f in from_old if f.get("RELOADING") == "1"]
+    assert len(reloading) == 1, messages
+    assert "MONOTONIC_USEC" in reloading[0], messages
+    assert from_old.index(reloading[0]) < next(
+        i for i, f in enumerate(from_old) if f.get("MAINPID") == str(new) and f.get("READY") == "1"
+    ), messages
 
 
 SLOW_MODULE = '''\

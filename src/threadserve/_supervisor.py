@@ -31,7 +31,9 @@ the main loop handles them in order (gunicorn's arbiter has this shape):
   sends this instance no new client while its workers change. Without a
   drain delay the agent says ``up ready`` throughout: the old workers hand
   the shared queue over to ready new ones, so the instance as a whole never
-  stops accepting.
+  stops accepting. A SIGHUP from a terminal that closed stops instead, as
+  SIGTERM does, and one started with SIGHUP ignored (nohup) leaves it
+  ignored (see _hangup.py).
 * SIGTTIN, SIGTTOU: one worker more, one fewer (never fewer than one, nor
   more than MAX_WORKERS).
 * SIGUSR2: upgrade the supervisor itself (see _upgrade.py). A successor
@@ -95,6 +97,7 @@ from ._agent import AgentResponder
 from ._checks import INTERVAL, MAX_WORKERS, SHORT_WAIT, WORKERS
 from ._connection import DEFAULT_CHUNK_SIZE
 from ._exceptions import ConfigurationError
+from ._hangup import TerminalWatch, sighup_ignored
 from ._listeners import LISTEN_BACKLOG, BindAddress, Listener, open_listeners
 from ._logging import counted
 from ._pidfile import remove_pid_file, write_pid_file
@@ -277,6 +280,7 @@ class Supervisor:
             os.set_blocking(fd, False)
         self._stopping = False
         self._forced = False
+        self._terminal = TerminalWatch()  # A SIGHUP once it hung up stops, not reloads.
         self._dismissed: dict[int, socket.socket] = {}
         self._dismiss_until = 0.0
         self._reload: list[Worker] | None = None  # New workers of a reload in progress.
@@ -311,7 +315,8 @@ class Supervisor:
             # The wake pipe hears a signal even when another thread (the
             # metrics exporter's) caught it (see _signals.py). The old
             # handlers are back before _close() closes that pipe.
-            with signals_handled(SIGNALS, self._on_signal, self._wake_w):
+            handled = [s for s in SIGNALS if s != signal.SIGHUP or not sighup_ignored()]
+            with signals_handled(handled, self._on_signal, self._wake_w):
                 try:
                     if self.metrics is not None and self._predecessor is None:
                         self.metrics.start()
@@ -728,6 +733,9 @@ class Supervisor:
         if signum == signal.SIGCHLD:
             return  # The reap after every wake-up handles it.
         name = _signal_name(signum)
+        if signum == signal.SIGHUP and self._terminal.hung_up():
+            logger.warning("SIGHUP received: the terminal is gone; stopping as for SIGTERM")
+            signum = signal.SIGTERM
         if signum in (signal.SIGINT, signal.SIGTERM):
             if self._drain_until is not None and not self._stopping:
                 logger.warning("%s received again: ending the drain, forcing every worker", name)

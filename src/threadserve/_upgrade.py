@@ -70,6 +70,11 @@ and exits 0. Everything waiting in the kernel's queues is the successor's
 to accept: nothing is told or reset. The agent (``--agent-bind``) and the
 metrics (``--metrics``) are one process's own sockets, not handed over, so
 with either one SIGUSR2 is logged and ignored (use ``--workers``).
+
+For one process, SIGHUP (reload) does the same as SIGUSR2: the successor is
+a fresh interpreter that imports the handler anew, which is what a reload
+is. Only what is said differs: "reloading" in the log, and ``RELOADING=1``
+to systemd, closed by the ``READY=1`` of the hand-over (or of the failure).
 """
 
 from __future__ import annotations
@@ -109,6 +114,9 @@ HANDOVER_SETTLE = 0.25
 #: After asking a successor that failed or must go to stop, how long to
 #: wait for its exit before SIGKILL.
 SUCCESSOR_EXIT_WAIT = 10.0
+#: What ServerUpgrade.close writes to its wake-up pipe; a signal handler
+#: writes the signal's number, and none is this high.
+_CLOSE_BYTE = ord("c")
 
 
 @dataclass(frozen=True)
@@ -286,11 +294,11 @@ class Serving(Protocol):
 
 
 class ServerUpgrade:
-    """SIGUSR2 for one process: a successor process takes its listeners over.
+    """SIGUSR2 (upgrade) and SIGHUP (reload) for one process: a successor takes its listeners over.
 
-    ``request`` is the signal handler: it only writes a byte to a pipe. A
-    thread of its own does the rest (start the successor, wait for its
-    ``ready``, hand over, stop the server), so the serving thread never
+    ``request`` is the signal handler: it only writes the signal's number to
+    a pipe. A thread of its own does the rest (start the successor, wait for
+    its ``ready``, hand over, stop the server), so the serving thread never
     waits for an upgrade. ``close`` ends that thread; a successor that has
     not taken over by then is stopped with this process.
     """
@@ -314,6 +322,7 @@ class ServerUpgrade:
         self.pid_file = pid_file
         self.timeout = timeout
         self.successor: Successor | None = None
+        self._reload = False  # The successor under way answers a SIGHUP, not a SIGUSR2.
         self._closing = False
         self._wake_r, self._wake_w = os.pipe()
         for fd in self._wake_r, self._wake_w:
@@ -327,15 +336,15 @@ class ServerUpgrade:
         return self.successor is not None and self.successor.handed_over
 
     def request(self, signum: int, frame: object) -> None:
-        """The SIGUSR2 handler: runs between two bytecodes, so it only wakes the thread."""
+        """The signal handler: runs between two bytecodes, so it only wakes the thread."""
         with contextlib.suppress(OSError):
-            os.write(self._wake_w, b"u")
+            os.write(self._wake_w, bytes([signum]))
 
     def close(self) -> None:
         """End the upgrade thread; stop a successor that has not taken over."""
         self._closing = True
         with contextlib.suppress(OSError):
-            os.write(self._wake_w, b"c")
+            os.write(self._wake_w, bytes([_CLOSE_BYTE]))
         self._thread.join(SUCCESSOR_EXIT_WAIT)
         successor = self.successor
         if successor is not None and not successor.handed_over:
@@ -357,17 +366,14 @@ class ServerUpgrade:
             if successor is not None:
                 remaining = successor.started_at + self.timeout - time.monotonic()
                 timeout = max(0, int(remaining * 1000) + 1)
-            woken = False
+            woken = 0  # The signal that woke this thread, if one did.
             for fd, _events in poller.poll(timeout):
                 if fd == self._wake_r:
-                    woken = True
-                    with contextlib.suppress(OSError):
-                        while os.read(self._wake_r, 64):
-                            pass
+                    woken = self._received_signal()
             if self._closing:
                 return
             if woken and successor is None:
-                self._start()
+                self._start(woken)
                 if self.successor is not None:
                     channel = self.successor.channel.fileno()
                     poller.register(channel, select.POLLIN)
@@ -375,7 +381,12 @@ class ServerUpgrade:
             if successor is None:
                 continue
             if woken:
-                logger.info("SIGUSR2 ignored: upgrading to process %d already", successor.pid)
+                logger.info(
+                    "%s ignored: %s to process %d already",
+                    _signal_name(woken),
+                    self._doing,
+                    successor.pid,
+                )
             messages = successor.receive()
             if READY in messages:
                 self._hand_over(successor)
@@ -389,16 +400,38 @@ class ServerUpgrade:
                 poller.unregister(channel)
                 self._failed(successor, late=late and not (messages and ended))
 
-    def _start(self) -> None:
+    @property
+    def _doing(self) -> str:
+        return "reloading" if self._reload else "upgrading"
+
+    @property
+    def _what(self) -> str:
+        return "reload" if self._reload else "upgrade"
+
+    def _received_signal(self) -> int:
+        """The last signal the handler passed on (0: none, only the close), emptying the pipe."""
+        received = 0
+        with contextlib.suppress(OSError):  # BlockingIOError once it is empty.
+            while data := os.read(self._wake_r, 64):
+                received = next((b for b in reversed(data) if b != _CLOSE_BYTE), received)
+        return received
+
+    def _start(self, signum: int) -> None:
+        self._reload = signum == signal.SIGHUP
         try:
             self.successor = Successor(self.command, self.environ, self.listeners, 0)
         except OSError as exc:
-            logger.error("upgrade failed: cannot start %s: %s", self.command[0], exc)
+            logger.error("%s failed: cannot start %s: %s", self._what, self.command[0], exc)
             return
+        pid = self.successor.pid
         logger.info(
-            "SIGUSR2 received: upgrading: new server process %d started", self.successor.pid
+            "%s received: %s: new server process %d started", _signal_name(signum), self._doing, pid
         )
-        self.notifier.status(f"upgrading: new server process {self.successor.pid} starting")
+        status = f"{self._doing}: new server process {pid} starting"
+        if self._reload:
+            self.notifier.reloading(status)
+        else:
+            self.notifier.status(status)
 
     def _failed(self, successor: Successor, *, late: bool) -> None:
         if late:
@@ -406,20 +439,25 @@ class ServerUpgrade:
         status = _end(successor)
         how = f"killed by {_signal_name(-status)}" if status < 0 else f"exited with {status}"
         logger.error(
-            "upgrade failed: new server process %d: %s (%s); process %d goes on serving",
+            "%s failed: new server process %d: %s (%s); process %d goes on serving",
+            self._what,
             successor.pid,
             successor.fatal or "it ended before it was serving",
             how,
             os.getpid(),
         )
-        self.notifier.status("upgrade failed, serving")
+        if self._reload:
+            self.notifier.ready(f"{self._what} failed, serving")  # Ends its RELOADING=1.
+        else:
+            self.notifier.status(f"{self._what} failed, serving")
         successor.channel.close()
-        self.successor = None  # Another SIGUSR2 may try again.
+        self.successor = None  # Another SIGUSR2 or SIGHUP may try again.
 
     def _hand_over(self, successor: Successor) -> None:
         logger.info("process %d is serving: handing over to it, this process stops", successor.pid)
+        done = "reloaded" if self._reload else "upgraded"
         announce_successor(
-            successor, self.notifier, self.pid_file, f"upgraded: process {successor.pid} serving"
+            successor, self.notifier, self.pid_file, f"{done}: process {successor.pid} serving"
         )
         self.notifier.close()
         for listener in self.listeners:

@@ -30,6 +30,7 @@ from ._checks import (
 from ._environ import HELP as ENVIRONMENT_HELP
 from ._environ import parse_args
 from ._exceptions import ConfigurationError, ThreadserveError
+from ._hangup import TerminalWatch, sighup_ignored
 from ._listeners import Listener, open_listeners, parse_bind_address
 from ._logging import LOG_FORMATS, LOG_LEVELS, configure_logging
 from ._notices import Notices
@@ -68,6 +69,9 @@ pending data is answered, then it gets the goodbye notice and a clean EOF. After
 --grace seconds whatever is left is forced; a second Ctrl-C forces at once.
 SIGUSR2 upgrades in place: a new process (same command) takes the listening
 sockets over, and once it serves this one stops; its pid goes to --pid-file.
+SIGHUP reloads the same way (the new process imports the handler afresh),
+unless it came from a terminal that closed: then it stops gracefully. Under
+nohup SIGHUP stays ignored.
 """
 
 EPILOG = f"""\
@@ -448,7 +452,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if predecessor is not None:
             take_over_when_told(predecessor, listeners)
         notifier = Notifier()
-        upgrade: list[ServerUpgrade] = []  # Set once serving (see _upgrade_on_usr2).
+        upgrade: list[ServerUpgrade] = []  # Set once serving (see _upgrade_on_signals).
 
         def serving() -> None:
             notifier.ready(f"serving on {', '.join(server.addresses)}")
@@ -489,7 +493,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ThreadserveError as exc:
         print(f"threadserve: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
-    with server, _upgrade_on_usr2(args, argv, server, listeners, notifier, upgrade):
+    with server, _upgrade_on_signals(args, argv, server, listeners, notifier, upgrade):
         notifier.start_watchdog()
         try:
             report = server.serve_forever()
@@ -506,7 +510,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 @contextlib.contextmanager
-def _upgrade_on_usr2(
+def _upgrade_on_signals(
     args: argparse.Namespace,
     argv: list[str],
     server: Server,
@@ -514,18 +518,20 @@ def _upgrade_on_usr2(
     notifier: Notifier,
     upgrade: list[ServerUpgrade],
 ) -> Iterator[None]:
-    """One process: SIGUSR2 upgrades it in place (see _upgrade.ServerUpgrade).
+    """One process: SIGUSR2 upgrades it in place and SIGHUP reloads it (see _upgrade.ServerUpgrade).
 
     A successor process takes the listening sockets over and this one stops
     once it serves. With --agent-bind or --metrics, whose sockets are this
-    process's own, SIGUSR2 is logged and ignored instead: SIGUSR2's default
-    action would end the server.
+    process's own, both are logged and ignored instead: their default action
+    would end the server. A SIGHUP from a terminal that closed stops the
+    server gracefully instead (see _hangup.py), and one started with SIGHUP
+    ignored (nohup) keeps it ignored.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     if args.agent_bind or args.metrics:
-        handler: Any = _log_usr2
+        reload: Any = _log_cannot_upgrade
     else:
         upgrade.append(
             ServerUpgrade(
@@ -537,22 +543,38 @@ def _upgrade_on_usr2(
                 pid_file=args.pid_file,
             )
         )
-        handler = upgrade[0].request
-    previous = signal.signal(signal.SIGUSR2, handler)
+        reload = upgrade[0].request
+    terminal = TerminalWatch()
+
+    def on_sighup(signum: int, frame: object) -> None:
+        if terminal.hung_up():
+            # SIGTERM's own handler (the server's) then stops, and a second
+            # SIGTERM or SIGINT still forces.
+            logger.warning("SIGHUP received: the terminal is gone; stopping as for SIGTERM")
+            os.kill(os.getpid(), signal.SIGTERM)
+        else:
+            reload(signum, frame)
+
+    handlers = {signal.SIGUSR2: reload}
+    if not sighup_ignored():
+        handlers[signal.SIGHUP] = on_sighup
+    previous = {signum: signal.signal(signum, handler) for signum, handler in handlers.items()}
     try:
         yield
     finally:
-        signal.signal(signal.SIGUSR2, signal.SIG_DFL if previous is None else previous)
+        for signum, old in previous.items():
+            signal.signal(signum, signal.SIG_DFL if old is None else old)
         if upgrade:
             upgrade[0].close()
 
 
-def _log_usr2(signum: int, frame: object) -> None:
+def _log_cannot_upgrade(signum: int, frame: object) -> None:
     # Logs from the handler as _signals.py does: logging's locks are
     # reentrant, so the main thread being inside logging here cannot deadlock.
     logger.warning(
-        "SIGUSR2 ignored: with --agent-bind or --metrics one process cannot be upgraded "
-        "in place; serve with --workers N (its supervisor hands those sockets over too)"
+        "%s ignored: with --agent-bind or --metrics one process cannot be upgraded or reloaded "
+        "in place; serve with --workers N (its supervisor hands those sockets over too)",
+        signal.Signals(signum).name,
     )
 
 
