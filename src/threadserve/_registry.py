@@ -122,6 +122,14 @@ class Registry:
         self.rejected += count
         self.counters.rejected[why] += count
 
+    def count_handler_error(self) -> None:
+        """A handler raised something other than a connection's own ending."""
+        self.handler_errors += 1
+
+    def count_proxy_rejected(self) -> None:
+        """A client closed for a missing, malformed or unauthorised PROXY header."""
+        self.proxy_rejected += 1
+
     def count_stop(self, outcome: StopOutcome, duration: float) -> None:
         self.counters.stops[outcome] += 1
         self.counters.stop_durations.observe(duration)

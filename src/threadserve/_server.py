@@ -503,7 +503,7 @@ class Server:
 
     def _reject_proxy(self, peer: str, reason: object) -> None:
         with self._lock:
-            self._registry.proxy_rejected += 1
+            self._registry.count_proxy_rejected()
         self._proxy_log.emit("PROXY protocol: closing %s: %s", peer, reason)
 
     def _readmit(self, conn: Connection, ip: str | None) -> str | None:
@@ -620,7 +620,7 @@ class Server:
 
     def _count_handler_error(self, conn: Connection) -> None:
         with self._lock:
-            self._registry.handler_errors += 1
+            self._registry.count_handler_error()
         logger.exception("handler failed for %s", conn.peer)
 
     def _finish_connection(self, conn: Connection, cutoff_notice: bytes | None) -> None:
