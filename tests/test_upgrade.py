@@ -480,6 +480,44 @@ def test_one_process_with_an_agent_logs_and_ignores_upgrade_and_reload(
         server.close()
 
 
+LINGERING_MODULE = '''\
+"""An echo handler that, once its client has gone quiet at the stop, takes 2 s more to return."""
+
+import time
+
+
+def handle(conn):
+    for chunk in conn:
+        conn.sendall(chunk)
+    time.sleep(2)
+'''
+
+
+@pytest.mark.parametrize("signum", [signal.SIGUSR2, signal.SIGHUP], ids=["SIGUSR2", "SIGHUP"])
+def test_one_process_ignores_upgrade_and_reload_once_stopping(folder: Path, signum: int) -> None:
+    (folder / "lingering_echo.py").write_text(LINGERING_MODULE)
+    server = OneProcess(folder, "lingering_echo:handle", "--grace", "30", cwd=folder)
+    try:
+        pid = server.pid()
+        with socket.create_connection(server.address, timeout=10) as held:
+            held.sendall(b"hi\n")
+            assert recv_exactly(held, 3) == b"hi\n"
+            os.kill(pid, signal.SIGTERM)
+            # The handler's 2 s keep the stop under way while the signal comes.
+            server.process.wait_for_log(r"stopping: 1 connection")
+            os.kill(pid, signum)
+            name = signal.Signals(signum).name
+            server.process.wait_for_log(rf"{name} ignored: stopping")
+            assert recv_exactly(held, len(NOTICE)) == NOTICE
+        assert server.process.wait_exit(30) == 0, server.process.output()
+        output = server.process.output()
+    finally:
+        server.close()
+    assert "new server process" not in output, output
+    # The reaper saw one process only: no successor was started.
+    assert re.findall(r"^reaped (\d+) ", output, re.M) == [str(pid)], output
+
+
 VERSIONED_MODULE = '''\
 """An echo handler that says which version of this file it was imported from."""
 

@@ -289,6 +289,8 @@ def _send(channel: socket.socket, message: bytes) -> bool:
 class Serving(Protocol):
     """The server as an upgrade sees it (threadserve.Server)."""
 
+    @property
+    def stopping(self) -> bool: ...
     def pause_accepting(self) -> None: ...
     def stop(self, grace: float | None = None) -> object: ...
 
@@ -372,7 +374,10 @@ class ServerUpgrade:
                     woken = self._received_signal()
             if self._closing:
                 return
-            if woken and successor is None:
+            if woken and successor is None and self.server.stopping:
+                # Its listeners close with the stop: nothing is left to hand over.
+                logger.info("%s ignored: stopping", _signal_name(woken))
+            elif woken and successor is None:
                 self._start(woken)
                 if self.successor is not None:
                     channel = self.successor.channel.fileno()
