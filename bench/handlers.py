@@ -74,9 +74,10 @@ def _polled_socket_loop(conn: Any, pause: float) -> None:
     sock = _socket_of(conn)
     fd = sock.fileno()
     stop_fd: int = conn._stop_fd
-    poller = select.poll()
-    poller.register(fd, select.POLLIN)
-    poller.register(stop_fd, select.POLLIN)
+    poller = None if poll_recv is not None else select.poll()
+    if poller is not None:
+        poller.register(fd, select.POLLIN)
+        poller.register(stop_fd, select.POLLIN)
     while True:
         if poll_recv is not None:
             result = poll_recv(fd, stop_fd, 65536, -1)
@@ -86,6 +87,7 @@ def _polled_socket_loop(conn: Any, pause: float) -> None:
                 return  # The stop.
             data = result
         else:
+            assert poller is not None
             if any(ready == stop_fd for ready, _mask in poller.poll()):
                 return
             try:

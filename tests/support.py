@@ -158,6 +158,24 @@ def subprocess_env(*, with_tests_dir: bool = True) -> dict[str, str]:
     return env
 
 
+# A handler module to write into a test's folder (served with cwd there), for
+# tests that need a stop to stay under way until they let it finish.
+HOLDING_MODULE = '''\
+"""An echo handler that, once its connection ends, returns only when the file "hold" is gone."""
+
+import os
+import time
+
+
+def handle(conn):
+    for chunk in conn:
+        conn.sendall(chunk)
+    deadline = time.monotonic() + 60
+    while os.path.exists("hold") and time.monotonic() < deadline:
+        time.sleep(0.01)
+'''
+
+
 class ServerProcess:
     """``threadserve serve ARGS`` in a subprocess, its output going to a temporary file.
 

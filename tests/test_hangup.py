@@ -1,11 +1,10 @@
-"""SIGHUP from a terminal that closed stops gracefully; under nohup it stays ignored.
+"""SIGHUP in a terminal stops gracefully; under nohup it stays ignored (see _hangup.py).
 
 The terminal is a real pseudo-terminal: the server runs as the leader of a
-session whose controlling terminal it is (its stdin and stdout), and the test
-closes the other end, so the kernel itself hangs the terminal up and sends
-SIGHUP, as it does when a terminal window closes. The reload on a SIGHUP
-that did not come from a hang-up is in test_upgrade.py (one process) and
-test_workers.py (the supervisor).
+session whose controlling terminal it is (its stdin and stdout), and closing
+the test's end makes the kernel hang the terminal up and send SIGHUP, as when
+a terminal window closes. SIGHUP without a terminal (a reload) is tested in
+test_upgrade.py (one process) and test_workers.py (the supervisor).
 """
 
 from __future__ import annotations
@@ -16,13 +15,22 @@ import pty
 import re
 import signal
 import socket
+import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
-from support import NOTICE, ServerProcess, recv_exactly, recv_until_eof, subprocess_env
+from support import (
+    HOLDING_MODULE,
+    NOTICE,
+    ServerProcess,
+    recv_exactly,
+    recv_until_eof,
+    subprocess_env,
+)
 
-from threadserve._hangup import TerminalWatch, sighup_ignored
+from threadserve._hangup import sighup_ignored
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -41,49 +49,49 @@ ON_TERMINAL = (
 )
 
 
-@contextlib.contextmanager
-def pseudo_terminal() -> Iterator[tuple[int, str]]:
+class PseudoTerminal:
     """A pseudo-terminal: the test's end (closing it hangs the terminal up) and the other's name."""
-    ours, theirs = pty.openpty()
-    name = os.ttyname(theirs)
-    os.close(theirs)  # The server opens it by name, which makes it its controlling terminal.
-    try:
-        yield ours, name
-    finally:
-        with contextlib.suppress(OSError):
-            os.close(ours)
+
+    def __init__(self) -> None:
+        self._ours, theirs = pty.openpty()
+        self.name = os.ttyname(theirs)
+        os.close(theirs)  # The server opens it by name, which makes it its controlling terminal.
+
+    def hang_up(self) -> None:
+        if self._ours >= 0:
+            os.close(self._ours)
+            self._ours = -1
 
 
 @contextlib.contextmanager
-def serve_on_terminal(name: str, *args: str) -> Iterator[ServerProcess]:
-    """``threadserve serve ARGS`` with the pseudo-terminal ``name`` as its controlling terminal."""
-    command = [sys.executable, "-c", ON_TERMINAL, name, sys.executable, "-m", "threadserve"]
-    server = ServerProcess([*args, "--bind", "127.0.0.1:0"], command=command, env=subprocess_env())
+def on_terminal(command: list[str], cwd: Path | None = None) -> Iterator[list[str]]:
+    """``command`` run with a new pseudo-terminal as its controlling terminal; hung up after."""
+    terminal = PseudoTerminal()
     try:
-        yield server
+        yield [sys.executable, "-c", ON_TERMINAL, terminal.name, *command]
     finally:
-        # Should a SIGHUP have started a new process by mistake, it runs in the
-        # server's process group: end the whole group, not the server alone.
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(server.process.pid, signal.SIGKILL)
-        server.close()
+        terminal.hang_up()
 
 
-def test_terminal_watch_sees_its_terminal_hang_up() -> None:
-    ours, theirs = pty.openpty()
-    pipe_r, pipe_w = os.pipe()
-    try:
-        watch = TerminalWatch((theirs, pipe_r))
-        assert watch.attached
-        assert not watch.hung_up()
-        os.close(ours)
-        assert watch.hung_up()
-        # A descriptor that was never a terminal says nothing either way.
-        assert not TerminalWatch((pipe_r, pipe_w)).attached
-        assert not TerminalWatch((pipe_r, pipe_w)).hung_up()
-    finally:
-        for fd in (theirs, pipe_r, pipe_w):
-            os.close(fd)
+def test_a_process_on_a_terminal_has_a_controlling_terminal_and_one_without_has_none() -> None:
+    # The answer goes to stderr: on the terminal, stdout is the terminal itself.
+    probe = [
+        sys.executable,
+        "-c",
+        "import sys; from threadserve._hangup import has_controlling_terminal as has; "
+        "print(has(), file=sys.stderr)",
+    ]
+
+    def run(command: list[str]) -> str:
+        done = subprocess.run(
+            command, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=subprocess_env(),
+            timeout=60, start_new_session=True, check=True, text=True,
+        )  # fmt: skip
+        return done.stderr.strip()
+
+    with on_terminal(probe) as command:
+        assert run(command) == "True"
+    assert run(probe) == "False"
 
 
 def test_sighup_ignored_reads_the_disposition() -> None:
@@ -96,40 +104,81 @@ def test_sighup_ignored_reads_the_disposition() -> None:
         signal.signal(signal.SIGHUP, previous)
 
 
+@pytest.mark.parametrize("how", ["terminal-closes", "kill-HUP"])
 @pytest.mark.parametrize("workers", [[], ["--workers", "2"]], ids=["one-process", "supervisor"])
-def test_a_closed_terminal_stops_the_server_gracefully(workers: list[str]) -> None:
-    with pseudo_terminal() as (ours, name), serve_on_terminal(name, *workers) as server:
+def test_sighup_in_a_terminal_stops_gracefully_and_a_second_one_does_not_force(
+    tmp_path: Path, workers: list[str], how: str
+) -> None:
+    (tmp_path / "holding_echo.py").write_text(HOLDING_MODULE)
+    (tmp_path / "hold").write_text("")  # The handler returns only once this is gone.
+    terminal = PseudoTerminal()
+    command = [
+        sys.executable,
+        "-c",
+        ON_TERMINAL,
+        terminal.name,
+        sys.executable,
+        "-m",
+        "threadserve",
+    ]
+    args = ["holding_echo:handle", *workers, "--bind", "127.0.0.1:0", "--grace", "60"]
+    server = ServerProcess(args, command=command, cwd=tmp_path)
+    try:
         # One process says "serving on ADDR"; a supervisor "2 workers ready, serving on ADDR".
         address = server.wait_serving(timeout=60)
         with socket.create_connection(address, timeout=10) as client:
-            client.sendall(b"before the hang-up\n")
-            assert recv_exactly(client, 19) == b"before the hang-up\n"
-            os.close(ours)  # The terminal closes: the kernel sends the server SIGHUP.
-            # The stop contract: the goodbye, then a clean end of stream.
+            client.sendall(b"before\n")
+            assert recv_exactly(client, 7) == b"before\n"
+            if how == "terminal-closes":
+                terminal.hang_up()  # The kernel sends the server SIGHUP.
+            else:
+                server.send_signal(signal.SIGHUP)
+            server.wait_for_log(r"SIGHUP received.*stopping.*gracefully", timeout=60)
+            # The handler holds the stop open; a second SIGHUP (a shell passing
+            # the hang-up on) comes now, and must not force it.
+            server.send_signal(signal.SIGHUP)
+            server.wait_for_log(r"SIGHUP ignored: stopping already", timeout=60)
+            (tmp_path / "hold").unlink()
             assert recv_exactly(client, len(NOTICE)) == NOTICE
             assert recv_until_eof(client) == b""
-        assert server.wait_exit(60) == 0, server.output()
+        assert server.wait_exit(60) == 0, server.output()  # 3 would mean forced.
         output = server.output()
-    assert "SIGHUP received: the terminal is gone; stopping as for SIGTERM" in output, output
-    assert "reloading" not in output, output
-    assert "new workers" not in output, output
+    finally:
+        terminal.hang_up()
+        # Should a SIGHUP have started a new process by mistake, it runs in the
+        # server's process group: end the whole group, not the server alone.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.process.pid, signal.SIGKILL)
+        server.close()
+    assert "forcing" not in output, output
+    assert not re.search(r"reloading|new workers", output), output
     assert "Traceback" not in output, output
 
 
-def test_under_nohup_sighup_neither_stops_nor_reloads() -> None:
+def sighup_bits(pid: int) -> tuple[bool, bool]:
+    """Whether ``pid`` ignores SIGHUP, and whether it has a handler for it (/proc/PID/status)."""
+    fields = dict(
+        line.split(":\t", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+    )
+    bit = 1 << (signal.SIGHUP - 1)
+    return bool(int(fields["SigIgn"], 16) & bit), bool(int(fields["SigCgt"], 16) & bit)
+
+
+@pytest.mark.parametrize("workers", [[], ["--workers", "2"]], ids=["one-process", "supervisor"])
+def test_under_nohup_sighup_stays_ignored(workers: list[str]) -> None:
     command = ["nohup", sys.executable, "-m", "threadserve"]
-    with ServerProcess(["--bind", "127.0.0.1:0"], command=command) as server:
+    with ServerProcess([*workers, "--bind", "127.0.0.1:0"], command=command) as server:
         address = server.wait_serving(timeout=60)
+        # Still ignored while serving: no handler of ours took it over.
+        assert sighup_bits(server.process.pid) == (True, False)
         with socket.create_connection(address, timeout=10) as client:
             client.sendall(b"one\n")
             assert recv_exactly(client, 4) == b"one\n"
-            server.send_signal(signal.SIGHUP)
-            # Ignored by the kernel, so nothing to wait for: a signal that
-            # does something (SIGTERM) sent after it is handled after it.
+            server.send_signal(signal.SIGHUP)  # Discarded by the kernel as it is sent.
             client.sendall(b"two\n")
             assert recv_exactly(client, 4) == b"two\n"
             server.send_signal(signal.SIGTERM)
             assert recv_exactly(client, len(NOTICE)) == NOTICE
         assert server.wait_exit(60) == 0, server.output()
         output = server.output()
-    assert not re.search(r"SIGHUP|reloading", output), output
+    assert not re.search(r"SIGHUP|reloading|new workers", output), output

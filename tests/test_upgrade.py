@@ -23,7 +23,14 @@ from pathlib import Path
 
 import psutil
 import pytest
-from support import NOTICE, TESTS_DIR, ServerProcess, recv_exactly, subprocess_env
+from support import (
+    HOLDING_MODULE,
+    NOTICE,
+    TESTS_DIR,
+    ServerProcess,
+    recv_exactly,
+    subprocess_env,
+)
 from test_workers import READY_LINE, Load, wait_for
 
 from threadserve._exceptions import ConfigurationError
@@ -480,34 +487,23 @@ def test_one_process_with_an_agent_logs_and_ignores_upgrade_and_reload(
         server.close()
 
 
-LINGERING_MODULE = '''\
-"""An echo handler that, once its client has gone quiet at the stop, takes 2 s more to return."""
-
-import time
-
-
-def handle(conn):
-    for chunk in conn:
-        conn.sendall(chunk)
-    time.sleep(2)
-'''
-
-
 @pytest.mark.parametrize("signum", [signal.SIGUSR2, signal.SIGHUP], ids=["SIGUSR2", "SIGHUP"])
 def test_one_process_ignores_upgrade_and_reload_once_stopping(folder: Path, signum: int) -> None:
-    (folder / "lingering_echo.py").write_text(LINGERING_MODULE)
-    server = OneProcess(folder, "lingering_echo:handle", "--grace", "30", cwd=folder)
+    (folder / "holding_echo.py").write_text(HOLDING_MODULE)
+    (folder / "hold").write_text("")  # The handler returns only once this is gone.
+    server = OneProcess(folder, "holding_echo:handle", "--grace", "60", cwd=folder)
     try:
         pid = server.pid()
         with socket.create_connection(server.address, timeout=10) as held:
             held.sendall(b"hi\n")
             assert recv_exactly(held, 3) == b"hi\n"
             os.kill(pid, signal.SIGTERM)
-            # The handler's 2 s keep the stop under way while the signal comes.
+            # The handler holds the stop open while the signal comes.
             server.process.wait_for_log(r"stopping: 1 connection")
             os.kill(pid, signum)
             name = signal.Signals(signum).name
             server.process.wait_for_log(rf"{name} ignored: stopping")
+            (folder / "hold").unlink()
             assert recv_exactly(held, len(NOTICE)) == NOTICE
         assert server.process.wait_exit(30) == 0, server.process.output()
         output = server.process.output()
@@ -615,3 +611,59 @@ def test_stop_during_a_one_process_upgrade_stops_the_new_process_too(folder: Pat
     # Waited for by the old process itself, so not left for the reaper.
     assert not alive(successor)
     assert "handing over" not in output, output
+
+
+GATED_MODULE = '''\
+"""SLOW_MODULE's import gate, and HOLDING_MODULE's handler: a stop held open on "hold"."""
+
+import os
+import time
+
+deadline = time.monotonic() + 60
+while os.path.exists("hold-import") and time.monotonic() < deadline:
+    time.sleep(0.05)
+
+
+def handle(conn):
+    for chunk in conn:
+        conn.sendall(chunk)
+    deadline = time.monotonic() + 60
+    while os.path.exists("hold") and time.monotonic() < deadline:
+        time.sleep(0.01)
+'''
+
+
+@pytest.mark.parametrize("signum", [signal.SIGUSR2, signal.SIGHUP], ids=["SIGUSR2", "SIGHUP"])
+def test_a_new_process_ready_only_once_the_old_one_is_stopping_is_stopped_not_handed_over(
+    folder: Path, signum: int
+) -> None:
+    (folder / "gated_echo.py").write_text(GATED_MODULE)
+    server = OneProcess(folder, "gated_echo:handle", "--grace", "60", cwd=folder)
+    try:
+        pid = server.pid()
+        with socket.create_connection(server.address, timeout=10) as held:
+            held.sendall(b"hi\n")
+            assert recv_exactly(held, 3) == b"hi\n"
+            (folder / "hold").write_text("")
+            (folder / "hold-import").write_text("")
+            os.kill(pid, signum)
+            match = server.process.wait_for_log(r"new server process (\d+) started")
+            successor = int(match.group(1))
+            os.kill(pid, signal.SIGTERM)
+            server.process.wait_for_log(r"stopping: 1 connection")
+            (folder / "hold-import").unlink()  # The new process serves, and says so.
+            server.process.wait_for_log(
+                rf"abandoned: this server is stopping; stopping the new server process {successor}",
+                timeout=60,
+            )
+            (folder / "hold").unlink()
+            assert recv_exactly(held, len(NOTICE)) == NOTICE
+        # The reaper ends only once no process of the tree is left.
+        assert server.process.wait_exit(60) == 0, server.process.output()
+        output = server.process.output()
+    finally:
+        server.close()
+    assert "handing over" not in output, output
+    assert re.search(rf"^reaped {pid} 0$", output, re.M), output
+    # Stopped and waited for by the old process itself, so not left for the reaper.
+    assert not alive(successor)

@@ -1,21 +1,27 @@
-"""SIGHUP's two meanings: the terminal went away, or "reload".
+"""SIGHUP's two meanings: the terminal hung up, or "reload".
 
-A terminal that closes (its window shut, an ssh session dropped) sends
-SIGHUP to the processes in front of it; ``kill -HUP`` and service managers
-(systemd's ``ExecReload=kill -HUP $MAINPID``) send the same signal to ask a
-server to reload. Left at its default action, SIGHUP ends a process at once:
-no goodbye, every connection reset, which breaks the stop contract.
+SIGHUP is the signal a terminal sends when it goes away (its window shut, an
+ssh session dropped): the kernel sends it to the session leader, and a shell
+passes it on to its jobs. A daemon has no terminal, so nothing would ever
+send it that; daemons took the free signal to mean "reload", and service
+managers send it so (systemd's ``ExecReload=kill -HUP $MAINPID``). Left at its
+default action, SIGHUP ends a process at once: no goodbye, every connection
+reset, which breaks the stop contract either way.
 
-The command line tells the two apart by the terminal itself. A terminal that
-has hung up answers every request on it with EIO, so ``isatty`` turns false
-on a descriptor that was a terminal when the process started (checked on
-this machine with a pseudo-terminal whose other end closed). Then SIGHUP
-means the terminal went away, and the server stops gracefully, as for
-SIGTERM; otherwise it reloads.
+threadserve follows that history, decided once at the start:
 
-A process started with SIGHUP ignored (``nohup``) asked to outlive its
-terminal: threadserve leaves the signal ignored there, so it neither stops nor
-reloads on it.
+- a process with a controlling terminal stops gracefully on SIGHUP, as on
+  SIGTERM (the Server's own signal handling, _signals.py);
+- a process without one reloads on it (the command line: the supervisor's
+  workers, or one process's successor, see _upgrade.py);
+- a process started with SIGHUP ignored (``nohup``) asked to outlive its
+  terminal, and keeps it ignored.
+
+Deciding at the start rather than at each signal is deliberate: a closing
+terminal's SIGHUP may come before or after the terminal reads as hung up
+(a terminal emulator may signal the shell first, and the shell its jobs),
+so looking at the terminal when the signal comes would reload on some
+hang-ups and stop on some reloads.
 """
 
 from __future__ import annotations
@@ -23,26 +29,31 @@ from __future__ import annotations
 import os
 import signal
 
-#: The descriptors whose terminal, if any, a hang-up closes.
-STANDARD_DESCRIPTORS = (0, 1, 2)
 
-
-class TerminalWatch:
-    """Which standard descriptors were terminals at the start, to see them hang up later."""
-
-    def __init__(self, fds: tuple[int, ...] = STANDARD_DESCRIPTORS) -> None:
-        self._terminals = tuple(fd for fd in fds if os.isatty(fd))
-
-    @property
-    def attached(self) -> bool:
-        """Whether any of them was a terminal when this was made."""
-        return bool(self._terminals)
-
-    def hung_up(self) -> bool:
-        """True once a descriptor that was a terminal is no longer one (its terminal is gone)."""
-        return any(not os.isatty(fd) for fd in self._terminals)
+def has_controlling_terminal() -> bool:
+    """Whether this process has a controlling terminal (``/dev/tty`` opens only then)."""
+    try:
+        fd = os.open("/dev/tty", os.O_RDONLY | os.O_NOCTTY)
+    except OSError:
+        return False
+    os.close(fd)
+    return True
 
 
 def sighup_ignored() -> bool:
-    """Whether this process was started with SIGHUP ignored (``nohup``), and still has it so."""
+    """Whether SIGHUP is ignored in this process (started under ``nohup``, say)."""
     return signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+
+
+def sighup_reloads() -> bool:
+    """Whether SIGHUP should mean "reload" here: not ignored, and no terminal to hang up."""
+    return not sighup_ignored() and not has_controlling_terminal()
+
+
+def sighup_stops() -> bool:
+    """Whether SIGHUP should stop gracefully here: at its default action, in a terminal.
+
+    At its default only: a handler installed before (the command line's
+    reload, or the application's own) keeps it.
+    """
+    return signal.getsignal(signal.SIGHUP) is signal.SIG_DFL and has_controlling_terminal()

@@ -1,10 +1,10 @@
 """The pid file (``--pid-file``): which process to signal.
 
 A service manager or an operator reads it to find the process that takes
-SIGTERM, SIGHUP and, under a supervisor, SIGUSR2. After an upgrade that is
-another process (see _upgrade.py), so the file is rewritten at the moment
-of the handover, by the old supervisor, before it stops its workers: there
-is never a moment when the file names a supervisor that has already left.
+SIGTERM, SIGHUP and SIGUSR2. After an upgrade (and a one-process reload) that
+is another process (see _upgrade.py), so the file is rewritten at the moment
+of the handover, by the old process, before it stops anything: there is
+never a moment when the file names a process that has already left.
 
 The file is written whole or not at all (a temporary file renamed over it),
 so a reader never sees a half-written number. A process removes the file

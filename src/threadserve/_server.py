@@ -291,7 +291,9 @@ class Server:
         """Serve until stopped, then run the stop sequence and return its report.
 
         In the main thread (and with ``handle_signals``), SIGINT and SIGTERM
-        start a graceful stop and a second one forces it.
+        start a graceful stop and a second one forces it. So does SIGHUP, in a
+        process with a controlling terminal and no other SIGHUP handler (a
+        terminal sends it when it closes), except that it never forces.
         """
         self._claim_serving()
         return self._serve()

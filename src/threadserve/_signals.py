@@ -1,5 +1,10 @@
 """SIGINT and SIGTERM: the first one stops gracefully, the second forces.
 
+SIGHUP too, in a process with a controlling terminal where nothing else
+handles it (see _hangup.py): it stops gracefully, and never forces, since a
+terminal that closes may send it twice (the kernel to the session leader,
+then the shell to its jobs). A SIGINT or SIGTERM after it forces.
+
 Only the main thread runs Python signal handlers, and a handler runs between
 two bytecodes of whatever the main thread was doing, possibly while it holds
 a lock. So the callbacks given here must not take locks: the server's only
@@ -23,6 +28,8 @@ import signal
 from collections.abc import Callable, Iterable, Iterator
 from types import FrameType
 
+from ._hangup import sighup_stops
+
 logger = logging.getLogger("threadserve")
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -35,11 +42,23 @@ def stop_on_signals(
     grace: Callable[[], float],
     wakeup_fd: int,
 ) -> Iterator[None]:
-    """Stop on SIGINT/SIGTERM for the duration of the block (see ``signals_handled``)."""
+    """Stop on SIGINT/SIGTERM (and SIGHUP in a terminal) for the block (see ``signals_handled``)."""
     received = 0
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         nonlocal received
+        if signum == signal.SIGHUP:
+            if received:
+                logger.info("SIGHUP ignored: stopping already")
+                return
+            received += 1
+            logger.warning(
+                "SIGHUP received (the terminal hangs up): stopping gracefully (grace %.1f s); "
+                "SIGTERM or SIGINT forces",
+                grace(),
+            )
+            request_stop()
+            return
         received += 1
         name = signal.Signals(signum).name
         if received == 1:
@@ -53,7 +72,8 @@ def stop_on_signals(
             logger.warning("%s received again: forcing the stop now", name)
             request_force()
 
-    with signals_handled(STOP_SIGNALS, on_signal, wakeup_fd):
+    signums = (*STOP_SIGNALS, signal.SIGHUP) if sighup_stops() else STOP_SIGNALS
+    with signals_handled(signums, on_signal, wakeup_fd):
         yield
 
 

@@ -31,9 +31,9 @@ the main loop handles them in order (gunicorn's arbiter has this shape):
   sends this instance no new client while its workers change. Without a
   drain delay the agent says ``up ready`` throughout: the old workers hand
   the shared queue over to ready new ones, so the instance as a whole never
-  stops accepting. A SIGHUP from a terminal that closed stops instead, as
-  SIGTERM does, and one started with SIGHUP ignored (nohup) leaves it
-  ignored (see _hangup.py).
+  stops accepting. In a terminal, SIGHUP stops instead, as SIGTERM does
+  (but a second one never forces); under nohup it stays ignored (see
+  _hangup.py).
 * SIGTTIN, SIGTTOU: one worker more, one fewer (never fewer than one, nor
   more than MAX_WORKERS).
 * SIGUSR2: upgrade the supervisor itself (see _upgrade.py). A successor
@@ -97,7 +97,7 @@ from ._agent import AgentResponder
 from ._checks import INTERVAL, MAX_WORKERS, SHORT_WAIT, WORKERS
 from ._connection import DEFAULT_CHUNK_SIZE
 from ._exceptions import ConfigurationError
-from ._hangup import TerminalWatch, sighup_ignored
+from ._hangup import has_controlling_terminal, sighup_ignored
 from ._listeners import LISTEN_BACKLOG, BindAddress, Listener, open_listeners
 from ._logging import counted
 from ._pidfile import remove_pid_file, write_pid_file
@@ -280,7 +280,8 @@ class Supervisor:
             os.set_blocking(fd, False)
         self._stopping = False
         self._forced = False
-        self._terminal = TerminalWatch()  # A SIGHUP once it hung up stops, not reloads.
+        # In a terminal SIGHUP means it hung up: a stop, not a reload (_hangup.py).
+        self._sighup_stops = has_controlling_terminal()
         self._dismissed: dict[int, socket.socket] = {}
         self._dismiss_until = 0.0
         self._reload: list[Worker] | None = None  # New workers of a reload in progress.
@@ -733,9 +734,13 @@ class Supervisor:
         if signum == signal.SIGCHLD:
             return  # The reap after every wake-up handles it.
         name = _signal_name(signum)
-        if signum == signal.SIGHUP and self._terminal.hung_up():
-            logger.warning("SIGHUP received: the terminal is gone; stopping as for SIGTERM")
-            signum = signal.SIGTERM
+        if signum == signal.SIGHUP and self._sighup_stops:
+            if self._stopping or self._drain_until is not None:
+                # A closing terminal may send it twice: the second must not force.
+                logger.info("SIGHUP ignored: stopping already")
+                return
+            signum = signal.SIGTERM  # Stops as the first SIGTERM does, logged as SIGHUP.
+        force_hint = "send it again to force" if name != "SIGHUP" else "SIGTERM or SIGINT forces"
         if signum in (signal.SIGINT, signal.SIGTERM):
             if self._drain_until is not None and not self._stopping:
                 logger.warning("%s received again: ending the drain, forcing every worker", name)
@@ -757,9 +762,10 @@ class Supervisor:
             elif self.drain_delay and self._booted and not self._upgrading():
                 logger.warning(
                     "%s received: draining for %.1f s (the agent says drain, the workers "
-                    "go on serving), then stopping; send it again to force",
+                    "go on serving), then stopping; %s",
                     name,
                     self.drain_delay,
+                    force_hint,
                 )
                 self._drain_until = time.monotonic() + self.drain_delay
                 self._reload = None
@@ -768,11 +774,11 @@ class Supervisor:
                 self.notifier.stopping(self._status("draining"))
             else:
                 logger.warning(
-                    "%s received: stopping %d workers gracefully (grace %.1f s); send it "
-                    "again to force",
+                    "%s received: stopping %d workers gracefully (grace %.1f s); %s",
                     name,
                     len(self.workers),
                     self.grace,
+                    force_hint,
                 )
                 self._begin_stop()
         elif self._stopping or self._drain_until is not None:

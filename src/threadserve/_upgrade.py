@@ -1,4 +1,4 @@
-"""Upgrading the supervisor itself (SIGUSR2): a new supervisor takes the listeners over.
+"""Upgrading in place (SIGUSR2): a new supervisor, or a new lone process, takes the listeners over.
 
 Theory of operation
 ===================
@@ -69,11 +69,12 @@ what it accepted a moment ago for HANDOVER_SETTLE, then stops gracefully
 and exits 0. Everything waiting in the kernel's queues is the successor's
 to accept: nothing is told or reset. The agent (``--agent-bind``) and the
 metrics (``--metrics``) are one process's own sockets, not handed over, so
-with either one SIGUSR2 is logged and ignored (use ``--workers``).
+with either one SIGUSR2 (and SIGHUP) is logged and ignored (use ``--workers``).
 
-For one process, SIGHUP (reload) does the same as SIGUSR2: the successor is
-a fresh interpreter that imports the handler anew, which is what a reload
-is. Only what is said differs: "reloading" in the log, and ``RELOADING=1``
+For one process without a controlling terminal, SIGHUP (reload) does the
+same as SIGUSR2: the successor is a fresh interpreter that imports the
+handler anew, which is what a reload is (in a terminal, SIGHUP stops: see
+_hangup.py). Only what is said differs: "reloading" in the log, and ``RELOADING=1``
 to systemd, closed by the ``READY=1`` of the hand-over (or of the failure).
 """
 
@@ -115,8 +116,8 @@ HANDOVER_SETTLE = 0.25
 #: wait for its exit before SIGKILL.
 SUCCESSOR_EXIT_WAIT = 10.0
 #: What ServerUpgrade.close writes to its wake-up pipe; a signal handler
-#: writes the signal's number, and none is this high.
-_CLOSE_BYTE = ord("c")
+#: writes the signal's number, and no signal is 0.
+_CLOSE_BYTE = 0
 
 
 @dataclass(frozen=True)
@@ -393,6 +394,9 @@ class ServerUpgrade:
                     successor.pid,
                 )
             messages = successor.receive()
+            if READY in messages and self.server.stopping:
+                self._abandon(successor)
+                return
             if READY in messages:
                 self._hand_over(successor)
                 return
@@ -425,7 +429,7 @@ class ServerUpgrade:
         self._reload = signum == signal.SIGHUP
         try:
             self.successor = Successor(self.command, self.environ, self.listeners, 0)
-        except OSError as exc:
+        except (OSError, ValueError) as exc:  # ValueError: a stop closed the listeners just now.
             logger.error("%s failed: cannot start %s: %s", self._what, self.command[0], exc)
             return
         pid = self.successor.pid
@@ -457,6 +461,21 @@ class ServerUpgrade:
             self.notifier.status(f"{self._what} failed, serving")
         successor.channel.close()
         self.successor = None  # Another SIGUSR2 or SIGHUP may try again.
+
+    def _abandon(self, successor: Successor) -> None:
+        """The server began to stop while its successor started: that one stops too.
+
+        The stop has closed (or is closing) the listeners the successor was
+        to take over, and the service manager has heard STOPPING=1.
+        """
+        logger.info(
+            "%s abandoned: this server is stopping; stopping the new server process %d",
+            self._what,
+            successor.pid,
+        )
+        _end(successor)
+        successor.channel.close()
+        self.successor = None
 
     def _hand_over(self, successor: Successor) -> None:
         logger.info("process %d is serving: handing over to it, this process stops", successor.pid)

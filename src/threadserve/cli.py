@@ -30,7 +30,7 @@ from ._checks import (
 from ._environ import HELP as ENVIRONMENT_HELP
 from ._environ import parse_args
 from ._exceptions import ConfigurationError, ThreadserveError
-from ._hangup import TerminalWatch, sighup_ignored
+from ._hangup import sighup_reloads
 from ._listeners import Listener, open_listeners, parse_bind_address
 from ._logging import LOG_FORMATS, LOG_LEVELS, configure_logging
 from ._notices import Notices
@@ -69,9 +69,11 @@ pending data is answered, then it gets the goodbye notice and a clean EOF. After
 --grace seconds whatever is left is forced; a second Ctrl-C forces at once.
 SIGUSR2 upgrades in place: a new process (same command) takes the listening
 sockets over, and once it serves this one stops; its pid goes to --pid-file.
-SIGHUP reloads the same way (the new process imports the handler afresh),
-unless it came from a terminal that closed: then it stops gracefully. Under
-nohup SIGHUP stays ignored.
+SIGHUP: in a terminal, a graceful stop (a terminal sends it when it closes);
+without one (under systemd, say) a reload: one process upgrades as for
+SIGUSR2, and so imports the handler afresh; with --workers new workers replace
+the old. Under nohup SIGHUP stays ignored. One process with --agent-bind or
+--metrics logs and ignores both SIGUSR2 and the reload.
 """
 
 EPILOG = f"""\
@@ -434,7 +436,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.worker_control is not None:
         return _run_worker(args)
     try:
-        # An upgrade's successor (SIGUSR2): the old supervisor's sockets, not --bind.
+        # An upgrade's successor (SIGUSR2, or one process's SIGHUP): the old one's sockets.
         handover = take_handover()
         # systemd socket activation: --bind fd://N, --bind systemd:NAME, or no
         # --bind at all; the variables are cleared so children do not take them.
@@ -443,7 +445,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.workers is not None or (handover is not None and handover.workers):
             return _run_supervisor(args, argv, bind, handover)
         _warn_of_worker_options(args)
-        # One process; or the successor of one (SIGUSR2), on its sockets.
+        # One process; or the successor of one (SIGUSR2 or SIGHUP), on its sockets.
         predecessor = None if handover is None else Predecessor(handover)
         if handover is not None:
             listeners = handover.listeners()
@@ -518,14 +520,14 @@ def _upgrade_on_signals(
     notifier: Notifier,
     upgrade: list[ServerUpgrade],
 ) -> Iterator[None]:
-    """One process: SIGUSR2 upgrades it in place and SIGHUP reloads it (see _upgrade.ServerUpgrade).
+    """One process: SIGUSR2 upgrades it in place, SIGHUP reloads it (see _upgrade.ServerUpgrade).
 
     A successor process takes the listening sockets over and this one stops
-    once it serves. With --agent-bind or --metrics, whose sockets are this
-    process's own, both are logged and ignored instead: their default action
-    would end the server. A SIGHUP from a terminal that closed stops the
-    server gracefully instead (see _hangup.py), and one started with SIGHUP
-    ignored (nohup) keeps it ignored.
+    once it serves. SIGHUP only where it means reload (no controlling
+    terminal, not ignored: see _hangup.py); in a terminal the server's own
+    handling makes it a graceful stop. With --agent-bind or --metrics, whose
+    sockets are this process's own, both are logged and ignored instead:
+    their default action would end the server.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -544,28 +546,20 @@ def _upgrade_on_signals(
             )
         )
         reload = upgrade[0].request
-    terminal = TerminalWatch()
-
-    def on_sighup(signum: int, frame: object) -> None:
-        if terminal.hung_up():
-            # SIGTERM's own handler (the server's) then stops, and a second
-            # SIGTERM or SIGINT still forces.
-            logger.warning("SIGHUP received: the terminal is gone; stopping as for SIGTERM")
-            os.kill(os.getpid(), signal.SIGTERM)
-        else:
-            reload(signum, frame)
-
-    handlers = {signal.SIGUSR2: reload}
-    if not sighup_ignored():
-        handlers[signal.SIGHUP] = on_sighup
-    previous = {signum: signal.signal(signum, handler) for signum, handler in handlers.items()}
+    signums = [signal.SIGUSR2, *([signal.SIGHUP] if sighup_reloads() else [])]
+    previous = {signum: signal.signal(signum, reload) for signum in signums}
     try:
         yield
     finally:
-        for signum, old in previous.items():
-            signal.signal(signum, signal.SIG_DFL if old is None else old)
+        # Logged, not acted on, until the upgrade thread has ended (close()
+        # may wait for a successor to exit): their default action would end
+        # this process with the successor's fate undecided.
+        for signum in signums:
+            signal.signal(signum, _log_ignored_at_exit)
         if upgrade:
             upgrade[0].close()
+        for signum, old in previous.items():
+            signal.signal(signum, signal.SIG_DFL if old is None else old)
 
 
 def _log_cannot_upgrade(signum: int, frame: object) -> None:
@@ -576,6 +570,10 @@ def _log_cannot_upgrade(signum: int, frame: object) -> None:
         "in place; serve with --workers N (its supervisor hands those sockets over too)",
         signal.Signals(signum).name,
     )
+
+
+def _log_ignored_at_exit(signum: int, frame: object) -> None:
+    logger.info("%s ignored: stopping", signal.Signals(signum).name)
 
 
 def _metrics_registry() -> CollectorRegistry:
