@@ -30,7 +30,9 @@ from support import (
     subprocess_env,
 )
 
+from threadserve import _hangup
 from threadserve._hangup import sighup_ignored
+from threadserve._signals import stop_on_signals
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -104,26 +106,100 @@ def test_sighup_ignored_reads_the_disposition() -> None:
         signal.signal(signal.SIGHUP, previous)
 
 
+def end_process_group(server: ServerProcess) -> None:
+    """Kill the server's whole process group: a new process started by mistake runs in it."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(server.process.pid, signal.SIGKILL)
+    server.close()
+
+
+class Requests:
+    """What stop_on_signals asked for, in order."""
+
+    def __init__(self) -> None:
+        self.asked: list[str] = []
+
+    def stop(self) -> None:
+        self.asked.append("stop")
+
+    def force(self) -> None:
+        self.asked.append("force")
+
+
+@contextlib.contextmanager
+def stopping_on_signals(monkeypatch: pytest.MonkeyPatch, terminal: bool) -> Iterator[Requests]:
+    """stop_on_signals in this process, as if it had a controlling terminal or not."""
+    monkeypatch.setattr(_hangup, "has_controlling_terminal", lambda: terminal)
+    requests = Requests()
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_w, False)
+    previous = signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    try:
+        with stop_on_signals(requests.stop, requests.force, lambda: 5.0, wake_w):
+            yield requests
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+        os.close(wake_r)
+        os.close(wake_w)
+
+
+def test_in_a_terminal_sighup_stops_once_and_a_later_sigterm_forces(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    with stopping_on_signals(monkeypatch, terminal=True) as requests:
+        # The main thread runs a Python handler before the next bytecode:
+        # each kill below has been handled once it returns.
+        os.kill(os.getpid(), signal.SIGHUP)
+        assert requests.asked == ["stop"]
+        os.kill(os.getpid(), signal.SIGHUP)  # A closing terminal's second one.
+        assert requests.asked == ["stop"]
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert requests.asked == ["stop", "force"]
+    assert signal.getsignal(signal.SIGHUP) is signal.SIG_DFL  # Put back at the end.
+
+
+def test_sighup_is_left_alone_without_a_terminal_or_with_a_handler_of_its_own(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    with stopping_on_signals(monkeypatch, terminal=False):
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_DFL
+    monkeypatch.setattr(_hangup, "has_controlling_terminal", lambda: True)
+    assert _hangup.sighup_stops()
+    assert not _hangup.sighup_reloads()
+
+    def own(signum: int, frame: object) -> None:
+        pass
+
+    previous = signal.signal(signal.SIGHUP, own)
+    try:
+        assert not _hangup.sighup_stops()  # The application's handler stays.
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        assert not _hangup.sighup_stops()
+        assert not _hangup.sighup_reloads()
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+    monkeypatch.setattr(_hangup, "has_controlling_terminal", lambda: False)
+    assert _hangup.sighup_reloads()
+
+
 @pytest.mark.parametrize("how", ["terminal-closes", "kill-HUP"])
 @pytest.mark.parametrize("workers", [[], ["--workers", "2"]], ids=["one-process", "supervisor"])
 def test_sighup_in_a_terminal_stops_gracefully_and_a_second_one_does_not_force(
     tmp_path: Path, workers: list[str], how: str
 ) -> None:
     (tmp_path / "holding_echo.py").write_text(HOLDING_MODULE)
-    (tmp_path / "hold").write_text("")  # The handler returns only once this is gone.
-    terminal = PseudoTerminal()
-    command = [
-        sys.executable,
-        "-c",
-        ON_TERMINAL,
-        terminal.name,
-        sys.executable,
-        "-m",
-        "threadserve",
-    ]
-    args = ["holding_echo:handle", *workers, "--bind", "127.0.0.1:0", "--grace", "60"]
-    server = ServerProcess(args, command=command, cwd=tmp_path)
-    try:
+    hold = tmp_path / "hold"
+    hold.write_text("")  # The handler returns only once this is gone.
+    with contextlib.ExitStack() as cleanup:
+        terminal = PseudoTerminal()
+        cleanup.callback(terminal.hang_up)
+        threadserve = [sys.executable, "-m", "threadserve"]
+        command = [sys.executable, "-c", ON_TERMINAL, terminal.name, *threadserve]
+        args = ["holding_echo:handle", *workers, "--bind", "127.0.0.1:0", "--grace", "60"]
+        server = ServerProcess(args, command=command, cwd=tmp_path)
+        cleanup.callback(end_process_group, server)
+        # Runs first: a worker left behind (its own session) then ends at once.
+        cleanup.callback(hold.unlink, missing_ok=True)
         # One process says "serving on ADDR"; a supervisor "2 workers ready, serving on ADDR".
         address = server.wait_serving(timeout=60)
         with socket.create_connection(address, timeout=10) as client:
@@ -138,18 +214,11 @@ def test_sighup_in_a_terminal_stops_gracefully_and_a_second_one_does_not_force(
             # the hang-up on) comes now, and must not force it.
             server.send_signal(signal.SIGHUP)
             server.wait_for_log(r"SIGHUP ignored: stopping already", timeout=60)
-            (tmp_path / "hold").unlink()
+            hold.unlink()
             assert recv_exactly(client, len(NOTICE)) == NOTICE
             assert recv_until_eof(client) == b""
         assert server.wait_exit(60) == 0, server.output()  # 3 would mean forced.
         output = server.output()
-    finally:
-        terminal.hang_up()
-        # Should a SIGHUP have started a new process by mistake, it runs in the
-        # server's process group: end the whole group, not the server alone.
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(server.process.pid, signal.SIGKILL)
-        server.close()
     assert "forcing" not in output, output
     assert not re.search(r"reloading|new workers", output), output
     assert "Traceback" not in output, output

@@ -436,19 +436,25 @@ def test_one_process_upgrades_in_place_under_load_losing_no_client(folder: Path)
     assert stopping == [pids[-1]], messages
 
 
-def test_one_process_upgrade_that_cannot_start_leaves_it_serving(folder: Path) -> None:
+@pytest.mark.parametrize("signum", [signal.SIGUSR2, signal.SIGHUP], ids=["SIGUSR2", "SIGHUP"])
+def test_one_process_upgrade_or_reload_that_cannot_start_leaves_it_serving(
+    folder: Path, signum: int
+) -> None:
     module = folder / "upgrade_echo.py"
     module.write_text(ECHO_MODULE)
-    server = OneProcess(folder, "upgrade_echo:handle", cwd=folder)
+    notify = NotifyListener(str(folder / "notify"))
+    env = {**subprocess_env(), "NOTIFY_SOCKET": str(folder / "notify")}
+    server = OneProcess(folder, "upgrade_echo:handle", env=env, cwd=folder)
+    what = "reload" if signum == signal.SIGHUP else "upgrade"
     try:
         pid = server.pid()
         with socket.create_connection(server.address, timeout=10) as held:
             held.sendall(b"before\n")
             assert recv_exactly(held, 7) == b"before\n"
             module.write_text(BROKEN_MODULE)
-            os.kill(pid, signal.SIGUSR2)
+            os.kill(pid, signum)
             match = server.process.wait_for_log(
-                r"upgrade failed: new server process (\d+): (.*); process (\d+) goes on serving$",
+                rf"{what} failed: new server process (\d+): (.*); process (\d+) goes on serving$",
                 timeout=60,
             )
             assert int(match.group(3)) == pid
@@ -463,8 +469,20 @@ def test_one_process_upgrade_that_cannot_start_leaves_it_serving(folder: Path) -
             os.kill(pid, signal.SIGTERM)
             assert recv_exactly(held, len(NOTICE)) == NOTICE
         assert server.process.wait_exit(30) == 0, server.process.output()
+        messages = [fields for sender, fields in notify.drain() if sender == pid]
     finally:
         server.close()
+        notify.close()
+    # systemd: a reload (RELOADING=1) is closed by READY=1 even when it fails;
+    # an upgrade says nothing of the kind.
+    reloading = [i for i, f in enumerate(messages) if f.get("RELOADING") == "1"]
+    ready_after = [i for i, f in enumerate(messages) if f.get("READY") == "1"]
+    if signum == signal.SIGHUP:
+        assert len(reloading) == 1, messages
+        assert any(i > reloading[0] for i in ready_after), messages
+        assert "reload failed, serving" in messages[ready_after[-1]].get("STATUS", ""), messages
+    else:
+        assert reloading == [], messages
 
 
 @pytest.mark.parametrize("signum", [signal.SIGUSR2, signal.SIGHUP], ids=["SIGUSR2", "SIGHUP"])

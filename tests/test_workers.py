@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 import re
 import signal
 import socket
@@ -302,6 +303,29 @@ def test_hung_worker_is_killed_with_its_stack_logged_and_replaced() -> None:
     # can delay this process's view of the hang) reached the timeout.
     assert float(silent.group(1)) >= timeout, output
     assert killed_after < timeout + 20
+
+
+def test_workers_take_no_notice_of_sighup_sent_to_them() -> None:
+    """As `pkill -HUP -f threadserve` sends it: the supervisor's to act on, not theirs."""
+    server, address = start_supervisor("--workers", "2")
+    with server:
+        workers = workers_of(server)
+        assert len(workers) == 2, server.output()
+        with socket.create_connection(address, timeout=10) as held:
+            held.sendall(b"before\n")
+            assert recv_exactly(held, 7) == b"before\n"
+            for pid in workers:
+                os.kill(pid, signal.SIGHUP)
+            # A worker at SIGHUP's default would die now, and be replaced.
+            for _ in range(20):
+                held.sendall(b"after\n")
+                assert recv_exactly(held, 6) == b"after\n"
+            assert workers_of(server) == workers
+        server.send_signal(signal.SIGTERM)
+        assert server.wait_exit() == 0, server.output()
+        output = server.output()
+    assert "unexpectedly" not in output, output
+    assert len(re.findall(r"worker \d+ stopped: exited with 0$", output, re.M)) == 2, output
 
 
 def test_ttin_adds_a_worker_and_ttou_removes_one() -> None:

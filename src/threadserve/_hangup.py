@@ -21,20 +21,36 @@ Deciding at the start rather than at each signal is deliberate: a closing
 terminal's SIGHUP may come before or after the terminal reads as hung up
 (a terminal emulator may signal the shell first, and the shell its jobs),
 so looking at the terminal when the signal comes would reload on some
-hang-ups and stop on some reloads.
+hang-ups and stop on some reloads. "A controlling terminal" includes a
+server started from a terminal session in the background, or in a
+container run with a terminal (``docker run -t``); ``setsid`` starts one
+without.
+
+Only the command line reloads. A ``Server`` in a program of its own, with no
+terminal, leaves SIGHUP at its default action: install a handler that calls
+``server.stop()`` from another thread if SIGHUP should stop it.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 
 
+@functools.cache
 def has_controlling_terminal() -> bool:
-    """Whether this process has a controlling terminal (``/dev/tty`` opens only then)."""
+    """Whether this process has a controlling terminal (``/dev/tty`` opens only then).
+
+    Asked once per process, so the command line and the Server decide alike.
+    Non-blocking: a serial line waiting for its carrier must not hold the start.
+    """
     try:
-        fd = os.open("/dev/tty", os.O_RDONLY | os.O_NOCTTY)
+        fd = os.open("/dev/tty", os.O_RDONLY | os.O_NOCTTY | os.O_NONBLOCK)
     except OSError:
+        # ENXIO: no controlling terminal. Anything else (no descriptor left,
+        # say) cannot be told apart, and no terminal is the safe reading:
+        # SIGHUP then keeps the meaning a service manager gives it.
         return False
     os.close(fd)
     return True

@@ -2,8 +2,9 @@
 
 SIGHUP too, in a process with a controlling terminal where nothing else
 handles it (see _hangup.py): it stops gracefully, and never forces, since a
-terminal that closes may send it twice (the kernel to the session leader,
-then the shell to its jobs). A SIGINT or SIGTERM after it forces.
+terminal that closes may send it twice (a server run as a shell's job gets
+it from the shell, and again from the kernel when the shell exits). A
+SIGINT or SIGTERM after it forces.
 
 Only the main thread runs Python signal handlers, and a handler runs between
 two bytecodes of whatever the main thread was doing, possibly while it holds
@@ -44,14 +45,16 @@ def stop_on_signals(
 ) -> Iterator[None]:
     """Stop on SIGINT/SIGTERM (and SIGHUP in a terminal) for the block (see ``signals_handled``)."""
     received = 0
+    began_by_hangup = False
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
-        nonlocal received
+        nonlocal received, began_by_hangup
         if signum == signal.SIGHUP:
             if received:
                 logger.info("SIGHUP ignored: stopping already")
                 return
             received += 1
+            began_by_hangup = True
             logger.warning(
                 "SIGHUP received (the terminal hangs up): stopping gracefully (grace %.1f s); "
                 "SIGTERM or SIGINT forces",
@@ -69,7 +72,8 @@ def stop_on_signals(
             )
             request_stop()
         else:
-            logger.warning("%s received again: forcing the stop now", name)
+            again = "again" if received > 2 or not began_by_hangup else "after SIGHUP"
+            logger.warning("%s received %s: forcing the stop now", name, again)
             request_force()
 
     signums = (*STOP_SIGNALS, signal.SIGHUP) if sighup_stops() else STOP_SIGNALS

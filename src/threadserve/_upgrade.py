@@ -69,7 +69,7 @@ what it accepted a moment ago for HANDOVER_SETTLE, then stops gracefully
 and exits 0. Everything waiting in the kernel's queues is the successor's
 to accept: nothing is told or reset. The agent (``--agent-bind``) and the
 metrics (``--metrics``) are one process's own sockets, not handed over, so
-with either one SIGUSR2 (and SIGHUP) is logged and ignored (use ``--workers``).
+with either one SIGUSR2 (and the reload's SIGHUP) is logged and ignored (use ``--workers``).
 
 For one process without a controlling terminal, SIGHUP (reload) does the
 same as SIGUSR2: the successor is a fresh interpreter that imports the
@@ -217,7 +217,9 @@ class Successor:
                 pass_fds=[child.fileno(), *(listener.fileno() for listener in listeners), *extra],
                 env={**environ, HANDOVER_VARIABLE: handover.encode()},
                 # The same process group as this one: once it has taken over,
-                # a Ctrl-C at the terminal reaches it as it reached us.
+                # a Ctrl-C at the terminal reaches it as it reached us, as
+                # long as we run (an interactive shell takes its terminal back
+                # when the process it started exits, and this one is not it).
             )
         except BaseException:
             self.channel.close()
@@ -290,6 +292,8 @@ def _send(channel: socket.socket, message: bytes) -> bool:
 class Serving(Protocol):
     """The server as an upgrade sees it (threadserve.Server)."""
 
+    grace: float
+
     @property
     def stopping(self) -> bool: ...
     def pause_accepting(self) -> None: ...
@@ -348,7 +352,9 @@ class ServerUpgrade:
         self._closing = True
         with contextlib.suppress(OSError):
             os.write(self._wake_w, bytes([_CLOSE_BYTE]))
-        self._thread.join(SUCCESSOR_EXIT_WAIT)
+        # Long enough for an abandoned successor's own graceful stop (_abandon),
+        # so that its end is not asked for twice (a second SIGTERM forces).
+        self._thread.join(self.server.grace + 2 * SUCCESSOR_EXIT_WAIT)
         successor = self.successor
         if successor is not None and not successor.handed_over:
             logger.info("stopping the new server process %d too", successor.pid)
@@ -447,17 +453,18 @@ class ServerUpgrade:
             successor.fatal = successor.fatal or f"not serving after {self.timeout:.0f} s"
         status = _end(successor)
         how = f"killed by {_signal_name(-status)}" if status < 0 else f"exited with {status}"
+        stopping = self.server.stopping  # Then STOPPING=1 has gone out: nothing more to say.
         logger.error(
-            "%s failed: new server process %d: %s (%s); process %d goes on serving",
+            "%s failed: new server process %d: %s (%s); %s",
             self._what,
             successor.pid,
             successor.fatal or "it ended before it was serving",
             how,
-            os.getpid(),
+            "this process is stopping" if stopping else f"process {os.getpid()} goes on serving",
         )
-        if self._reload:
+        if not stopping and self._reload:
             self.notifier.ready(f"{self._what} failed, serving")  # Ends its RELOADING=1.
-        else:
+        elif not stopping:
             self.notifier.status(f"{self._what} failed, serving")
         successor.channel.close()
         self.successor = None  # Another SIGUSR2 or SIGHUP may try again.
@@ -466,14 +473,16 @@ class ServerUpgrade:
         """The server began to stop while its successor started: that one stops too.
 
         The stop has closed (or is closing) the listeners the successor was
-        to take over, and the service manager has heard STOPPING=1.
+        to take over, and the service manager has heard STOPPING=1. Serving,
+        the successor may have taken clients from the shared queue: it gets
+        a whole grace period for its own graceful stop before SIGKILL.
         """
         logger.info(
             "%s abandoned: this server is stopping; stopping the new server process %d",
             self._what,
             successor.pid,
         )
-        _end(successor)
+        _end(successor, self.server.grace + SUCCESSOR_EXIT_WAIT)
         successor.channel.close()
         self.successor = None
 
@@ -488,9 +497,17 @@ class ServerUpgrade:
             listener.hand_over()
         self.server.pause_accepting()
         # Not a wait for a state: the margin for requests already on their way.
+        # Only close() cuts it short; a signal now changes nothing.
         poller = select.poll()
         poller.register(self._wake_r, select.POLLIN)
-        poller.poll(int(HANDOVER_SETTLE * 1000))
+        settled_at = time.monotonic() + HANDOVER_SETTLE
+        while not self._closing and (left := settled_at - time.monotonic()) > 0:
+            poller.poll(int(left * 1000) + 1)
+            signum = self._received_signal()
+            if signum:
+                logger.info(
+                    "%s ignored: handing over to process %d", _signal_name(signum), successor.pid
+                )
         self.server.stop()
 
 
@@ -541,11 +558,11 @@ def take_over_when_told(predecessor: Predecessor, listeners: Sequence[Listener])
     threading.Thread(target=watch, name="threadserve take-over", daemon=True).start()
 
 
-def _end(successor: Successor) -> int:
-    """Ask a successor that is not taking over to stop; SIGKILL if it does not; its status."""
+def _end(successor: Successor, wait: float = SUCCESSOR_EXIT_WAIT) -> int:
+    """Ask a successor that is not taking over to stop; SIGKILL after ``wait`` s; its status."""
     successor.signal(signal.SIGTERM)
     try:
-        return successor.process.wait(SUCCESSOR_EXIT_WAIT)
+        return successor.process.wait(wait)
     except subprocess.TimeoutExpired:
         successor.signal(signal.SIGKILL)
         return successor.process.wait()

@@ -123,9 +123,13 @@ def run_worker(
     channel = socket.socket(fileno=control_fd)
     if supervisor is not None:
         stop_with_parent(supervisor)
-    # A do-nothing handler rather than SIG_IGN: an ignored signal would stay
-    # ignored in every program a handler starts.
+    # The supervisor's signals, which a `pkill -HUP -f threadserve` or a
+    # `systemctl kill -s USR2` also sends to every worker: the supervisor
+    # acts on them, and at their default they would end this worker with its
+    # clients reset. A do-nothing handler rather than SIG_IGN: an ignored
+    # signal would stay ignored in every program a handler starts.
     signal.signal(signal.SIGUSR2, _ignore)
+    signal.signal(signal.SIGHUP, _ignore)
     faulthandler.register(DUMP_SIGNAL, file=sys.stderr, all_threads=True, chain=True)
     try:
         try:

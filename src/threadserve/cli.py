@@ -30,7 +30,7 @@ from ._checks import (
 from ._environ import HELP as ENVIRONMENT_HELP
 from ._environ import parse_args
 from ._exceptions import ConfigurationError, ThreadserveError
-from ._hangup import sighup_reloads
+from ._hangup import sighup_ignored, sighup_reloads
 from ._listeners import Listener, open_listeners, parse_bind_address
 from ._logging import LOG_FORMATS, LOG_LEVELS, configure_logging
 from ._notices import Notices
@@ -278,8 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_worker_options(serve: argparse.ArgumentParser) -> None:
     workers = serve.add_argument_group(
-        "worker processes (SIGHUP reloads with no client lost; SIGTTIN/SIGTTOU add or remove "
-        "one; SIGUSR2 upgrades the supervisor itself: a new one takes over, its pid in --pid-file)"
+        "worker processes (SIGHUP reloads with no client lost, or stops when started in a "
+        "terminal; SIGTTIN/SIGTTOU add or remove one; SIGUSR2 upgrades the supervisor itself: "
+        "a new one takes over, its pid in --pid-file)"
     )
     workers.add_argument(
         "--workers",
@@ -551,14 +552,17 @@ def _upgrade_on_signals(
     try:
         yield
     finally:
-        # Logged, not acted on, until the upgrade thread has ended (close()
-        # may wait for a successor to exit): their default action would end
-        # this process with the successor's fate undecided.
-        for signum in signums:
-            signal.signal(signum, _log_ignored_at_exit)
+        # The server has stopped and put back SIGINT's and SIGTERM's handlers.
+        # Until the upgrade thread has ended (close() may wait for a successor
+        # to exit), every signal that would end this process is logged and
+        # not acted on: ending here would leave that successor's fate undecided.
+        exiting = [signal.SIGUSR2, signal.SIGINT, signal.SIGTERM]
+        if not sighup_ignored():
+            exiting.append(signal.SIGHUP)
+        at_exit = {signum: signal.signal(signum, _log_ignored_at_exit) for signum in exiting}
         if upgrade:
             upgrade[0].close()
-        for signum, old in previous.items():
+        for signum, old in {**at_exit, **previous}.items():
             signal.signal(signum, signal.SIG_DFL if old is None else old)
 
 
@@ -573,7 +577,7 @@ def _log_cannot_upgrade(signum: int, frame: object) -> None:
 
 
 def _log_ignored_at_exit(signum: int, frame: object) -> None:
-    logger.info("%s ignored: stopping", signal.Signals(signum).name)
+    logger.info("%s ignored: exiting", signal.Signals(signum).name)
 
 
 def _metrics_registry() -> CollectorRegistry:
