@@ -23,6 +23,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from conftest import ServerFactory
 from support import (
     HOLDING_MODULE,
     NOTICE,
@@ -36,6 +37,7 @@ from test_workers import READY_LINE, Load, wait_for
 from threadserve._exceptions import ConfigurationError
 from threadserve._pidfile import read_pid_file
 from threadserve._upgrade import HANDOVER_VARIABLE, Handover, take_handover
+from threadserve.handlers import echo
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -685,3 +687,24 @@ def test_a_new_process_ready_only_once_the_old_one_is_stopping_is_stopped_not_ha
     assert re.search(rf"^reaped {pid} 0$", output, re.M), output
     # Stopped and waited for by the old process itself, so not left for the reaper.
     assert not alive(successor)
+
+
+@pytest.mark.parametrize("stop_first", [False, True], ids=["hand-over-first", "stop-first"])
+def test_listeners_are_handed_over_only_while_no_stop_has_begun(
+    serve: ServerFactory, folder: Path, stop_first: bool
+) -> None:
+    """Server.hand_over_listeners: the stop then leaves the queue and the socket file alone.
+
+    A Unix socket shows it from outside: the stop removes the file of a socket
+    it still owns, and leaves a handed-over one to the successor.
+    """
+    path = folder / "upgrade.sock"
+    server = serve(echo, bind=f"unix:{path}")
+    if stop_first:
+        server.stop()
+        assert not server.hand_over_listeners()
+        assert not path.exists()
+    else:
+        assert server.hand_over_listeners()
+        server.stop()
+        assert path.exists()

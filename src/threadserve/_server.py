@@ -417,6 +417,22 @@ class Server:
     def stopping(self) -> bool:
         return self._stop_requested
 
+    def hand_over_listeners(self) -> bool:
+        """Give the listening sockets to a successor process; False, giving nothing, once stopping.
+
+        For an in-place upgrade (SIGUSR2, or one process's SIGHUP reload; see
+        _upgrade.py): from now on the stop leaves their queues (and a Unix
+        socket's file) to the successor. Under the lock that the stop takes
+        before it reads whose the queues are, so that either the stop began
+        first, and nothing is handed over, or the stop finds them handed over.
+        """
+        with self._lock:
+            if self._stop_requested:
+                return False
+            for listener in self._listeners:
+                listener.hand_over()
+        return True
+
     def pause_accepting(self) -> None:
         """Take no more clients from the listeners, but go on serving the connections there are.
 

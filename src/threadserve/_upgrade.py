@@ -296,6 +296,7 @@ class Serving(Protocol):
 
     @property
     def stopping(self) -> bool: ...
+    def hand_over_listeners(self) -> bool: ...
     def pause_accepting(self) -> None: ...
     def stop(self, grace: float | None = None) -> object: ...
 
@@ -400,11 +401,13 @@ class ServerUpgrade:
                     successor.pid,
                 )
             messages = successor.receive()
-            if READY in messages and self.server.stopping:
-                self._abandon(successor)
-                return
             if READY in messages:
-                self._hand_over(successor)
+                # The listeners first, under the stop's own lock: a stop that
+                # began before keeps them, and the successor is ended instead.
+                if self.server.hand_over_listeners():
+                    self._hand_over(successor)
+                else:
+                    self._abandon(successor)
                 return
             for message in messages:
                 if message.startswith(FATAL):
@@ -493,8 +496,6 @@ class ServerUpgrade:
             successor, self.notifier, self.pid_file, f"{done}: process {successor.pid} serving"
         )
         self.notifier.close()
-        for listener in self.listeners:
-            listener.hand_over()
         self.server.pause_accepting()
         # Not a wait for a state: the margin for requests already on their way.
         # Only close() cuts it short; a signal now changes nothing.
