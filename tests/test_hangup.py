@@ -66,7 +66,7 @@ class PseudoTerminal:
 
 
 @contextlib.contextmanager
-def on_terminal(command: list[str], cwd: Path | None = None) -> Iterator[list[str]]:
+def on_terminal(command: list[str]) -> Iterator[list[str]]:
     """``command`` run with a new pseudo-terminal as its controlling terminal; hung up after."""
     terminal = PseudoTerminal()
     try:
