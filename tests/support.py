@@ -158,13 +158,20 @@ def subprocess_env(*, with_tests_dir: bool = True) -> dict[str, str]:
     return env
 
 
-# A handler module to write into a test's folder (served with cwd there), for
-# tests that need a stop to stay under way until they let it finish.
-HOLDING_MODULE = '''\
-"""An echo handler that, once its connection ends, returns only when the file "hold" is gone."""
+# A handler module to write into a test's folder (served with cwd there) as
+# gated_echo.py, for tests that need a server process held at a known point:
+# while the file "hold-import" exists its import waits (a new process that is
+# slow to start), and while "hold" exists a handler whose connection has ended
+# does not return (a stop under way). Each wait is bounded at 60 s.
+GATED_ECHO_MODULE = '''\
+"""An echo handler held by two files: "hold-import" at import, "hold" after its connection."""
 
 import os
 import time
+
+deadline = time.monotonic() + 60
+while os.path.exists("hold-import") and time.monotonic() < deadline:
+    time.sleep(0.05)
 
 
 def handle(conn):

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 from support import (
-    HOLDING_MODULE,
+    GATED_ECHO_MODULE,
     NOTICE,
     ServerProcess,
     recv_exactly,
@@ -187,7 +187,7 @@ def test_sighup_is_left_alone_without_a_terminal_or_with_a_handler_of_its_own(
 def test_sighup_in_a_terminal_stops_gracefully_and_a_second_one_does_not_force(
     tmp_path: Path, workers: list[str], how: str
 ) -> None:
-    (tmp_path / "holding_echo.py").write_text(HOLDING_MODULE)
+    (tmp_path / "gated_echo.py").write_text(GATED_ECHO_MODULE)
     hold = tmp_path / "hold"
     hold.write_text("")  # The handler returns only once this is gone.
     with contextlib.ExitStack() as cleanup:
@@ -195,7 +195,7 @@ def test_sighup_in_a_terminal_stops_gracefully_and_a_second_one_does_not_force(
         cleanup.callback(terminal.hang_up)
         threadserve = [sys.executable, "-m", "threadserve"]
         command = [sys.executable, "-c", ON_TERMINAL, terminal.name, *threadserve]
-        args = ["holding_echo:handle", *workers, "--bind", "127.0.0.1:0", "--grace", "60"]
+        args = ["gated_echo:handle", *workers, "--bind", "127.0.0.1:0", "--grace", "60"]
         server = ServerProcess(args, command=command, cwd=tmp_path)
         cleanup.callback(end_process_group, server)
         # Runs first: a worker left behind (its own session) then ends at once.

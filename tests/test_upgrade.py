@@ -25,7 +25,7 @@ import psutil
 import pytest
 from conftest import ServerFactory
 from support import (
-    HOLDING_MODULE,
+    GATED_ECHO_MODULE,
     NOTICE,
     TESTS_DIR,
     ServerProcess,
@@ -509,9 +509,9 @@ def test_one_process_with_an_agent_logs_and_ignores_upgrade_and_reload(
 
 @pytest.mark.parametrize("signum", [signal.SIGUSR2, signal.SIGHUP], ids=["SIGUSR2", "SIGHUP"])
 def test_one_process_ignores_upgrade_and_reload_once_stopping(folder: Path, signum: int) -> None:
-    (folder / "holding_echo.py").write_text(HOLDING_MODULE)
+    (folder / "gated_echo.py").write_text(GATED_ECHO_MODULE)
     (folder / "hold").write_text("")  # The handler returns only once this is gone.
-    server = OneProcess(folder, "holding_echo:handle", "--grace", "60", cwd=folder)
+    server = OneProcess(folder, "gated_echo:handle", "--grace", "60", cwd=folder)
     try:
         pid = server.pid()
         with socket.create_connection(server.address, timeout=10) as held:
@@ -591,26 +591,9 @@ def test_one_process_reloads_on_sighup_importing_the_handler_afresh(folder: Path
     ), messages
 
 
-SLOW_MODULE = '''\
-"""An echo handler whose import waits while a file exists (at most 60 s)."""
-
-import os
-import time
-
-deadline = time.monotonic() + 60
-while os.path.exists("hold-import") and time.monotonic() < deadline:
-    time.sleep(0.05)
-
-
-def handle(conn):
-    for chunk in conn:
-        conn.sendall(chunk)
-'''
-
-
 def test_stop_during_a_one_process_upgrade_stops_the_new_process_too(folder: Path) -> None:
-    (folder / "slow_echo.py").write_text(SLOW_MODULE)
-    server = OneProcess(folder, "slow_echo:handle", cwd=folder)
+    (folder / "gated_echo.py").write_text(GATED_ECHO_MODULE)
+    server = OneProcess(folder, "gated_echo:handle", cwd=folder)
     try:
         pid = server.pid()
         with socket.create_connection(server.address, timeout=10) as held:
@@ -633,31 +616,11 @@ def test_stop_during_a_one_process_upgrade_stops_the_new_process_too(folder: Pat
     assert "handing over" not in output, output
 
 
-GATED_MODULE = '''\
-"""SLOW_MODULE's import gate, and HOLDING_MODULE's handler: a stop held open on "hold"."""
-
-import os
-import time
-
-deadline = time.monotonic() + 60
-while os.path.exists("hold-import") and time.monotonic() < deadline:
-    time.sleep(0.05)
-
-
-def handle(conn):
-    for chunk in conn:
-        conn.sendall(chunk)
-    deadline = time.monotonic() + 60
-    while os.path.exists("hold") and time.monotonic() < deadline:
-        time.sleep(0.01)
-'''
-
-
 @pytest.mark.parametrize("signum", [signal.SIGUSR2, signal.SIGHUP], ids=["SIGUSR2", "SIGHUP"])
 def test_a_new_process_ready_only_once_the_old_one_is_stopping_is_stopped_not_handed_over(
     folder: Path, signum: int
 ) -> None:
-    (folder / "gated_echo.py").write_text(GATED_MODULE)
+    (folder / "gated_echo.py").write_text(GATED_ECHO_MODULE)
     server = OneProcess(folder, "gated_echo:handle", "--grace", "60", cwd=folder)
     try:
         pid = server.pid()
