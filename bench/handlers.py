@@ -74,10 +74,9 @@ def _polled_socket_loop(conn: Any, pause: float) -> None:
     sock = _socket_of(conn)
     fd = sock.fileno()
     stop_fd: int = conn._stop_fd
-    poller = None if poll_recv is not None else select.poll()
-    if poller is not None:
-        poller.register(fd, select.POLLIN)
-        poller.register(stop_fd, select.POLLIN)
+    poller = select.poll()  # Made once per connection; waited on only without poll_recv.
+    poller.register(fd, select.POLLIN)
+    poller.register(stop_fd, select.POLLIN)
     while True:
         if poll_recv is not None:
             result = poll_recv(fd, stop_fd, 65536, -1)
@@ -87,7 +86,6 @@ def _polled_socket_loop(conn: Any, pause: float) -> None:
                 return  # The stop.
             data = result
         else:
-            assert poller is not None
             if any(ready == stop_fd for ready, _mask in poller.poll()):
                 return
             try:

@@ -45,34 +45,24 @@ def stop_on_signals(
 ) -> Iterator[None]:
     """Stop on SIGINT/SIGTERM (and SIGHUP in a terminal) for the block (see ``signals_handled``)."""
     received = 0
-    began_by_hangup = False
+    first = ""  # The signal that began the stop.
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
-        nonlocal received, began_by_hangup
-        if signum == signal.SIGHUP:
-            if received:
-                logger.info("SIGHUP ignored: stopping already")
-                return
-            received += 1
-            began_by_hangup = True
-            logger.warning(
-                "SIGHUP received (the terminal hangs up): stopping gracefully (grace %.1f s); "
-                "SIGTERM or SIGINT forces",
-                grace(),
-            )
-            request_stop()
+        nonlocal received, first
+        name = signal.Signals(signum).name
+        if signum == signal.SIGHUP and received:
+            logger.info("SIGHUP ignored: stopping already")  # Never forces.
             return
         received += 1
-        name = signal.Signals(signum).name
         if received == 1:
+            first = name
+            force = "SIGTERM or SIGINT forces" if first == "SIGHUP" else "send it again to force"
             logger.warning(
-                "%s received: stopping gracefully (grace %.1f s); send it again to force",
-                name,
-                grace(),
+                "%s received: stopping gracefully (grace %.1f s); %s", name, grace(), force
             )
             request_stop()
         else:
-            again = "again" if received > 2 or not began_by_hangup else "after SIGHUP"
+            again = "after SIGHUP" if received == 2 and first == "SIGHUP" else "again"
             logger.warning("%s received %s: forcing the stop now", name, again)
             request_force()
 

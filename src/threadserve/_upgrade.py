@@ -465,10 +465,10 @@ class ServerUpgrade:
             how,
             "this process is stopping" if stopping else f"process {os.getpid()} goes on serving",
         )
-        if not stopping and self._reload:
-            self.notifier.ready(f"{self._what} failed, serving")  # Ends its RELOADING=1.
-        elif not stopping:
-            self.notifier.status(f"{self._what} failed, serving")
+        if not stopping:
+            # A reload's READY=1 ends its RELOADING=1; an upgrade only says so.
+            say = self.notifier.ready if self._reload else self.notifier.status
+            say(f"{self._what} failed, serving")
         successor.channel.close()
         self.successor = None  # Another SIGUSR2 or SIGHUP may try again.
 
