@@ -11,6 +11,7 @@ from __future__ import annotations
 import array
 import contextlib
 import itertools
+import logging
 import os
 import re
 import signal
@@ -36,7 +37,8 @@ from test_workers import READY_LINE, Load, wait_for
 
 from threadserve._exceptions import ConfigurationError
 from threadserve._pidfile import read_pid_file
-from threadserve._upgrade import HANDOVER_VARIABLE, Handover, take_handover
+from threadserve._systemd import Notifier
+from threadserve._upgrade import HANDOVER_VARIABLE, Handover, ServerUpgrade, take_handover
 from threadserve.handlers import echo
 
 pytestmark = pytest.mark.timeout(120)
@@ -671,3 +673,45 @@ def test_listeners_are_handed_over_only_while_no_stop_has_begun(
         assert server.hand_over_listeners()
         server.stop()
         assert path.exists()
+
+
+class _NeverStopping:
+    """The Serving side of a ServerUpgrade whose successor never gets ready."""
+
+    grace = 1.0
+    stopping = False
+
+    def hand_over_listeners(self) -> bool:
+        raise AssertionError("nothing was to be handed over")
+
+    def pause_accepting(self) -> None:
+        raise AssertionError("nothing was to be handed over")
+
+    def stop(self, grace: float | None = None) -> object:
+        raise AssertionError("nothing was to be stopped")
+
+
+def test_signals_that_come_together_start_one_new_process_and_each_other_is_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A SIGUSR2 and a SIGHUP read in one go: the first acts, the second says it was ignored."""
+    caplog.set_level(logging.INFO, logger="threadserve")
+    sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]  # Never says it is ready.
+    upgrade = ServerUpgrade(
+        _NeverStopping(), [], sleeper, subprocess_env(), notifier=Notifier({}), timeout=60
+    )
+    try:
+        # As both arrive when the handler runs twice before the upgrade
+        # thread reads: their numbers in the pipe together.
+        os.write(upgrade._wake_w, bytes([signal.SIGUSR2, signal.SIGHUP]))
+        wait_for(lambda: "SIGHUP ignored" in caplog.text, 30, "the second signal's log line")
+        successor = upgrade.successor
+        assert successor is not None
+    finally:
+        upgrade.close()
+    assert f"SIGUSR2 received: upgrading: new server process {successor.pid} started" in (
+        caplog.text
+    )
+    assert f"SIGHUP ignored: upgrading to process {successor.pid} already" in caplog.text
+    assert caplog.text.count(" started") == 1, caplog.text
+    assert successor.process.poll() is not None  # close() ended it.

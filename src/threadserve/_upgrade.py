@@ -376,30 +376,28 @@ class ServerUpgrade:
             if successor is not None:
                 remaining = successor.started_at + self.timeout - time.monotonic()
                 timeout = max(0, int(remaining * 1000) + 1)
-            woken = 0  # The signal that woke this thread, if one did.
+            woken: list[int] = []  # The signals that woke this thread, in order.
             for fd, _events in poller.poll(timeout):
                 if fd == self._wake_r:
-                    woken = self._received_signal()
+                    woken = self._received_signals()
             if self._closing:
                 return
             if woken and successor is None and self.server.stopping:
                 # Its listeners close with the stop: nothing is left to hand over.
-                logger.info("%s ignored: stopping", _signal_name(woken))
+                self._ignore(woken, "stopping")
             elif woken and successor is None:
-                self._start(woken)
+                first, *later = woken
+                self._start(first)
                 if self.successor is not None:
                     channel = self.successor.channel.fileno()
                     poller.register(channel, select.POLLIN)
+                    self._ignore(later, f"{self._doing} to process {self.successor.pid} already")
+                else:
+                    self._ignore(later, f"came with the {_signal_name(first)} that failed")
                 continue
             if successor is None:
                 continue
-            if woken:
-                logger.info(
-                    "%s ignored: %s to process %d already",
-                    _signal_name(woken),
-                    self._doing,
-                    successor.pid,
-                )
+            self._ignore(woken, f"{self._doing} to process {successor.pid} already")
             messages = successor.receive()
             if READY in messages:
                 # The listeners first, under the stop's own lock: a stop that
@@ -426,13 +424,23 @@ class ServerUpgrade:
     def _what(self) -> str:
         return "reload" if self._reload else "upgrade"
 
-    def _received_signal(self) -> int:
-        """The last signal the handler passed on (0: none, only the close), emptying the pipe."""
-        received = 0
+    def _received_signals(self) -> list[int]:
+        """The signals the handler passed on since the last call, in order, emptying the pipe.
+
+        Two signals may come before this thread reads (a SIGUSR2 and a
+        SIGHUP sent together): the first is acted on and the others logged
+        as ignored, so that none goes by unsaid.
+        """
+        received: list[int] = []
         with contextlib.suppress(OSError):  # BlockingIOError once it is empty.
             while data := os.read(self._wake_r, 64):
-                received = next((b for b in reversed(data) if b != _CLOSE_BYTE), received)
+                received.extend(b for b in data if b != _CLOSE_BYTE)
         return received
+
+    @staticmethod
+    def _ignore(signals: Sequence[int], why: str) -> None:
+        for signum in signals:
+            logger.info("%s ignored: %s", _signal_name(signum), why)
 
     def _start(self, signum: int) -> None:
         self._reload = signum == signal.SIGHUP
@@ -504,11 +512,7 @@ class ServerUpgrade:
         settled_at = time.monotonic() + HANDOVER_SETTLE
         while not self._closing and (left := settled_at - time.monotonic()) > 0:
             poller.poll(int(left * 1000) + 1)
-            signum = self._received_signal()
-            if signum:
-                logger.info(
-                    "%s ignored: handing over to process %d", _signal_name(signum), successor.pid
-                )
+            self._ignore(self._received_signals(), f"handing over to process {successor.pid}")
         self.server.stop()
 
 
