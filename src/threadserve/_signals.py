@@ -71,6 +71,14 @@ def stop_on_signals(
         yield
 
 
+def signal_name(signum: int) -> str:
+    """A signal's name for the log; one with no name (a real-time one) as "signal 40"."""
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
 @contextlib.contextmanager
 def signals_handled(
     signums: Iterable[int], handler: Callable[[int, FrameType | None], object], wakeup_fd: int

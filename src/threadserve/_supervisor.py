@@ -101,7 +101,7 @@ from ._hangup import has_controlling_terminal, sighup_ignored
 from ._listeners import LISTEN_BACKLOG, BindAddress, Listener, open_listeners
 from ._logging import counted
 from ._pidfile import remove_pid_file, write_pid_file
-from ._signals import signals_handled
+from ._signals import signal_name, signals_handled
 from ._stop import _tell
 from ._systemd import Notifier
 from ._upgrade import FATAL as UPGRADE_FATAL
@@ -544,7 +544,7 @@ class Supervisor:
             self._on_exit(worker, status)
 
     def _on_exit(self, worker: Worker, status: int) -> None:
-        how = f"was killed by {_signal_name(-status)}" if status < 0 else f"exited with {status}"
+        how = f"was killed by {signal_name(-status)}" if status < 0 else f"exited with {status}"
         if worker.stopping:
             logger.info("worker %d stopped: %s", worker.pid, how)
             # SIGTERM kills a worker only before its server installs its
@@ -733,7 +733,7 @@ class Supervisor:
     def _handle_signal(self, signum: int) -> None:
         if signum == signal.SIGCHLD:
             return  # The reap after every wake-up handles it.
-        name = _signal_name(signum)
+        name = signal_name(signum)
         if signum == signal.SIGHUP and self._sighup_stops:
             if self._stopping or self._drain_until is not None:
                 # A closing terminal may send it twice: the second must not force.
@@ -1051,7 +1051,7 @@ class Supervisor:
 
     def _successor_exited(self, successor: Successor, status: int) -> None:
         successor.channel.close()
-        how = f"was killed by {_signal_name(-status)}" if status < 0 else f"exited with {status}"
+        how = f"was killed by {signal_name(-status)}" if status < 0 else f"exited with {status}"
         if successor.handed_over:
             logger.error("new supervisor %d %s after taking over", successor.pid, how)
             return
@@ -1138,13 +1138,6 @@ def _forward(worker: Worker, signum: int) -> None:
 def _kill(worker: Worker) -> None:
     with contextlib.suppress(ProcessLookupError, OSError):
         worker.process.kill()
-
-
-def _signal_name(signum: int) -> str:
-    try:
-        return signal.Signals(signum).name
-    except ValueError:
-        return f"signal {signum}"
 
 
 def cpu_count() -> int:

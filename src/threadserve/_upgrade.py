@@ -96,6 +96,7 @@ from typing import Protocol
 from ._exceptions import ConfigurationError
 from ._listeners import Listener
 from ._pidfile import write_pid_file
+from ._signals import signal_name
 from ._systemd import Notifier
 
 logger = logging.getLogger("threadserve")
@@ -393,7 +394,7 @@ class ServerUpgrade:
                     poller.register(channel, select.POLLIN)
                     self._ignore(later, f"{self._doing} to process {self.successor.pid} already")
                 else:
-                    self._ignore(later, f"came with the {_signal_name(first)} that failed")
+                    self._ignore(later, f"came with the {signal_name(first)} that failed")
                 continue
             if successor is None:
                 continue
@@ -440,7 +441,7 @@ class ServerUpgrade:
     @staticmethod
     def _ignore(signals: Sequence[int], why: str) -> None:
         for signum in signals:
-            logger.info("%s ignored: %s", _signal_name(signum), why)
+            logger.info("%s ignored: %s", signal_name(signum), why)
 
     def _start(self, signum: int) -> None:
         self._reload = signum == signal.SIGHUP
@@ -451,7 +452,7 @@ class ServerUpgrade:
             return
         pid = self.successor.pid
         logger.info(
-            "%s received: %s: new server process %d started", _signal_name(signum), self._doing, pid
+            "%s received: %s: new server process %d started", signal_name(signum), self._doing, pid
         )
         status = f"{self._doing}: new server process {pid} starting"
         if self._reload:
@@ -463,7 +464,7 @@ class ServerUpgrade:
         if late:
             successor.fatal = successor.fatal or f"not serving after {self.timeout:.0f} s"
         status = _end(successor)
-        how = f"killed by {_signal_name(-status)}" if status < 0 else f"exited with {status}"
+        how = f"killed by {signal_name(-status)}" if status < 0 else f"exited with {status}"
         stopping = self.server.stopping  # Then STOPPING=1 has gone out: nothing more to say.
         logger.error(
             "%s failed: new server process %d: %s (%s); %s",
@@ -571,10 +572,3 @@ def _end(successor: Successor, wait: float = SUCCESSOR_EXIT_WAIT) -> int:
     except subprocess.TimeoutExpired:
         successor.signal(signal.SIGKILL)
         return successor.process.wait()
-
-
-def _signal_name(signum: int) -> str:
-    try:
-        return signal.Signals(signum).name
-    except ValueError:
-        return f"signal {signum}"
